@@ -1,0 +1,1 @@
+//! spindrift client: not yet implemented (see the issue tracker).

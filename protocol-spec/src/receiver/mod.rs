@@ -1,0 +1,670 @@
+//! The receiver: a host daemon's side of a session.
+//!
+//! It follows the server's stream, stores every page it carries through a [`PageSink`] (one host
+//! cache serves all local clones, so no page crosses the network twice to a host), repairs losses with
+//! FEC parity after a randomized NAK backoff, and turns faults into batched requests with read-ahead.
+
+mod assembly;
+mod stream;
+mod wants;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::wire::{
+    self, BlobKind, Data, Header, Items, Keys, Message, NakEntry, NodeId, PageRun, Priority, Record, Records,
+    SessionId, SessionKey, HEADER_LEN, MAX_REPORT_RESULT, TAG_LEN,
+};
+use crate::Time;
+use assembly::Assembler;
+use stream::{Stream, Taken};
+use wants::Wants;
+
+/// Where received pages go: the host's page cache (the simulator checks them instead).
+pub trait PageSink {
+    /// `data` (one whole page) is the content of `page`.
+    fn store(&mut self, page: u32, data: &[u8]);
+    /// Pages `first_page .. first_page + count` are all zero.
+    fn store_zero(&mut self, first_page: u32, count: u32);
+}
+
+/// How the receiver is set up.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// The session to follow.
+    pub session: SessionId,
+    /// This host's node id (non-zero, unique within the session).
+    pub node: NodeId,
+    /// The session key.
+    pub key: SessionKey,
+    /// log2 of the page size.
+    pub page_shift: u8,
+    /// Pages in the image.
+    pub page_count: u32,
+    /// Pages to read ahead after a faulting page.
+    pub read_ahead: u16,
+    /// A first estimate of the round-trip time to the server.
+    pub rtt_hint: Duration,
+    /// Where this receiver starts following the stream, when known in advance (a receiver present
+    /// from the session's start uses 0); otherwise it starts at the first position it hears of.
+    pub stream_start: Option<u64>,
+    /// The server is declared gone when silent this long while faults wait.
+    pub server_timeout: Duration,
+    /// How many stream packets beyond the contiguous point the receiver can buffer.
+    pub window: u32,
+    /// Seed for the receiver's randomness (NAK backoff).
+    pub seed: u64,
+}
+
+impl ReceiverConfig {
+    /// A configuration with LAN defaults.
+    pub fn new(session: SessionId, node: NodeId, key: SessionKey, page_shift: u8, page_count: u32) -> ReceiverConfig {
+        ReceiverConfig {
+            session,
+            node,
+            key,
+            page_shift,
+            page_count,
+            read_ahead: 8,
+            rtt_hint: Duration::from_micros(200),
+            stream_start: None,
+            server_timeout: Duration::from_secs(3),
+            window: 4096,
+            seed: u64::from(node.0),
+        }
+    }
+}
+
+/// Things the receiver tells its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiverEvent {
+    /// A blob (VM descriptor, fork plan) arrived whole.
+    Blob {
+        /// Its kind.
+        kind: BlobKind,
+        /// Its id.
+        id: u32,
+        /// Its bytes.
+        bytes: Vec<u8>,
+    },
+    /// The server restarted (a new epoch): outstanding faults were requested again.
+    ServerRestarted {
+        /// The new epoch.
+        epoch: u32,
+    },
+    /// The server ended the session.
+    Ended,
+    /// The server has been silent past the timeout while faults were waiting.
+    ServerLost,
+}
+
+/// Counters, readable at any time.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReceiverStats {
+    /// Datagrams received.
+    pub rx_packets: u64,
+    /// Data packets received (duplicates included).
+    pub data_packets: u64,
+    /// Parity packets received.
+    pub repair_packets: u64,
+    /// Data packets rebuilt from parity.
+    pub recovered_packets: u64,
+    /// Duplicate data packets ignored.
+    pub duplicates: u64,
+    /// Pages stored into the sink.
+    pub pages_stored: u64,
+    /// Datagrams sent.
+    pub tx_packets: u64,
+    /// Requests sent.
+    pub requests: u64,
+    /// NAKs sent.
+    pub naks: u64,
+    /// Status messages sent.
+    pub statuses: u64,
+    /// Dropped: malformed.
+    pub rx_malformed: u64,
+    /// Dropped: authentication failed.
+    pub rx_unauthenticated: u64,
+    /// Dropped: another session, an old epoch, or a replay.
+    pub rx_stale: u64,
+}
+
+/// Why a receiver could not be set up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A configuration value is out of range.
+    #[error("invalid receiver configuration: {0}")]
+    Invalid(String),
+}
+
+/// A host daemon's protocol state machine. See the crate docs for how to drive it.
+pub struct Receiver {
+    config: ReceiverConfig,
+    stats: ReceiverStats,
+    page_size: usize,
+    /// Keys by epoch (the server's epoch is learned from its packets; 0 before that).
+    keys: HashMap<u32, Keys>,
+    epoch: Option<u32>,
+    next_pn: u64,
+    present: Vec<u64>,
+    pages_cached: u32,
+    pages: Assembler<u32>,
+    blobs: Assembler<(BlobKind, u32)>,
+    blobs_done: HashSet<(BlobKind, u32)>,
+    stream: Stream,
+    wants: Wants,
+    events: VecDeque<ReceiverEvent>,
+    reports: Vec<PendingReport>,
+    pending_nak: Option<Vec<NakEntry>>,
+    nak_at: Option<Time>,
+    nak_backoff: Duration,
+    status_at: Time,
+    status_interval: Duration,
+    /// When the server was last heard from, or when the first fault began waiting.
+    last_heard: Option<Time>,
+    server_lost: bool,
+    ended: bool,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    page_buf: Vec<u8>,
+    rng: ChaCha8Rng,
+}
+
+struct PendingReport {
+    fork: u32,
+    clone: u32,
+    status: u32,
+    result: Vec<u8>,
+    next_at: Time,
+    attempts: u32,
+}
+
+const BITS: usize = 64;
+
+impl Receiver {
+    /// A receiver for one session.
+    pub fn new(config: ReceiverConfig, now: Time) -> Result<Receiver, ConfigError> {
+        if !(12..=21).contains(&config.page_shift) {
+            return Err(ConfigError::Invalid(format!("page_shift {} is outside 12..=21", config.page_shift)));
+        }
+        if config.node == NodeId::SERVER {
+            return Err(ConfigError::Invalid("node id 0 belongs to the server; hosts need a non-zero id".into()));
+        }
+        if config.page_count == 0 {
+            return Err(ConfigError::Invalid("the image has no pages".into()));
+        }
+        let decompressor =
+            zstd::bulk::Decompressor::new().map_err(|e| ConfigError::Invalid(format!("zstd decompressor: {e}")))?;
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+        let status_interval = Duration::from_millis(250);
+        let status_at = now + Duration::from_nanos(rng.random_range(0..status_interval.as_nanos() as u64));
+        let mut stream = Stream::default();
+        if let Some(s) = config.stream_start {
+            stream.begin(s);
+        }
+        Ok(Receiver {
+            stats: ReceiverStats::default(),
+            page_size: 1 << config.page_shift,
+            keys: HashMap::new(),
+            epoch: None,
+            next_pn: 0,
+            present: vec![0; (config.page_count as usize).div_ceil(BITS)],
+            pages_cached: 0,
+            pages: Assembler::default(),
+            blobs: Assembler::default(),
+            blobs_done: HashSet::new(),
+            stream,
+            wants: Wants::default(),
+            events: VecDeque::new(),
+            reports: Vec::new(),
+            pending_nak: None,
+            nak_at: None,
+            nak_backoff: config.rtt_hint / 2,
+            status_at,
+            status_interval,
+            last_heard: None,
+            server_lost: false,
+            ended: false,
+            decompressor,
+            page_buf: vec![0; 1 << config.page_shift],
+            rng,
+            config,
+        })
+    }
+
+    fn keys_for(&mut self, epoch: u32) -> &Keys {
+        let (key, session) = (&self.config.key, self.config.session);
+        self.keys.entry(epoch).or_insert_with(|| Keys::derive(key, session, epoch))
+    }
+
+    /// True when `page` has been stored.
+    pub fn has_page(&self, page: u32) -> bool {
+        (page as usize) < self.config.page_count as usize
+            && self.present[page as usize / BITS] & (1 << (page as usize % BITS)) != 0
+    }
+
+    fn mark_present(&mut self, page: u32) -> bool {
+        let (w, b) = (page as usize / BITS, 1u64 << (page as usize % BITS));
+        if self.present[w] & b != 0 {
+            return false;
+        }
+        self.present[w] |= b;
+        self.pages_cached += 1;
+        self.wants.satisfied(page);
+        true
+    }
+
+    /// Pages held.
+    pub fn pages_cached(&self) -> u32 {
+        self.pages_cached
+    }
+
+    /// Takes a datagram from the server; pages it carries (or that parity rebuilds) go to `sink`.
+    pub fn handle_datagram(&mut self, now: Time, datagram: &mut [u8], sink: &mut dyn PageSink) {
+        self.stats.rx_packets += 1;
+        let header = match wire::peek_header(datagram) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!("dropping malformed datagram: {e}");
+                self.stats.rx_malformed += 1;
+                return;
+            }
+        };
+        if header.session != self.config.session || header.node != NodeId::SERVER {
+            self.stats.rx_stale += 1;
+            return;
+        }
+        if self.epoch.is_some_and(|e| header.epoch < e) {
+            self.stats.rx_stale += 1;
+            return;
+        }
+        let keys = self.keys_for(header.epoch).clone();
+        let (header, body) = match wire::open(datagram, &keys) {
+            Ok(x) => x,
+            Err(wire::DecodeError::BadTag) => {
+                self.stats.rx_unauthenticated += 1;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!("dropping malformed datagram: {e}");
+                self.stats.rx_malformed += 1;
+                return;
+            }
+        };
+        let msg = match Message::parse(header.msg_type, body) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!("dropping malformed {:?}: {e}", header.msg_type);
+                self.stats.rx_malformed += 1;
+                return;
+            }
+        };
+        self.learn_epoch(header.epoch);
+        self.last_heard = Some(now);
+        self.server_lost = false;
+        match msg {
+            Message::Data(d) => {
+                self.stats.data_packets += 1;
+                self.take_data(now, &d, body, sink);
+            }
+            Message::Repair(r) => {
+                self.stats.repair_packets += 1;
+                match self.stream.take_parity(r.first_seq, r.block, r.k, r.index, r.total, r.symbol) {
+                    Ok(rebuilt) => {
+                        for (seq, body) in rebuilt {
+                            self.stats.recovered_packets += 1;
+                            match Message::parse(wire::MsgType::Data, &body) {
+                                Ok(Message::Data(d)) if d.seq == seq => self.take_records(&d, sink),
+                                _ => self.stats.rx_malformed += 1,
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("block {} could not be rebuilt: {e}", r.block);
+                        self.stats.rx_malformed += 1;
+                    }
+                }
+                self.schedule_nak(now);
+            }
+            Message::Announce(a) => {
+                self.stream.begin(a.next_seq);
+                if self.stream.extend_to(a.next_seq) > 0 {
+                    self.schedule_nak(now);
+                }
+            }
+            Message::Heartbeat(h) => {
+                self.status_interval = Duration::from_millis(u64::from(h.status_interval_ms.max(10)));
+                self.nak_backoff = Duration::from_micros(u64::from(h.nak_backoff_us));
+                self.stream.begin(h.next_seq);
+                self.stream.extend_to(h.next_seq);
+                self.stream.closed_at(h.next_seq);
+                if self.stream.received_through() < h.repairable_from {
+                    let lost = self.stream.give_up_below(h.repairable_from);
+                    if lost > 0 {
+                        tracing::warn!("{lost} stream packets fell out of the server's repair history: asking again");
+                        self.wants.rerequest_all();
+                    }
+                }
+                if self.stream.has_missing() {
+                    self.schedule_nak(now);
+                }
+            }
+            Message::End { .. } => {
+                if !self.ended {
+                    self.ended = true;
+                    self.events.push_back(ReceiverEvent::Ended);
+                }
+            }
+            Message::ReportAck(keys) => {
+                for k in keys.iter().flatten() {
+                    self.reports.retain(|r| !(r.fork == k.fork && r.clone == k.clone));
+                }
+            }
+            Message::Request(_) | Message::Nak(_) | Message::Status(_) | Message::Report(_) => {
+                self.stats.rx_malformed += 1;
+            }
+        }
+    }
+
+    fn learn_epoch(&mut self, epoch: u32) {
+        match self.epoch {
+            None => self.epoch = Some(epoch),
+            Some(e) if epoch > e => {
+                tracing::info!("server restarted (epoch {e} -> {epoch}): following its new stream");
+                self.epoch = Some(epoch);
+                self.stream.reset();
+                self.pages.clear();
+                self.blobs.clear();
+                self.pending_nak = None;
+                self.nak_at = None;
+                self.wants.rerequest_all();
+                self.keys.retain(|&k, _| k >= epoch);
+                self.events.push_back(ReceiverEvent::ServerRestarted { epoch });
+            }
+            _ => {}
+        }
+    }
+
+    fn take_data(&mut self, now: Time, d: &Data<'_>, body: &[u8], sink: &mut dyn PageSink) {
+        let before = self.stream.highest();
+        let last = d.flags & wire::DATA_LAST_IN_BLOCK != 0;
+        if self.stream.take_data(d.seq, d.block, d.index, last, body) == Taken::Duplicate {
+            self.stats.duplicates += 1;
+            return;
+        }
+        if d.seq > before || (last && self.stream.has_missing()) {
+            // A gap before this packet, or the end of a block that had one.
+            if self.stream.has_missing() {
+                self.schedule_nak(now);
+            }
+        }
+        self.take_records(d, sink);
+    }
+
+    fn take_records(&mut self, d: &Data<'_>, sink: &mut dyn PageSink) {
+        for record in Records::new(d.records) {
+            let record = match record {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!("bad record: {e}");
+                    self.stats.rx_malformed += 1;
+                    return;
+                }
+            };
+            match record {
+                Record::Page { page, zstd, total_len, offset, bytes } => {
+                    if page >= self.config.page_count {
+                        self.stats.rx_malformed += 1;
+                        continue;
+                    }
+                    if self.has_page(page) {
+                        continue;
+                    }
+                    if let Some((zstd, encoded)) = self.pages.add(page, zstd, total_len, offset, bytes) {
+                        self.finish_page(page, zstd, &encoded, sink);
+                    }
+                }
+                Record::ZeroRun { first_page, count } => {
+                    let end = first_page.saturating_add(count).min(self.config.page_count);
+                    let mut p = first_page;
+                    while p < end {
+                        if self.has_page(p) {
+                            p += 1;
+                            continue;
+                        }
+                        let start = p;
+                        while p < end && !self.has_page(p) {
+                            self.mark_present(p);
+                            self.pages.forget(p);
+                            p += 1;
+                        }
+                        self.stats.pages_stored += u64::from(p - start);
+                        sink.store_zero(start, p - start);
+                    }
+                }
+                Record::Blob { kind, id, total_len, offset, bytes } => {
+                    if self.blobs_done.contains(&(kind, id)) {
+                        continue;
+                    }
+                    if let Some((_, blob)) = self.blobs.add((kind, id), false, total_len, offset, bytes) {
+                        self.blobs_done.insert((kind, id));
+                        self.events.push_back(ReceiverEvent::Blob { kind, id, bytes: blob });
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_page(&mut self, page: u32, zstd: bool, encoded: &[u8], sink: &mut dyn PageSink) {
+        let ok = if zstd {
+            matches!(self.decompressor.decompress_to_buffer(encoded, &mut self.page_buf), Ok(n) if n == self.page_size)
+        } else if encoded.len() == self.page_size {
+            self.page_buf.copy_from_slice(encoded);
+            true
+        } else {
+            false
+        };
+        if !ok {
+            tracing::warn!("page {page}: encoding does not decode to one {}-byte page; dropped", self.page_size);
+            self.stats.rx_malformed += 1;
+            return;
+        }
+        if self.mark_present(page) {
+            self.stats.pages_stored += 1;
+            sink.store(page, &self.page_buf);
+        }
+    }
+
+    fn rtt(&self) -> Duration {
+        self.config.rtt_hint.max(Duration::from_micros(20))
+    }
+
+    /// How long to wait before asking again for a page requested but not received.
+    fn request_rto(&self) -> Duration {
+        (self.rtt() * 8 + self.nak_backoff * 2).max(Duration::from_millis(2))
+    }
+
+    /// How long a NAKed block waits before it is NAKed again.
+    fn nak_retry(&self) -> Duration {
+        self.rtt() * 3 + self.nak_backoff
+    }
+
+    fn schedule_nak(&mut self, now: Time) {
+        if self.nak_at.is_none() && self.stream.has_missing() {
+            // A short grace lets the block's end and its proactive parity arrive; the random part
+            // spreads the NAKs of many receivers so the server's answer to the first suppresses the rest.
+            let grace = self.rtt() / 4;
+            let jitter = Duration::from_nanos(self.rng.random_range(0..=self.nak_backoff.as_nanos() as u64));
+            self.nak_at = Some(now + grace + jitter);
+        }
+    }
+
+    /// Runs the timers due at `now`.
+    pub fn handle_timeout(&mut self, now: Time) {
+        if self.nak_at.is_some_and(|t| now >= t) {
+            self.nak_at = None;
+            let max = (wire::MIN_DATAGRAM - HEADER_LEN - TAG_LEN - 24) / 16;
+            let entries = self.stream.nak_entries(now, self.nak_retry(), max);
+            if !entries.is_empty() {
+                self.pending_nak = Some(entries);
+            }
+            if self.stream.has_missing() {
+                // Come back when a NAKed block is due again or the rest of a block has had time.
+                let again = self.stream.next_renak(self.nak_retry()).unwrap_or(now + self.nak_retry());
+                self.nak_at = Some(again.max(now + self.rtt() / 4));
+            }
+        }
+        let waiting = self.wants.has_fault();
+        if waiting && self.last_heard.is_none() {
+            self.last_heard = Some(now);
+        }
+        if waiting && !self.server_lost && self.last_heard.is_some_and(|t| now >= t + self.config.server_timeout) {
+            tracing::warn!("server silent for {:?} while faults wait", self.config.server_timeout);
+            self.server_lost = true;
+            self.events.push_back(ReceiverEvent::ServerLost);
+        }
+    }
+
+    /// A clone touched `page`. Returns true when the page is already here; otherwise the page (and
+    /// read-ahead around it) will be requested, and it arrives through the sink.
+    pub fn fault(&mut self, now: Time, page: u32) -> bool {
+        if page >= self.config.page_count || self.has_page(page) {
+            return page < self.config.page_count;
+        }
+        if self.wants.is_empty() && self.last_heard.is_none() {
+            self.last_heard = Some(now);
+        }
+        self.wants.want(page, Priority::Fault);
+        let end = page.saturating_add(u32::from(self.config.read_ahead) + 1).min(self.config.page_count);
+        for p in page + 1..end {
+            if !self.has_page(p) {
+                self.wants.want(p, Priority::ReadAhead);
+            }
+        }
+        false
+    }
+
+    /// Asks for pages ahead of need (working-set hints), at the lowest priority.
+    pub fn prefetch(&mut self, pages: &[u32]) {
+        for &p in pages {
+            if p < self.config.page_count && !self.has_page(p) {
+                self.wants.want(p, Priority::Prefetch);
+            }
+        }
+    }
+
+    /// Queues a clone's report for the server (sent until acknowledged). Results longer than
+    /// `MAX_REPORT_RESULT` are cut.
+    pub fn report(&mut self, fork: u32, clone: u32, status: u32, mut result: Vec<u8>) {
+        result.truncate(MAX_REPORT_RESULT);
+        self.reports.push(PendingReport { fork, clone, status, result, next_at: Time::ZERO, attempts: 0 });
+    }
+
+    fn seal(&mut self, msg: Message<'_>, buf: &mut [u8]) -> Option<usize> {
+        let epoch = self.epoch.unwrap_or(0);
+        let header = Header {
+            msg_type: msg.msg_type(),
+            flags: 0,
+            session: self.config.session,
+            epoch,
+            node: self.config.node,
+            packet_number: self.next_pn,
+        };
+        self.next_pn += 1;
+        let keys = self.keys_for(epoch).clone();
+        match wire::encode(&header, &msg, &keys, buf) {
+            Ok(len) => {
+                self.stats.tx_packets += 1;
+                Some(len)
+            }
+            Err(e) => {
+                tracing::error!("could not encode {:?}: {e}", header.msg_type);
+                None
+            }
+        }
+    }
+
+    /// Writes the next datagram for the server into `buf` (at least `wire::MIN_DATAGRAM` bytes);
+    /// returns its length.
+    pub fn poll_transmit(&mut self, now: Time, buf: &mut [u8]) -> Option<usize> {
+        let buf_len = buf.len().min(wire::MIN_DATAGRAM);
+        let buf = &mut buf[..buf_len];
+        if let Some(entries) = self.pending_nak.take() {
+            self.stats.naks += 1;
+            let msg = Message::Nak(wire::Nak {
+                stream_start: self.stream.start(),
+                highest_seen: self.stream.highest(),
+                loss_ppm: self.stream.loss_ppm(),
+                entries: Items::Slice(&entries),
+            });
+            return self.seal(msg, buf);
+        }
+        let max_runs = (buf_len - HEADER_LEN - TAG_LEN - 16) / 8;
+        let runs: Vec<PageRun> = self.wants.take_request(now, self.request_rto(), max_runs);
+        if !runs.is_empty() {
+            self.stats.requests += 1;
+            let msg = Message::Request(wire::Request {
+                stream_start: self.stream.start(),
+                loss_ppm: self.stream.loss_ppm(),
+                runs: Items::Slice(&runs),
+            });
+            return self.seal(msg, buf);
+        }
+        let rto = self.request_rto();
+        if let Some(i) = self.reports.iter().position(|r| r.next_at <= now) {
+            let r = &mut self.reports[i];
+            r.next_at = now + rto * (1 << r.attempts.min(6));
+            r.attempts += 1;
+            let (fork, clone, status, result) = (r.fork, r.clone, r.status, r.result.clone());
+            return self.seal(Message::Report(wire::Report { fork, clone, status, result: &result }), buf);
+        }
+        if now >= self.status_at && self.stream.start() != wire::NO_STREAM {
+            self.status_at = now + self.status_interval;
+            self.stats.statuses += 1;
+            let backlog = self.stream.highest() - self.stream.received_through();
+            let msg = Message::Status(wire::Status {
+                stream_start: self.stream.start(),
+                received_through: self.stream.received_through(),
+                highest_seen: self.stream.highest(),
+                loss_ppm: self.stream.loss_ppm(),
+                window: self.config.window.saturating_sub(u32::try_from(backlog).unwrap_or(u32::MAX)),
+                pages_cached: self.pages_cached,
+                flags: 0,
+            });
+            return self.seal(msg, buf);
+        }
+        None
+    }
+
+    /// When [`Receiver::handle_timeout`] (or [`Receiver::poll_transmit`]) must next be called.
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let mut t: Option<Time> = None;
+        let mut earliest = |x: Option<Time>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        earliest(self.nak_at);
+        earliest(self.wants.next_due(self.request_rto()));
+        earliest(self.reports.iter().map(|r| r.next_at).min());
+        if self.stream.start() != wire::NO_STREAM && !self.ended {
+            earliest(Some(self.status_at));
+        }
+        if self.wants.has_fault() && !self.server_lost {
+            earliest(self.last_heard.map(|h| h + self.config.server_timeout));
+        }
+        t
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<ReceiverEvent> {
+        self.events.pop_front()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &ReceiverStats {
+        &self.stats
+    }
+}

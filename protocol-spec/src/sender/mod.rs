@@ -1,0 +1,828 @@
+//! The sender: the memory server's side of a session.
+//!
+//! It owns the stream of Data packets (answers to requests first, then the background push), groups
+//! them into FEC blocks, adds proactive parity sized to the group's loss, answers NAKs with parity that
+//! serves every receiver at once, and keeps the group's liveness and flow-control state.
+
+mod group;
+mod history;
+mod queue;
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::wire::{
+    self, Announce, BlobKind, Data, EndReason, Header, Heartbeat, Items, Keys, Message, NodeId, Priority, RecordWriter,
+    Repair, ReportKey, SessionId, SessionKey, DATA_FIXED_LEN, DATA_LAST_IN_BLOCK, DATA_PUSH, HEADER_LEN, NO_BLOCK,
+    NO_STREAM, RECORD_HEADER_LEN, STATUS_LEAVING, TAG_LEN,
+};
+use crate::Time;
+use group::Group;
+use history::History;
+use queue::PageQueue;
+
+/// Frozen memory the sender serves: a snapshot file, a forked parent's memory, a simulated image.
+pub trait PageSource {
+    /// Number of pages.
+    fn page_count(&self) -> u32;
+    /// The bytes of `page` (exactly the session's page size). `page < page_count()`.
+    fn page(&self, page: u32) -> &[u8];
+}
+
+/// What the server pushes without being asked, after the answers to requests.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PushPolicy {
+    /// Nothing: pages travel only when requested.
+    #[default]
+    None,
+    /// The hinted pages (a recorded working set), in the given order.
+    Hints(Vec<u32>),
+    /// The hinted pages first, then every other page of the image.
+    HintsThenAll(Vec<u32>),
+}
+
+/// How the sender is set up.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// The session id.
+    pub session: SessionId,
+    /// The server's incarnation; must grow every time the server restarts a session.
+    pub epoch: u32,
+    /// The session key shared with the hosts.
+    pub key: SessionKey,
+    /// log2 of the page size (12..=21).
+    pub page_shift: u8,
+    /// Largest datagram to send (between `wire::MIN_DATAGRAM` and `wire::MAX_DATAGRAM`).
+    pub max_datagram: usize,
+    /// Largest FEC block, in source packets (1..=64).
+    pub max_block: u8,
+    /// Encrypt page payloads (ChaCha20-Poly1305) rather than only authenticate them.
+    pub encrypt: bool,
+    /// zstd level for pages (None: send pages raw). A page is sent compressed only when that saves bytes.
+    pub zstd_level: Option<i32>,
+    /// Pacing rate for everything the server sends, bytes per second (None: unpaced).
+    pub rate_bytes_per_sec: Option<u64>,
+    /// A first estimate of the round-trip time to the hosts.
+    pub rtt_hint: Duration,
+    /// What to push in the background.
+    pub push: PushPolicy,
+    /// Bytes of sent stream kept for repair; older blocks cannot be repaired (they are re-sent on request).
+    pub repair_history_bytes: usize,
+    /// A receiver silent for this long is dropped from the group.
+    pub receiver_timeout: Duration,
+    /// Loss rate assumed for a receiver that has not reported one.
+    pub assumed_loss: f64,
+    /// Proactive parity is sized so that the expected number of receivers that must still NAK a block
+    /// stays below this.
+    pub target_nakers_per_block: f64,
+    /// Seed for the sender's randomness.
+    pub seed: u64,
+}
+
+impl SenderConfig {
+    /// A configuration with the defaults a LAN deployment wants.
+    pub fn new(session: SessionId, epoch: u32, key: SessionKey, page_shift: u8) -> SenderConfig {
+        SenderConfig {
+            session,
+            epoch,
+            key,
+            page_shift,
+            max_datagram: 1472,
+            max_block: 32,
+            encrypt: false,
+            zstd_level: Some(1),
+            rate_bytes_per_sec: None,
+            rtt_hint: Duration::from_micros(200),
+            push: PushPolicy::None,
+            repair_history_bytes: 64 << 20,
+            receiver_timeout: Duration::from_secs(5),
+            assumed_loss: 0.01,
+            target_nakers_per_block: 0.25,
+            seed: 0,
+        }
+    }
+}
+
+/// Where a datagram from [`Sender::poll_transmit`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// The session's multicast group.
+    Group,
+}
+
+/// A datagram ready to send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Its length in the caller's buffer.
+    pub len: usize,
+    /// Where it goes.
+    pub destination: Destination,
+}
+
+/// Things the sender tells its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SenderEvent {
+    /// A receiver was heard from for the first time.
+    ReceiverJoined(crate::wire::NodeId),
+    /// A receiver left or went silent past the timeout.
+    ReceiverLost(crate::wire::NodeId),
+    /// A clone reported its result.
+    CloneReport {
+        /// The host that sent it.
+        node: crate::wire::NodeId,
+        /// The fork.
+        fork: u32,
+        /// The clone.
+        clone: u32,
+        /// Its exit status.
+        status: u32,
+        /// Its result bytes.
+        result: Vec<u8>,
+    },
+}
+
+/// Counters, readable at any time.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SenderStats {
+    /// Datagrams sent.
+    pub tx_packets: u64,
+    /// Bytes sent (datagram payloads, headers and tags included).
+    pub tx_bytes: u64,
+    /// Data packets sent.
+    pub data_packets: u64,
+    /// Parity packets sent, proactive and on NAK.
+    pub repair_packets: u64,
+    /// Of which proactive (at block close, before any NAK).
+    pub proactive_repairs: u64,
+    /// Heartbeats and announcements sent.
+    pub control_packets: u64,
+    /// Datagrams received.
+    pub rx_packets: u64,
+    /// Bytes received.
+    pub rx_bytes: u64,
+    /// Requests received.
+    pub requests: u64,
+    /// NAKs received.
+    pub naks: u64,
+    /// Status messages received.
+    pub statuses: u64,
+    /// Pages asked for in requests.
+    pub pages_requested: u64,
+    /// Requested pages not sent because they were queued, or sent where the requester can repair them.
+    pub pages_deduplicated: u64,
+    /// Pages sent (zero pages included).
+    pub pages_sent: u64,
+    /// Of which zero pages (sent as a run marker).
+    pub zero_pages_sent: u64,
+    /// Of which compressed.
+    pub compressed_pages_sent: u64,
+    /// Received datagrams dropped as malformed (bad length, magic, version, type, fields).
+    pub rx_malformed: u64,
+    /// Received datagrams dropped because authentication failed.
+    pub rx_unauthenticated: u64,
+    /// Received datagrams dropped as replayed or of another session or epoch.
+    pub rx_stale: u64,
+    /// NAK entries that named blocks no longer in the repair history.
+    pub repairs_expired: u64,
+    /// Receivers currently live.
+    pub receivers_live: u64,
+}
+
+/// Why a sender could not be set up.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A configuration value is out of range.
+    #[error("invalid sender configuration: {0}")]
+    Invalid(String),
+}
+
+/// The memory server's protocol state machine. See the crate docs for how to drive it.
+pub struct Sender<S: PageSource> {
+    config: SenderConfig,
+    source: S,
+    stats: SenderStats,
+    keys: Keys,
+    /// Keys for receivers that have not learned the epoch yet (they send epoch 0).
+    keys_epoch0: Keys,
+    next_pn: u64,
+    next_seq: u64,
+    /// The open (not yet closed) block: its id, first position and bodies.
+    block_id: u32,
+    block_first: u64,
+    block_bodies: Vec<Vec<u8>>,
+    history: History,
+    /// Per page: the block it was last sent in, or NO_BLOCK.
+    page_block: Vec<u32>,
+    queue: PageQueue,
+    blobs: VecDeque<BlobOut>,
+    current: Option<Encoding>,
+    /// Parity to send: (block, parity counter).
+    repairs: VecDeque<(u32, u32)>,
+    group: Group,
+    events: VecDeque<SenderEvent>,
+    acks: Vec<ReportKey>,
+    reports_seen: HashSet<(u32, u32)>,
+    announce_at: Time,
+    heartbeat_at: Option<Time>,
+    heartbeat_gap: Duration,
+    pace_at: Time,
+    ends_to_send: u8,
+    end_reason: Option<EndReason>,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    body: Vec<u8>,
+    rng: ChaCha8Rng,
+}
+
+/// A blob being sent.
+struct BlobOut {
+    kind: BlobKind,
+    id: u32,
+    bytes: Vec<u8>,
+    offset: usize,
+}
+
+/// A page's encoding being cut into fragments.
+struct Encoding {
+    page: u32,
+    zstd: bool,
+    bytes: Vec<u8>,
+    offset: usize,
+}
+
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
+const MAX_HEARTBEAT_GAP: Duration = Duration::from_secs(1);
+const MAX_PAGES_PER_REQUEST: usize = 4096;
+/// How much longer a Repair body is than the longest Data body of its block, at most: the symbol
+/// holds the whole Data body plus a 2-byte length, rounded up to even, behind the Repair fields.
+const REPAIR_OVERHEAD: usize = wire::REPAIR_FIXED_LEN + 3;
+
+impl<S: PageSource> Sender<S> {
+    /// A sender serving `source` under `config`.
+    pub fn new(config: SenderConfig, source: S, now: Time) -> Result<Sender<S>, ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !(12..=21).contains(&config.page_shift) {
+            return bad(format!("page_shift {} is outside 12..=21 (4 KiB to 2 MiB pages)", config.page_shift));
+        }
+        if !(wire::MIN_DATAGRAM..=wire::MAX_DATAGRAM).contains(&config.max_datagram) {
+            return bad(format!(
+                "max_datagram {} is outside {}..={}",
+                config.max_datagram,
+                wire::MIN_DATAGRAM,
+                wire::MAX_DATAGRAM
+            ));
+        }
+        if !(1..=64).contains(&config.max_block) {
+            return bad(format!("max_block {} is outside 1..=64", config.max_block));
+        }
+        if !(0.0..1.0).contains(&config.assumed_loss) || config.target_nakers_per_block <= 0.0 {
+            return bad("assumed_loss must be in [0, 1) and target_nakers_per_block positive".into());
+        }
+        if config.rate_bytes_per_sec == Some(0) {
+            return bad("rate_bytes_per_sec must be positive when set".into());
+        }
+        let page_count = source.page_count();
+        let page_size = 1usize << config.page_shift;
+        if page_count == 0 {
+            return bad("the image has no pages".into());
+        }
+        if source.page(0).len() != page_size {
+            return bad(format!("the page source gives {}-byte pages, not {page_size}", source.page(0).len()));
+        }
+        let compressor = match config.zstd_level {
+            Some(level) => Some(
+                zstd::bulk::Compressor::new(level)
+                    .map_err(|e| ConfigError::Invalid(format!("zstd level {level}: {e}")))?,
+            ),
+            None => None,
+        };
+        let keys = Keys::derive(&config.key, config.session, config.epoch);
+        let keys_epoch0 = Keys::derive(&config.key, config.session, 0);
+        Ok(Sender {
+            stats: SenderStats::default(),
+            keys,
+            keys_epoch0,
+            next_pn: 0,
+            next_seq: 0,
+            block_id: 0,
+            block_first: 0,
+            block_bodies: Vec::new(),
+            history: History::new(config.repair_history_bytes),
+            page_block: vec![NO_BLOCK; page_count as usize],
+            queue: PageQueue::new(page_count, &config.push),
+            blobs: VecDeque::new(),
+            current: None,
+            repairs: VecDeque::new(),
+            group: Group::default(),
+            events: VecDeque::new(),
+            acks: Vec::new(),
+            reports_seen: HashSet::new(),
+            announce_at: now,
+            heartbeat_at: None,
+            heartbeat_gap: config.rtt_hint,
+            pace_at: now,
+            ends_to_send: 0,
+            end_reason: None,
+            compressor,
+            body: vec![0; wire::MAX_DATAGRAM],
+            rng: ChaCha8Rng::seed_from_u64(config.seed),
+            config,
+            source,
+        })
+    }
+
+    /// Takes a datagram a receiver sent. Malformed, unauthenticated and stale datagrams are counted
+    /// in [`SenderStats`] and otherwise ignored.
+    pub fn handle_datagram(&mut self, now: Time, datagram: &mut [u8]) {
+        self.stats.rx_packets += 1;
+        self.stats.rx_bytes += datagram.len() as u64;
+        let header = match wire::peek_header(datagram) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::debug!("dropping malformed datagram: {e}");
+                self.stats.rx_malformed += 1;
+                return;
+            }
+        };
+        if header.session != self.config.session || header.node == NodeId::SERVER {
+            self.stats.rx_stale += 1;
+            return;
+        }
+        let keys = if header.epoch == self.config.epoch {
+            &self.keys
+        } else if header.epoch == 0 {
+            &self.keys_epoch0
+        } else {
+            self.stats.rx_stale += 1;
+            return;
+        };
+        let (header, body) = match wire::open(datagram, keys) {
+            Ok(x) => x,
+            Err(wire::DecodeError::BadTag) => {
+                self.stats.rx_unauthenticated += 1;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!("dropping malformed datagram: {e}");
+                self.stats.rx_malformed += 1;
+                return;
+            }
+        };
+        let msg = match Message::parse(header.msg_type, body) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!("dropping malformed {:?} from {:?}: {e}", header.msg_type, header.node);
+                self.stats.rx_malformed += 1;
+                return;
+            }
+        };
+        if !matches!(msg, Message::Request(_) | Message::Nak(_) | Message::Status(_) | Message::Report(_)) {
+            self.stats.rx_malformed += 1;
+            return;
+        }
+        let node = header.node;
+        let (member, joined) = self.group.touch(node, now);
+        if !member.replay.accept(header.packet_number) {
+            self.stats.rx_stale += 1;
+            return;
+        }
+        member.last_heard = now;
+        if joined {
+            self.events.push_back(SenderEvent::ReceiverJoined(node));
+        }
+        match msg {
+            Message::Request(r) => {
+                self.stats.requests += 1;
+                member.stream_start = r.stream_start;
+                self.group.report_loss(node, r.loss_ppm);
+                self.handle_request(r.stream_start, r.runs);
+            }
+            Message::Nak(n) => {
+                self.stats.naks += 1;
+                member.stream_start = n.stream_start;
+                self.group.report_loss(node, n.loss_ppm);
+                self.handle_nak(now, n.entries);
+            }
+            Message::Status(s) => {
+                self.stats.statuses += 1;
+                member.stream_start = s.stream_start;
+                member.received_through = s.received_through;
+                member.window = s.window;
+                self.group.report_loss(node, s.loss_ppm);
+                if s.flags & STATUS_LEAVING != 0 && self.group.remove(node) {
+                    self.events.push_back(SenderEvent::ReceiverLost(node));
+                }
+            }
+            Message::Report(r) => {
+                let key = ReportKey { fork: r.fork, clone: r.clone };
+                if self.reports_seen.insert((r.fork, r.clone)) {
+                    self.events.push_back(SenderEvent::CloneReport {
+                        node,
+                        fork: r.fork,
+                        clone: r.clone,
+                        status: r.status,
+                        result: r.result.to_vec(),
+                    });
+                }
+                if !self.acks.contains(&key) {
+                    self.acks.push(key);
+                }
+            }
+            _ => {}
+        }
+        self.stats.receivers_live = self.group.len() as u64;
+    }
+
+    /// The first stream position of the block page `page` was last sent in, if the page went out
+    /// and can still be repaired.
+    fn sent_at(&self, page: u32) -> Option<u64> {
+        let block = self.page_block[page as usize];
+        if block == NO_BLOCK {
+            None
+        } else if block == self.block_id {
+            Some(self.block_first)
+        } else {
+            self.history.first_seq(block)
+        }
+    }
+
+    fn handle_request(&mut self, stream_start: u64, runs: Items<'_, wire::PageRun>) {
+        let page_count = self.page_block.len() as u64;
+        let mut budget = MAX_PAGES_PER_REQUEST;
+        for run in runs.iter() {
+            let Ok(run) = run else {
+                self.stats.rx_malformed += 1;
+                return;
+            };
+            if u64::from(run.first_page) + u64::from(run.count) > page_count {
+                tracing::debug!("request for pages {}+{} beyond the image", run.first_page, run.count);
+                self.stats.rx_malformed += 1;
+                return;
+            }
+            for page in run.first_page..run.first_page + u32::from(run.count) {
+                if budget == 0 {
+                    return;
+                }
+                budget -= 1;
+                self.stats.pages_requested += 1;
+                let will_reach = stream_start != NO_STREAM && self.sent_at(page).is_some_and(|s| s >= stream_start);
+                if will_reach || !self.queue.enqueue(page, run.priority) {
+                    self.stats.pages_deduplicated += 1;
+                }
+            }
+        }
+    }
+
+    fn handle_nak(&mut self, now: Time, entries: Items<'_, wire::NakEntry>) {
+        for entry in entries.iter() {
+            let Ok(e) = entry else {
+                self.stats.rx_malformed += 1;
+                return;
+            };
+            if e.block == NO_BLOCK {
+                let end = e.first_seq.saturating_add(u64::from(e.needed));
+                let blocks = self.history.blocks_in(e.first_seq, end);
+                if blocks.is_empty() && e.first_seq < self.history.repairable_from(self.next_seq) {
+                    self.stats.repairs_expired += 1;
+                }
+                for (block, missing) in blocks {
+                    // The receiver knows nothing of the block, so it saw none of its parity.
+                    self.queue_parity(now, block, missing as u32, None);
+                }
+            } else if self.history.contains(e.block) {
+                self.queue_parity(now, e.block, u32::from(e.needed), Some(u32::from(e.parity_seen)));
+            } else if e.block < self.block_id {
+                self.stats.repairs_expired += 1;
+            }
+        }
+    }
+
+    /// Queues parity for `block` so that a receiver needing `needed` more symbols, having seen
+    /// parity below `parity_seen`, gets them. Parity it has not seen that went out within the last
+    /// two round trips is still on its way and counts; older parity it has not seen was lost.
+    /// This is what makes NAKs that cross repairs in flight cost nothing extra, and NAKs from many
+    /// receivers for one block answered once.
+    fn queue_parity(&mut self, now: Time, block: u32, needed: u32, parity_seen: Option<u32>) {
+        let window = self.config.rtt_hint * 2;
+        let Some(b) = self.history.get_mut(block) else { return };
+        let from = parity_seen.map_or(0, |s| s as usize).min(b.parity_log.len());
+        let in_flight = b.parity_log[from..].iter().filter(|&&t| t + window > now).count() as u32;
+        let cap = 2 * b.k() as u32 + 2;
+        let send = needed.saturating_sub(in_flight).min(cap);
+        for _ in 0..send {
+            self.repairs.push_back((block, b.parity_log.len() as u32));
+            b.parity_log.push(now);
+        }
+    }
+
+    /// Runs the timers due at `now`.
+    pub fn handle_timeout(&mut self, now: Time) {
+        if now.as_nanos() > self.config.receiver_timeout.as_nanos() as u64 {
+            let deadline = Time::from_nanos(now.as_nanos() - self.config.receiver_timeout.as_nanos() as u64);
+            for node in self.group.expire(deadline) {
+                tracing::info!(
+                    "receiver {:?} silent for {:?}: dropped from the group",
+                    node,
+                    self.config.receiver_timeout
+                );
+                self.events.push_back(SenderEvent::ReceiverLost(node));
+            }
+            self.stats.receivers_live = self.group.len() as u64;
+        }
+    }
+
+    fn push_allowed(&self) -> bool {
+        self.queue.has_push() && self.next_seq < self.group.push_limit()
+    }
+
+    fn has_data(&self) -> bool {
+        self.current.is_some() || !self.blobs.is_empty() || self.queue.has_requested() || self.push_allowed()
+    }
+
+    /// Writes the next datagram to send into `buf` (at least `max_datagram` bytes), or returns None
+    /// when nothing is due now (see [`Sender::poll_timeout`]).
+    pub fn poll_transmit(&mut self, now: Time, buf: &mut [u8]) -> Option<Transmit> {
+        if buf.len() < self.config.max_datagram {
+            tracing::error!("poll_transmit buffer of {} bytes is below max_datagram", buf.len());
+            return None;
+        }
+        let buf = &mut buf[..self.config.max_datagram];
+        if self.config.rate_bytes_per_sec.is_some() && now < self.pace_at {
+            return None;
+        }
+        let len = if self.ends_to_send > 0 {
+            self.ends_to_send -= 1;
+            let reason = self.end_reason.unwrap_or(EndReason::Shutdown);
+            self.stats.control_packets += 1;
+            self.seal(Message::End { reason, final_seq: self.next_seq }, buf)
+        } else if self.end_reason.is_some() {
+            None
+        } else if now >= self.announce_at {
+            self.announce_at = now + ANNOUNCE_EVERY;
+            self.stats.control_packets += 1;
+            let msg = Message::Announce(Announce {
+                page_shift: self.config.page_shift,
+                max_block: self.config.max_block,
+                max_datagram: self.config.max_datagram as u16,
+                page_count: self.page_block.len() as u32,
+                next_seq: self.next_seq,
+                descriptor: 0,
+            });
+            self.seal(msg, buf)
+        } else if let Some((block, counter)) = self.repairs.pop_front() {
+            self.write_repair(block, counter, buf)
+        } else if self.has_data() {
+            let len = self.write_data(now, buf);
+            self.heartbeat_gap = (self.config.rtt_hint * 2).max(Duration::from_micros(100));
+            self.heartbeat_at = Some(now + self.heartbeat_gap);
+            len
+        } else if self.heartbeat_at.is_some_and(|t| now >= t) {
+            self.heartbeat_gap = (self.heartbeat_gap * 2).min(MAX_HEARTBEAT_GAP);
+            self.heartbeat_at = Some(now + self.heartbeat_gap);
+            self.stats.control_packets += 1;
+            let msg = Message::Heartbeat(self.heartbeat());
+            self.seal(msg, buf)
+        } else if !self.acks.is_empty() {
+            let max = (self.config.max_datagram - HEADER_LEN - TAG_LEN - 4) / 8;
+            let n = self.acks.len().min(max);
+            let acks: Vec<ReportKey> = self.acks.drain(..n).collect();
+            self.stats.control_packets += 1;
+            self.seal(Message::ReportAck(Items::Slice(&acks)), buf)
+        } else {
+            None
+        }?;
+        self.stats.tx_packets += 1;
+        self.stats.tx_bytes += len as u64;
+        if let Some(rate) = self.config.rate_bytes_per_sec {
+            let cost = Duration::from_nanos((len as u64).saturating_mul(1_000_000_000) / rate);
+            self.pace_at = self.pace_at.max(now) + cost;
+        }
+        Some(Transmit { len, destination: Destination::Group })
+    }
+
+    fn heartbeat(&self) -> Heartbeat {
+        let receivers = self.group.len() as u32;
+        let log2 = 32 - (receivers + 1).leading_zeros();
+        let rtt_us = self.config.rtt_hint.as_micros() as u32;
+        Heartbeat {
+            next_seq: self.next_seq,
+            repairable_from: self.history.repairable_from(self.next_seq),
+            receivers,
+            status_interval_ms: (2 * receivers).max(250),
+            nak_backoff_us: (rtt_us * log2.max(1) / 2).max(50),
+        }
+    }
+
+    fn seal(&mut self, msg: Message<'_>, buf: &mut [u8]) -> Option<usize> {
+        let header = Header {
+            msg_type: msg.msg_type(),
+            flags: if self.config.encrypt { wire::FLAG_ENCRYPTED } else { 0 },
+            session: self.config.session,
+            epoch: self.config.epoch,
+            node: NodeId::SERVER,
+            packet_number: self.next_pn,
+        };
+        self.next_pn += 1;
+        match wire::encode(&header, &msg, &self.keys, buf) {
+            Ok(len) => Some(len),
+            Err(e) => {
+                tracing::error!("could not encode {:?}: {e}", header.msg_type);
+                None
+            }
+        }
+    }
+
+    fn write_repair(&mut self, block: u32, counter: u32, buf: &mut [u8]) -> Option<usize> {
+        let first_seq = self.history.first_seq(block)?;
+        let k = self.history.get_mut(block)?.k() as u16;
+        let symbol = match self.history.parity_symbol(block, counter)? {
+            Ok((index, total, symbol)) => (index, total, symbol.to_vec()),
+            Err(e) => {
+                tracing::error!("parity for block {block}: {e}");
+                return None;
+            }
+        };
+        self.history.enforce_budget();
+        let msg = Message::Repair(Repair { first_seq, block, k, index: symbol.0, total: symbol.1, symbol: &symbol.2 });
+        self.stats.repair_packets += 1;
+        self.seal(msg, buf)
+    }
+
+    /// Fills one Data packet with the most urgent content and appends it to the open block.
+    fn write_data(&mut self, now: Time, buf: &mut [u8]) -> Option<usize> {
+        // Leave room so every parity packet of the block fits a datagram.
+        let room = self.config.max_datagram - HEADER_LEN - TAG_LEN - REPAIR_OVERHEAD;
+        let mut body = std::mem::take(&mut self.body);
+        let mut push = false;
+        let records_len = {
+            let mut w = RecordWriter::new(&mut body[DATA_FIXED_LEN..room]);
+            loop {
+                if let Some(enc) = &mut self.current {
+                    let n = w.push_page(
+                        enc.page,
+                        enc.zstd,
+                        enc.bytes.len() as u32,
+                        enc.offset as u32,
+                        &enc.bytes[enc.offset..],
+                    );
+                    enc.offset += n;
+                    if enc.offset < enc.bytes.len() {
+                        break;
+                    }
+                    self.current = None;
+                    continue;
+                }
+                if w.room() < 64 {
+                    break;
+                }
+                if let Some(blob) = self.blobs.front_mut() {
+                    let n = w.push_blob(
+                        blob.kind,
+                        blob.id,
+                        blob.bytes.len() as u32,
+                        blob.offset as u32,
+                        &blob.bytes[blob.offset..],
+                    );
+                    blob.offset += n;
+                    if blob.offset >= blob.bytes.len() {
+                        self.blobs.pop_front();
+                    }
+                    continue;
+                }
+                let page = if let Some((page, _)) = self.queue.pop_requested() {
+                    page
+                } else if self.push_allowed() {
+                    let page_block = &self.page_block;
+                    match self.queue.pop_push(|p| page_block[p as usize] != NO_BLOCK) {
+                        Some(p) => {
+                            push = true;
+                            p
+                        }
+                        None => break,
+                    }
+                } else {
+                    break;
+                };
+                self.page_block[page as usize] = self.block_id;
+                self.stats.pages_sent += 1;
+                let data = self.source.page(page);
+                if data.iter().all(|&b| b == 0) {
+                    self.stats.zero_pages_sent += 1;
+                    // Room for a header was checked above.
+                    w.push_zero_run(page, 1);
+                    continue;
+                }
+                let compressed =
+                    self.compressor.as_mut().and_then(|c| c.compress(data).ok()).filter(|c| c.len() < data.len());
+                let (zstd, bytes) = match compressed {
+                    Some(c) => {
+                        self.stats.compressed_pages_sent += 1;
+                        (true, c)
+                    }
+                    None => (false, data.to_vec()),
+                };
+                self.current = Some(Encoding { page, zstd, bytes, offset: 0 });
+            }
+            w.len()
+        };
+        debug_assert!(records_len + DATA_FIXED_LEN <= room && RECORD_HEADER_LEN > 0);
+        let index = self.block_bodies.len() as u8;
+        let last = usize::from(index) + 1 >= usize::from(self.config.max_block) || !self.has_data();
+        let seq = self.next_seq;
+        let flags = if last { DATA_LAST_IN_BLOCK } else { 0 } | if push { DATA_PUSH } else { 0 };
+        let msg = Message::Data(Data {
+            seq,
+            block: self.block_id,
+            index,
+            flags,
+            records: &body[DATA_FIXED_LEN..DATA_FIXED_LEN + records_len],
+        });
+        let len = self.seal(msg, buf);
+        // Keep the body exactly as encoded (plaintext) for parity.
+        let body_len = DATA_FIXED_LEN + records_len;
+        let mut kept = vec![0u8; body_len];
+        if let Err(e) = msg.write_body(&mut kept) {
+            tracing::error!("re-encoding a data body failed: {e}");
+        }
+        self.body = body;
+        self.next_seq += 1;
+        self.stats.data_packets += 1;
+        self.block_bodies.push(kept);
+        if last {
+            self.close_block(now);
+        }
+        len
+    }
+
+    fn close_block(&mut self, now: Time) {
+        let bodies = std::mem::take(&mut self.block_bodies);
+        let k = bodies.len();
+        let id = self.block_id;
+        self.history.push(id, self.block_first, bodies);
+        self.block_id += 1;
+        self.block_first = self.next_seq;
+        let p = self.group.proactive_parity(k, self.config.assumed_loss, self.config.target_nakers_per_block);
+        if p > 0 {
+            self.stats.proactive_repairs += p as u64;
+            self.queue_parity(now, id, p as u32, Some(0));
+        }
+    }
+
+    /// When [`Sender::handle_timeout`] must next be called (or transmit polled again, when paced).
+    pub fn poll_timeout(&self) -> Option<Time> {
+        let mut t = Some(self.announce_at);
+        let mut earliest = |x: Option<Time>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        earliest(self.heartbeat_at);
+        if self.config.rate_bytes_per_sec.is_some() && (self.has_data() || !self.repairs.is_empty()) {
+            earliest(Some(self.pace_at));
+        }
+        earliest(self.group.oldest_heard().map(|h| h + self.config.receiver_timeout));
+        if self.end_reason.is_some() && self.ends_to_send == 0 {
+            return None;
+        }
+        t
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<SenderEvent> {
+        self.events.pop_front()
+    }
+
+    /// Adds a blob (a VM descriptor or fork plan) to the reliable stream, ahead of pages.
+    pub fn publish_blob(&mut self, kind: BlobKind, id: u32, bytes: Vec<u8>) {
+        self.blobs.push_back(BlobOut { kind, id, bytes, offset: 0 });
+    }
+
+    /// Asks for pages as if a receiver that never saw the stream had requested them (e.g. a local
+    /// VMM's hints).
+    pub fn enqueue_pages(&mut self, pages: &[u32], priority: Priority) {
+        for &p in pages {
+            if (p as usize) < self.page_block.len() {
+                self.queue.enqueue(p, priority);
+            }
+        }
+    }
+
+    /// Ends the session: End goes out three times and the sender then falls silent.
+    pub fn end(&mut self, now: Time, reason: EndReason) {
+        let _ = now;
+        self.end_reason = Some(reason);
+        self.ends_to_send = 3;
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &SenderStats {
+        &self.stats
+    }
+
+    /// A random value from the sender's seeded generator (for callers that want jitter in step).
+    pub fn jitter(&mut self, max: Duration) -> Duration {
+        Duration::from_nanos(self.rng.random_range(0..=max.as_nanos() as u64))
+    }
+}

@@ -1,0 +1,119 @@
+//! What the sender still has to send: requested pages by priority, then the background push.
+
+use std::collections::VecDeque;
+
+use super::PushPolicy;
+use crate::wire::Priority;
+
+const NOT_QUEUED: u8 = u8::MAX;
+
+/// Pages waiting to be sent, most urgent first, each at most once.
+#[derive(Debug)]
+pub(super) struct PageQueue {
+    /// One FIFO per priority (Fault, ReadAhead, Prefetch).
+    lanes: [VecDeque<u32>; 3],
+    /// Per page: the priority it is queued at, or NOT_QUEUED.
+    queued: Vec<u8>,
+    /// The background push: hinted pages, then (optionally) all pages.
+    push_hints: VecDeque<u32>,
+    push_all_next: Option<u32>,
+    page_count: u32,
+}
+
+impl PageQueue {
+    pub fn new(page_count: u32, push: &PushPolicy) -> PageQueue {
+        let (hints, all) = match push {
+            PushPolicy::None => (Vec::new(), false),
+            PushPolicy::Hints(h) => (h.clone(), false),
+            PushPolicy::HintsThenAll(h) => (h.clone(), true),
+        };
+        PageQueue {
+            lanes: Default::default(),
+            queued: vec![NOT_QUEUED; page_count as usize],
+            push_hints: hints.into_iter().filter(|&p| p < page_count).collect(),
+            push_all_next: all.then_some(0),
+            page_count,
+        }
+    }
+
+    /// Queues `page` at `priority`. False when it was already queued at that priority or higher.
+    pub fn enqueue(&mut self, page: u32, priority: Priority) -> bool {
+        let p = priority as u8;
+        let slot = &mut self.queued[page as usize];
+        if *slot <= p {
+            return false;
+        }
+        *slot = p;
+        self.lanes[p as usize].push_back(page);
+        true
+    }
+
+    /// Whether `page` is waiting.
+    pub fn is_queued(&self, page: u32) -> bool {
+        self.queued[page as usize] != NOT_QUEUED
+    }
+
+    /// The most urgent requested page, removed from the queue.
+    pub fn pop_requested(&mut self) -> Option<(u32, Priority)> {
+        for (lane, prio) in self.lanes.iter_mut().zip([Priority::Fault, Priority::ReadAhead, Priority::Prefetch]) {
+            while let Some(page) = lane.pop_front() {
+                // A page re-queued at a higher priority left a stale entry in a lower lane.
+                if self.queued[page as usize] == prio as u8 {
+                    self.queued[page as usize] = NOT_QUEUED;
+                    return Some((page, prio));
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether any requested page waits.
+    pub fn has_requested(&self) -> bool {
+        self.lanes.iter().any(|l| !l.is_empty())
+    }
+
+    /// The next page of the background push that `already_sent` does not rule out.
+    pub fn pop_push(&mut self, already_sent: impl Fn(u32) -> bool) -> Option<u32> {
+        while let Some(p) = self.push_hints.pop_front() {
+            if !already_sent(p) && !self.is_queued(p) {
+                return Some(p);
+            }
+        }
+        while let Some(p) = self.push_all_next {
+            self.push_all_next = (p + 1 < self.page_count).then_some(p + 1);
+            if !already_sent(p) && !self.is_queued(p) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// Whether the push has anything left.
+    pub fn has_push(&self) -> bool {
+        !self.push_hints.is_empty() || self.push_all_next.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn faults_overtake_read_ahead_and_pages_are_sent_once() {
+        let mut q = PageQueue::new(16, &PushPolicy::None);
+        assert!(q.enqueue(3, Priority::ReadAhead));
+        assert!(q.enqueue(4, Priority::ReadAhead));
+        assert!(q.enqueue(4, Priority::Fault), "upgrade");
+        assert!(!q.enqueue(4, Priority::ReadAhead), "already queued higher");
+        assert_eq!(q.pop_requested(), Some((4, Priority::Fault)));
+        assert_eq!(q.pop_requested(), Some((3, Priority::ReadAhead)));
+        assert_eq!(q.pop_requested(), None, "the stale read-ahead entry of page 4 is skipped");
+    }
+
+    #[test]
+    fn push_goes_hints_first_then_everything_else() {
+        let mut q = PageQueue::new(4, &PushPolicy::HintsThenAll(vec![2]));
+        let order: Vec<u32> = std::iter::from_fn(|| q.pop_push(|p| p == 1)).collect();
+        assert_eq!(order, vec![2, 0, 2, 3]);
+    }
+}

@@ -1,0 +1,554 @@
+//! The simulated world: topology, state machines, workload, and the loop that drives them.
+//!
+//! Every state machine is driven as the crate docs prescribe: after each input (a datagram, a timer, a
+//! fault), drain `poll_transmit` into the links, drain `poll_event`, then (re)schedule a wakeup at
+//! `poll_timeout()`. Each node keeps the wakeup it scheduled last; a timer event for any other time is
+//! stale and ignored.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use rand::RngCore;
+
+use super::content::{Image, PAGE_SHIFT};
+use super::events::EventQueue;
+use super::link::{Corruption, FaultConfig, FaultStats, Fate, Faults, Pipe, PipeStats};
+use super::report::{self, NetworkReport, Percentiles, Settings, SimReport};
+use super::rng::{self, Domain};
+use super::sink::{SinkStats, VerifyingSink};
+use super::workload::{self, WorkingSet};
+use super::{Push, SimConfig, SimError};
+use crate::receiver::{Receiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
+use crate::sender::{PushPolicy, Sender, SenderConfig, SenderEvent};
+use crate::wire::{NodeId, SessionId, SessionKey, MAX_DATAGRAM};
+use crate::Time;
+
+/// Most datagrams one drain of `poll_transmit` may yield before the run is declared a livelock.
+const MAX_DRAIN: u64 = 10_000_000;
+/// Most events at one instant of virtual time before the run is declared a livelock.
+const MAX_SAME_INSTANT: u64 = 5_000_000;
+
+enum Ev {
+    /// A multicast datagram reaches the downlinks' fault stage (all receivers at once).
+    Multicast(Rc<[u8]>),
+    /// One copy of a multicast datagram reaches receiver `rx` late (reordered or duplicated).
+    ToReceiver { rx: u32, pkt: Rc<[u8]>, corruption: Corruption },
+    /// A receiver's datagram reaches the server's ingress queue.
+    AtIngress { pkt: Rc<[u8]>, corruption: Corruption },
+    /// A receiver's datagram reaches the server.
+    ToServer { pkt: Rc<[u8]>, corruption: Corruption },
+    /// The sender's wakeup.
+    SenderTimer,
+    /// Receiver `rx`'s wakeup.
+    ReceiverTimer(u32),
+    /// Receiver `rx`'s vCPU touches its next page.
+    Step(u32),
+    /// Receiver `rx` joins.
+    Start(u32),
+}
+
+struct Node {
+    config: Option<ReceiverConfig>,
+    receiver: Option<Receiver>,
+    sink: VerifyingSink,
+    downlink: Faults,
+    uplink: Faults,
+    uplink_pipe: Pipe,
+    timer: Option<Time>,
+    order: Vec<u32>,
+    next: usize,
+    blocked: Option<(u32, Time)>,
+    done: Option<Time>,
+}
+
+pub(super) struct World {
+    cfg: SimConfig,
+    ws: WorkingSet,
+    sender: Sender<Rc<Image>>,
+    sender_timer: Option<Time>,
+    nodes: Vec<Node>,
+    queue: EventQueue<Ev>,
+    egress: Pipe,
+    downlink: Pipe,
+    ingress: Pipe,
+    txbuf: Vec<u8>,
+    scratch: Vec<u8>,
+    now: Time,
+    delay: Duration,
+    think: Duration,
+    waits: hdrhistogram::Histogram<u64>,
+    misses: u64,
+    stale_misses: u64,
+    phantom_hits: u64,
+    finished: u32,
+    last_finish: Time,
+    server_lost: u64,
+    receiver_lost: u64,
+    events: u64,
+    stop: Option<String>,
+}
+
+impl World {
+    pub(super) fn new(cfg: &SimConfig) -> Result<World, SimError> {
+        let seed = cfg.seed;
+        let image = Rc::new(Image::generate_with(seed, cfg.pages, cfg.content));
+        let ws = WorkingSet::generate(seed, cfg.pages, cfg.working_set);
+
+        let session = SessionId(rng::value(seed, Domain::Session, 0));
+        let mut key = [0u8; 32];
+        rng::stream(seed, Domain::Session, 1).fill_bytes(&mut key);
+        let key = SessionKey(key);
+        let rtt = cfg.delay * 2 + Duration::from_micros(10);
+
+        let mut sc = SenderConfig::new(session, 1, key.clone(), PAGE_SHIFT);
+        sc.max_datagram = cfg.max_datagram;
+        sc.encrypt = cfg.encrypt;
+        sc.zstd_level = cfg.zstd_level;
+        sc.rate_bytes_per_sec =
+            (cfg.pacing > 0.0).then(|| ((cfg.server_rate_bps as f64 * cfg.pacing) / 8.0).max(1.0) as u64);
+        sc.rtt_hint = rtt;
+        sc.seed = rng::value(seed, Domain::Protocol, 0);
+        sc.push = match cfg.push {
+            Push::None => PushPolicy::None,
+            Push::Hints => PushPolicy::Hints(ws.pages().to_vec()),
+            Push::HintsThenAll => PushPolicy::HintsThenAll(ws.pages().to_vec()),
+        };
+        let sender = Sender::new(sc, image.clone(), Time::ZERO).map_err(SimError::Sender)?;
+
+        let faults = FaultConfig {
+            loss: cfg.loss,
+            burst: cfg.burst.then_some(cfg.burst_length),
+            duplicate: cfg.duplicate,
+            reorder: cfg.reorder,
+            reorder_jitter: cfg.reorder_jitter,
+            corrupt: cfg.corrupt,
+        };
+        let stagger_ns = u64::try_from(cfg.stagger.as_nanos()).unwrap_or(u64::MAX);
+        let mut queue = EventQueue::new();
+        let mut nodes = Vec::with_capacity(cfg.receivers as usize);
+        for i in 0..cfg.receivers {
+            let node = NodeId(i + 1);
+            let start = Time::from_nanos(workload::start_time_ns(seed, i, stagger_ns));
+            let mut rc = ReceiverConfig::new(session, node, key.clone(), PAGE_SHIFT, cfg.pages);
+            if let Some(ra) = cfg.read_ahead {
+                rc.read_ahead = ra;
+            }
+            rc.rtt_hint = rtt;
+            rc.stream_start = (start == Time::ZERO).then_some(0);
+            rc.seed = rng::value(seed, Domain::Protocol, u64::from(node.0));
+            nodes.push(Node {
+                config: Some(rc),
+                receiver: None,
+                sink: VerifyingSink::new(image.clone()),
+                downlink: Faults::new(faults, rng::stream(seed, Domain::Downlink, u64::from(i))),
+                uplink: Faults::new(faults, rng::stream(seed, Domain::Uplink, u64::from(i))),
+                uplink_pipe: Pipe::new(Some(cfg.host_rate_bps), cfg.queue_bytes),
+                timer: None,
+                order: ws.order_for(seed, i),
+                next: 0,
+                blocked: None,
+                done: None,
+            });
+            queue.push(start, Ev::Start(i));
+        }
+
+        let mut world = World {
+            ws,
+            sender,
+            sender_timer: None,
+            nodes,
+            queue,
+            egress: Pipe::new(Some(cfg.server_rate_bps), cfg.queue_bytes),
+            downlink: Pipe::new(
+                (cfg.host_rate_bps < cfg.server_rate_bps).then_some(cfg.host_rate_bps),
+                cfg.queue_bytes,
+            ),
+            ingress: Pipe::new(Some(cfg.server_rate_bps), cfg.queue_bytes),
+            txbuf: vec![0; MAX_DATAGRAM],
+            scratch: vec![0; MAX_DATAGRAM],
+            now: Time::ZERO,
+            delay: cfg.delay,
+            think: cfg.think_time,
+            waits: hdrhistogram::Histogram::new_with_bounds(1, 1 << 42, 3)
+                .map_err(|_| SimError::Invalid { field: "histogram", value: String::new(), why: "bounds" })?,
+            misses: 0,
+            stale_misses: 0,
+            phantom_hits: 0,
+            finished: 0,
+            last_finish: Time::ZERO,
+            server_lost: 0,
+            receiver_lost: 0,
+            events: 0,
+            stop: None,
+            cfg: cfg.clone(),
+        };
+        world.drive_sender();
+        Ok(world)
+    }
+
+    pub(super) fn run(mut self) -> Result<SimReport, SimError> {
+        let started = Instant::now();
+        let limit = Time::ZERO + self.cfg.time_limit;
+        let total = self.cfg.receivers;
+        let mut same_instant = 0u64;
+        while self.finished < total && self.stop.is_none() {
+            let Some((t, ev)) = self.queue.pop() else {
+                self.stop = Some(format!(
+                    "deadlock at {:.3} ms: no event pending while {} receivers are unfinished",
+                    ms(self.now),
+                    total - self.finished
+                ));
+                break;
+            };
+            if t > limit {
+                self.stop = Some(format!("virtual time limit of {:?} reached", self.cfg.time_limit));
+                self.now = limit;
+                break;
+            }
+            same_instant = if t == self.now { same_instant + 1 } else { 0 };
+            self.now = t;
+            self.events += 1;
+            if same_instant > MAX_SAME_INSTANT {
+                self.stop = Some(format!("livelock: over {MAX_SAME_INSTANT} events at {:.6} ms", ms(t)));
+                break;
+            }
+            if self.events >= self.cfg.max_events {
+                self.stop = Some(format!("event bound of {} reached at {:.3} ms", self.cfg.max_events, ms(t)));
+                break;
+            }
+            if self.events % 4096 == 0 {
+                if let Some(max) = self.cfg.real_time_limit {
+                    if started.elapsed() > max {
+                        self.stop =
+                            Some(format!("real-time bound of {max:?} reached at virtual {:.3} ms", ms(t)));
+                        break;
+                    }
+                }
+            }
+            self.handle(ev)?;
+        }
+        Ok(self.report(started.elapsed()))
+    }
+
+    fn handle(&mut self, ev: Ev) -> Result<(), SimError> {
+        match ev {
+            Ev::Multicast(pkt) => self.multicast(&pkt),
+            Ev::ToReceiver { rx, pkt, corruption } => self.deliver(rx as usize, &pkt, corruption),
+            Ev::AtIngress { pkt, corruption } => {
+                if let Some(at) = self.ingress.send(self.now, pkt.len()) {
+                    self.queue.push(at, Ev::ToServer { pkt, corruption });
+                }
+            }
+            Ev::ToServer { pkt, corruption } => {
+                let len = pkt.len();
+                self.scratch[..len].copy_from_slice(&pkt);
+                corruption.apply(&mut self.scratch[..len]);
+                self.sender.handle_datagram(self.now, &mut self.scratch[..len]);
+                self.drive_sender();
+            }
+            Ev::SenderTimer => {
+                if self.sender_timer == Some(self.now) {
+                    self.sender_timer = None;
+                    self.sender.handle_timeout(self.now);
+                    self.drive_sender();
+                }
+            }
+            Ev::ReceiverTimer(rx) => {
+                let i = rx as usize;
+                if self.nodes[i].timer == Some(self.now) {
+                    self.nodes[i].timer = None;
+                    if let Some(r) = self.nodes[i].receiver.as_mut() {
+                        r.handle_timeout(self.now);
+                    }
+                    self.drive_receiver(i);
+                    self.check_unblock(i);
+                }
+            }
+            Ev::Step(rx) => self.step(rx as usize),
+            Ev::Start(rx) => {
+                let i = rx as usize;
+                if let Some(rc) = self.nodes[i].config.take() {
+                    let node = rc.node.0;
+                    let r = Receiver::new(rc, self.now).map_err(|source| SimError::Receiver { node, source })?;
+                    self.nodes[i].receiver = Some(r);
+                    self.drive_receiver(i);
+                    self.step(i);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A multicast datagram reaches every downlink: each draws its own fate.
+    fn multicast(&mut self, pkt: &Rc<[u8]>) {
+        let len = pkt.len();
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].receiver.is_none() {
+                continue; // not in the group yet
+            }
+            match self.nodes[i].downlink.fate(len) {
+                Fate::Lost => {}
+                Fate::Deliver { extra, corruption, duplicate } => {
+                    if extra == 0 {
+                        self.deliver(i, pkt, corruption);
+                    } else {
+                        let at = self.now + Duration::from_nanos(extra);
+                        self.queue.push(at, Ev::ToReceiver { rx: i as u32, pkt: pkt.clone(), corruption });
+                    }
+                    if let Some((extra, corruption)) = duplicate {
+                        let at = self.now + Duration::from_nanos(extra);
+                        self.queue.push(at, Ev::ToReceiver { rx: i as u32, pkt: pkt.clone(), corruption });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hands one (possibly damaged) copy of a datagram to receiver `i`.
+    fn deliver(&mut self, i: usize, pkt: &[u8], corruption: Corruption) {
+        let len = pkt.len();
+        self.scratch[..len].copy_from_slice(pkt);
+        corruption.apply(&mut self.scratch[..len]);
+        let node = &mut self.nodes[i];
+        let Some(r) = node.receiver.as_mut() else { return };
+        r.handle_datagram(self.now, &mut self.scratch[..len], &mut node.sink);
+        self.drive_receiver(i);
+        self.check_unblock(i);
+    }
+
+    /// Drains the sender's output into the server's egress, its events, and schedules its wakeup.
+    fn drive_sender(&mut self) {
+        let now = self.now;
+        let mut n = 0u64;
+        while let Some(tx) = self.sender.poll_transmit(now, &mut self.txbuf) {
+            n += 1;
+            if n > MAX_DRAIN {
+                self.stop = Some(format!("livelock: sender yielded over {MAX_DRAIN} datagrams at {:.6} ms", ms(now)));
+                break;
+            }
+            let len = tx.len;
+            // One serialization at the server, one at the switch's downlinks, then per-host faults.
+            let Some(out) = self.egress.send(now, len) else { continue };
+            let Some(out) = self.downlink.send(out, len) else { continue };
+            let pkt: Rc<[u8]> = Rc::from(&self.txbuf[..len]);
+            self.queue.push(out + self.delay, Ev::Multicast(pkt));
+        }
+        while let Some(ev) = self.sender.poll_event() {
+            match ev {
+                SenderEvent::ReceiverLost(node) => {
+                    self.receiver_lost += 1;
+                    tracing::debug!(node = node.0, at_ms = ms(now), "sender lost a receiver");
+                }
+                SenderEvent::ReceiverJoined(_) | SenderEvent::CloneReport { .. } => {}
+            }
+        }
+        match self.sender.poll_timeout() {
+            Some(t) => {
+                let t = t.max(now);
+                if self.sender_timer != Some(t) {
+                    self.sender_timer = Some(t);
+                    self.queue.push(t, Ev::SenderTimer);
+                }
+            }
+            None => self.sender_timer = None,
+        }
+    }
+
+    /// Drains receiver `i`'s output into its uplink, its events, and schedules its wakeup.
+    fn drive_receiver(&mut self, i: usize) {
+        let now = self.now;
+        let node = &mut self.nodes[i];
+        let Some(r) = node.receiver.as_mut() else { return };
+        let mut n = 0u64;
+        while let Some(len) = r.poll_transmit(now, &mut self.txbuf) {
+            n += 1;
+            if n > MAX_DRAIN {
+                self.stop =
+                    Some(format!("livelock: receiver {} yielded over {MAX_DRAIN} datagrams at {:.6} ms", i + 1, ms(now)));
+                break;
+            }
+            let Some(out) = node.uplink_pipe.send(now, len) else { continue };
+            let Fate::Deliver { extra, corruption, duplicate } = node.uplink.fate(len) else { continue };
+            let pkt: Rc<[u8]> = Rc::from(&self.txbuf[..len]);
+            if let Some((extra, corruption)) = duplicate {
+                let at = out + self.delay + Duration::from_nanos(extra);
+                self.queue.push(at, Ev::AtIngress { pkt: pkt.clone(), corruption });
+            }
+            let at = out + self.delay + Duration::from_nanos(extra);
+            self.queue.push(at, Ev::AtIngress { pkt, corruption });
+        }
+        while let Some(ev) = r.poll_event() {
+            if ev == ReceiverEvent::ServerLost {
+                self.server_lost += 1;
+                tracing::debug!(node = i + 1, at_ms = ms(now), "receiver lost the server");
+            }
+        }
+        match r.poll_timeout() {
+            Some(t) => {
+                let t = t.max(now);
+                if node.timer != Some(t) {
+                    node.timer = Some(t);
+                    self.queue.push(t, Ev::ReceiverTimer(i as u32));
+                }
+            }
+            None => node.timer = None,
+        }
+    }
+
+    /// If receiver `i`'s vCPU waits for a page that has now arrived, it resumes.
+    fn check_unblock(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        if let Some((page, since)) = node.blocked {
+            if node.sink.has(page) {
+                let waited = self.now.saturating_since(since);
+                self.waits.saturating_record(u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX).max(1));
+                node.blocked = None;
+                node.next += 1;
+                self.queue.push(self.now + self.think, Ev::Step(i as u32));
+            }
+        }
+    }
+
+    /// Receiver `i`'s vCPU touches pages until one is missing or it must think.
+    fn step(&mut self, i: usize) {
+        let now = self.now;
+        loop {
+            let node = &mut self.nodes[i];
+            if node.blocked.is_some() || node.done.is_some() {
+                return;
+            }
+            let Some(&page) = node.order.get(node.next) else {
+                node.done = Some(now);
+                self.finished += 1;
+                self.last_finish = self.last_finish.max(now);
+                return;
+            };
+            let Some(r) = node.receiver.as_mut() else { return };
+            if r.fault(now, page) {
+                if !node.sink.has(page) {
+                    self.phantom_hits += 1;
+                    tracing::warn!(node = i + 1, page, "receiver says a page is present that was never stored");
+                }
+                node.next += 1;
+                if !self.think.is_zero() {
+                    self.queue.push(now + self.think, Ev::Step(i as u32));
+                    // The fault may have queued output (nothing expected, but drive to be safe).
+                    self.drive_receiver(i);
+                    return;
+                }
+            } else {
+                self.misses += 1;
+                if node.sink.has(page) {
+                    self.stale_misses += 1;
+                }
+                node.blocked = Some((page, now));
+                self.drive_receiver(i);
+                self.check_unblock(i);
+                return;
+            }
+        }
+    }
+
+    fn report(&self, real: Duration) -> SimReport {
+        let cfg = &self.cfg;
+        let sender = self.sender.stats().clone();
+        let mut receiver = ReceiverStats::default();
+        let mut sinks = SinkStats::default();
+        let mut down = FaultStats::default();
+        let mut up = FaultStats::default();
+        let mut uplink_queues = PipeStats::default();
+        let mut completion = Vec::new();
+        let mut missing = 0u64;
+        for node in &self.nodes {
+            if let Some(r) = &node.receiver {
+                report::add_receiver_stats(&mut receiver, r.stats());
+            }
+            sinks.add(node.sink.stats());
+            down.add(node.downlink.stats());
+            up.add(node.uplink.stats());
+            report::add_pipe_stats(&mut uplink_queues, node.uplink_pipe.stats());
+            if let Some(t) = node.done {
+                completion.push(t.as_nanos());
+            }
+            missing += node.order[..node.next].iter().filter(|&&p| !node.sink.has(p)).count() as u64;
+        }
+        let completed = self.finished == cfg.receivers && self.stop.is_none();
+        let all_bit_exact = completed && sinks.mismatches == 0 && self.phantom_hits == 0 && missing == 0;
+        let end = if completed { self.last_finish } else { self.now };
+        SimReport {
+            receivers: cfg.receivers,
+            pages: cfg.pages,
+            working_set: cfg.working_set,
+            working_set_pages: self.ws.len() as u32,
+            loss: cfg.loss,
+            burst: cfg.burst,
+            seed: cfg.seed,
+            completed,
+            stopped_by: self.stop.clone(),
+            all_bit_exact,
+            pages_delivered: sinks.pages_stored,
+            unique_pages_delivered: sinks.unique_pages,
+            mismatched_pages: sinks.mismatches,
+            phantom_hits: self.phantom_hits,
+            missing_pages: missing,
+            server_tx_bytes: sender.tx_bytes,
+            server_tx_packets: sender.tx_packets,
+            server_rx_packets: sender.rx_packets,
+            naks_sent: receiver.naks,
+            repairs_sent: sender.repair_packets,
+            proactive_repairs: sender.proactive_repairs,
+            requests_sent: receiver.requests,
+            data_packets: sender.data_packets,
+            pages_deduplicated: sender.pages_deduplicated,
+            corrupted_dropped: receiver.rx_unauthenticated + receiver.rx_malformed,
+            misses: self.misses,
+            stale_misses: self.stale_misses,
+            fault_wait_us: Percentiles::from_histogram(&self.waits, 1e-3),
+            completion_ms: Percentiles::exact(&mut completion, 1e-6),
+            receivers_finished: self.finished,
+            virtual_time_ms: ms(end),
+            real_time_ms: real.as_secs_f64() * 1e3,
+            events: self.events,
+            server_lost_events: self.server_lost,
+            receiver_lost_events: self.receiver_lost,
+            sender,
+            receiver,
+            sinks,
+            network: NetworkReport {
+                server_egress: *self.egress.stats(),
+                downlink_queue: *self.downlink.stats(),
+                server_ingress: *self.ingress.stats(),
+                uplink_queues,
+                downlink_faults: down,
+                uplink_faults: up,
+            },
+            settings: Settings {
+                burst_length: cfg.burst_length,
+                duplicate: cfg.duplicate,
+                reorder: cfg.reorder,
+                reorder_jitter_us: us(cfg.reorder_jitter),
+                corrupt: cfg.corrupt,
+                delay_us: us(cfg.delay),
+                server_rate_bps: cfg.server_rate_bps,
+                host_rate_bps: cfg.host_rate_bps,
+                pacing: cfg.pacing,
+                max_datagram: cfg.max_datagram,
+                read_ahead: cfg.read_ahead,
+                encrypt: cfg.encrypt,
+                zstd_level: cfg.zstd_level,
+                push: cfg.push,
+                think_time_us: us(cfg.think_time),
+                stagger_us: us(cfg.stagger),
+                time_limit_ms: cfg.time_limit.as_secs_f64() * 1e3,
+            },
+        }
+    }
+}
+
+fn ms(t: Time) -> f64 {
+    t.as_nanos() as f64 / 1e6
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_nanos() as f64 / 1e3
+}

@@ -1,0 +1,1 @@
+//! spindrift server: not yet implemented (see the issue tracker).

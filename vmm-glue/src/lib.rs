@@ -1,0 +1,1 @@
+//! spindrift vmm-glue: not yet implemented (see the issue tracker).
