@@ -97,10 +97,10 @@ mod tests {
     #[test]
     fn ranges() {
         assert_eq!(probability("0"), Ok(0.0));
-        assert!(probability("1").unwrap_err().contains("[0, 1)"));
+        assert!(probability("1").expect_err("1 is out of range").contains("[0, 1)"));
         assert!(probability("1.5").is_err());
         assert!(probability("-0.1").is_err());
-        assert!(probability("x").unwrap_err().contains("not a number"));
+        assert!(probability("x").expect_err("not a number").contains("not a number"));
         assert!(fraction("0").is_err());
         assert_eq!(fraction("1"), Ok(1.0));
         assert!(receivers("0").is_err());

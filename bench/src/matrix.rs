@@ -144,7 +144,9 @@ pub fn run(a: &MatrixArgs) -> anyhow::Result<ExitCode> {
             Err(e) => checks.push(Check { check: format!("{} run", case.group), pass: false, detail: e.clone() }),
         }
     }
-    let ok = |g: &'static str| cases.iter().zip(&results).filter(move |(c, _)| c.group == g).filter_map(|(_, r)| r.as_ref().ok());
+    let ok = |g: &'static str| {
+        cases.iter().zip(&results).filter(move |(c, _)| c.group == g).filter_map(|(_, r)| r.as_ref().ok())
+    };
 
     for group in ["bit-exact", "corruption"] {
         let runs: Vec<&SimReport> = ok(group).collect();
@@ -156,7 +158,11 @@ pub fn run(a: &MatrixArgs) -> anyhow::Result<ExitCode> {
         checks.push(Check {
             check: format!("{group}: all_bit_exact"),
             pass: failed.is_empty() && !runs.is_empty(),
-            detail: if failed.is_empty() { format!("{} runs", runs.len()) } else { format!("failed: {}", failed.join("; ")) },
+            detail: if failed.is_empty() {
+                format!("{} runs", runs.len())
+            } else {
+                format!("failed: {}", failed.join("; "))
+            },
         });
     }
     let corr: Vec<&SimReport> = ok("corruption").collect();

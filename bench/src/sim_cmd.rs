@@ -197,8 +197,31 @@ pub fn summary(r: &SimReport) -> String {
     let rows: Vec<(&str, String)> = vec![
         ("result", format!("{status}; all bit-exact: {}", if r.all_bit_exact { "yes" } else { "NO" })),
         (
-            "virtual time",
-            format!("{:.3} ms (real {:.0} ms, {} events)", r.virtual_time_ms, r.real_time_ms, r.events),
+            "unfinished",
+            r.unfinished
+                .iter()
+                .map(|u| match (u.blocked_on, u.blocked_since_ms) {
+                    (Some(p), Some(t)) => {
+                        format!("node {} ({}/{}) blocked on page {p} since {t:.3} ms", u.node, u.touched, u.of)
+                    }
+                    _ => format!("node {} ({}/{})", u.node, u.touched, u.of),
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        ("virtual time", format!("{:.3} ms (real {:.0} ms, {} events)", r.virtual_time_ms, r.real_time_ms, r.events)),
+        (
+            "events",
+            format!(
+                "{} multicast, {} late copies, {} to server, {} sender timers, {} receiver timers ({} stale), {} steps",
+                r.event_counts.multicast,
+                r.event_counts.late_copies,
+                r.event_counts.to_server,
+                r.event_counts.sender_timers,
+                r.event_counts.receiver_timers,
+                r.event_counts.stale_timers,
+                r.event_counts.steps
+            ),
         ),
         (
             "completion",
@@ -286,6 +309,9 @@ pub fn summary(r: &SimReport) -> String {
         ),
     ];
     for (k, v) in rows {
+        if v.is_empty() {
+            continue;
+        }
         let _ = writeln!(s, "  {k:<13} {v}");
     }
     s
@@ -322,8 +348,25 @@ mod tests {
     #[test]
     fn flags_map_to_config() {
         let t = T::try_parse_from([
-            "t", "--receivers", "3", "--mtu", "9000", "--loss", "0.05", "--burst", "--corrupt", "0.01", "--encrypt",
-            "--zstd-level", "0", "--push", "all", "--delay-us", "20", "--rate", "1",
+            "t",
+            "--receivers",
+            "3",
+            "--mtu",
+            "9000",
+            "--loss",
+            "0.05",
+            "--burst",
+            "--corrupt",
+            "0.01",
+            "--encrypt",
+            "--zstd-level",
+            "0",
+            "--push",
+            "all",
+            "--delay-us",
+            "20",
+            "--rate",
+            "1",
         ])
         .expect("parse");
         let c = t.sim.config();

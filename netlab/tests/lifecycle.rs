@@ -178,9 +178,10 @@ fn two_labs_at_once_have_separate_names_and_subnets() {
     for lab in [&a, &b] {
         let (h0, h1) = (lab.host(0).expect("h0"), lab.host(1).expect("h1"));
         let port = common::port();
-        let done = Arc::new(AtomicBool::new(true));
-        let rx = Collector::start(common::udp_in(h1, h1.addr(), port), 10, done);
+        let done = Arc::new(AtomicBool::new(false));
+        let rx = Collector::start(common::udp_in(h1, h1.addr(), port), 10, done.clone());
         common::send_numbered(&common::sender(h0), SocketAddrV4::new(h1.addr(), port), 10, 1000);
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(rx.finish().len(), 10, "lab {} does not carry traffic", lab.name());
     }
     // The labs are separate networks: a's host cannot reach b's subnet.

@@ -20,9 +20,9 @@
 
 pub mod fec;
 pub mod receiver;
+mod replay;
 pub mod sender;
 pub mod sim;
-mod replay;
 mod time;
 pub mod wire;
 

@@ -20,6 +20,7 @@ enum Owned {
     Status(Status),
     Report { fork: u32, clone: u32, status: u32, result: Vec<u8> },
     ReportAck(Vec<ReportKey>),
+    Queued { next_seq: u64, runs: Vec<PageRun> },
 }
 
 impl Owned {
@@ -53,6 +54,9 @@ impl Owned {
                 Message::Report(Report { fork: *fork, clone: *clone, status: *status, result })
             }
             Owned::ReportAck(keys) => Message::ReportAck(Items::Slice(keys)),
+            Owned::Queued { next_seq, runs } => {
+                Message::Queued(Queued { next_seq: *next_seq, runs: Items::Slice(runs) })
+            }
         }
     }
 
@@ -65,13 +69,9 @@ impl Owned {
             Message::Announce(a) => Owned::Announce(*a),
             Message::Heartbeat(h) => Owned::Heartbeat(*h),
             Message::End { reason, final_seq } => Owned::End(*reason, *final_seq),
-            Message::Data(d) => Owned::Data {
-                seq: d.seq,
-                block: d.block,
-                index: d.index,
-                flags: d.flags,
-                records: d.records.to_vec(),
-            },
+            Message::Data(d) => {
+                Owned::Data { seq: d.seq, block: d.block, index: d.index, flags: d.flags, records: d.records.to_vec() }
+            }
             Message::Repair(r) => Owned::Repair {
                 first_seq: r.first_seq,
                 block: r.block,
@@ -94,11 +94,12 @@ impl Owned {
                 Owned::Report { fork: r.fork, clone: r.clone, status: r.status, result: r.result.to_vec() }
             }
             Message::ReportAck(k) => Owned::ReportAck(list(k)),
+            Message::Queued(q) => Owned::Queued { next_seq: q.next_seq, runs: list(&q.runs) },
         }
     }
 }
 
-const ALL_TYPES: [MsgType; 10] = [
+const ALL_TYPES: [MsgType; 11] = [
     MsgType::Announce,
     MsgType::Heartbeat,
     MsgType::End,
@@ -109,6 +110,7 @@ const ALL_TYPES: [MsgType; 10] = [
     MsgType::Status,
     MsgType::Report,
     MsgType::ReportAck,
+    MsgType::Queued,
 ];
 
 /// One record, valid by construction.
@@ -130,13 +132,11 @@ fn fragment(max_total: u32) -> impl Strategy<Value = (u32, u32, Vec<u8>)> {
 
 fn record() -> impl Strategy<Value = RecordSpec> {
     prop_oneof![
-        (any::<u32>(), any::<bool>(), fragment(MAX_PAGE_ENCODING)).prop_map(|(page, zstd, (total_len, offset, bytes))| {
-            RecordSpec::Page { page, zstd, total_len, offset, bytes }
-        }),
-        (any::<u32>(), 1..=u32::MAX).prop_map(|(first_page, count)| RecordSpec::Zero {
-            first_page: first_page.min(u32::MAX - count),
-            count
-        }),
+        (any::<u32>(), any::<bool>(), fragment(MAX_PAGE_ENCODING)).prop_map(
+            |(page, zstd, (total_len, offset, bytes))| { RecordSpec::Page { page, zstd, total_len, offset, bytes } }
+        ),
+        (any::<u32>(), 1..=u32::MAX)
+            .prop_map(|(first_page, count)| RecordSpec::Zero { first_page: first_page.min(u32::MAX - count), count }),
         (any::<bool>(), any::<u32>(), fragment(MAX_BLOB_LEN)).prop_map(|(fork, id, (total_len, offset, bytes))| {
             RecordSpec::Blob { fork, id, total_len, offset, bytes }
         }),
@@ -234,18 +234,18 @@ fn message() -> impl Strategy<Value = Owned> {
                 records
             }
         ),
-        (any::<u64>(), any::<u32>(), 1..=MAX_BLOCK as u16, 1..=MAX_PARITY as u16, any::<u16>(), 1usize..700)
-            .prop_map(|(first_seq, block, k, total, index, half)| Owned::Repair {
+        (any::<u64>(), any::<u32>(), 1..=MAX_BLOCK as u16, 1..=MAX_PARITY as u16, any::<u16>(), 1usize..700).prop_map(
+            |(first_seq, block, k, total, index, half)| Owned::Repair {
                 first_seq: first_seq.min(u64::MAX - u64::from(k)),
                 block,
                 k,
                 index: index % total,
                 total,
                 symbol: (0..2 * half).map(|i| i as u8).collect(),
-            }),
-        (any::<u64>(), loss(), prop::collection::vec(page_run(), 1..=max_request_runs(MAX_DATAGRAM))).prop_map(
-            |(stream_start, loss_ppm, runs)| Owned::Request { stream_start, loss_ppm, runs }
+            }
         ),
+        (any::<u64>(), loss(), prop::collection::vec(page_run(), 1..=max_request_runs(MAX_DATAGRAM)))
+            .prop_map(|(stream_start, loss_ppm, runs)| Owned::Request { stream_start, loss_ppm, runs }),
         (any::<u64>(), any::<u64>(), loss(), prop::collection::vec(nak_entry(), 1..=max_nak_entries(MAX_DATAGRAM)))
             .prop_map(|(stream_start, highest_seen, loss_ppm, entries)| Owned::Nak {
                 stream_start,
@@ -264,11 +264,12 @@ fn message() -> impl Strategy<Value = Owned> {
                 flags: if leaving { STATUS_LEAVING } else { 0 },
             })
         }),
-        (any::<[u32; 3]>(), prop::collection::vec(any::<u8>(), 0..=MAX_REPORT_RESULT)).prop_map(|(f, result)| {
-            Owned::Report { fork: f[0], clone: f[1], status: f[2], result }
-        }),
+        (any::<[u32; 3]>(), prop::collection::vec(any::<u8>(), 0..=MAX_REPORT_RESULT))
+            .prop_map(|(f, result)| { Owned::Report { fork: f[0], clone: f[1], status: f[2], result } }),
         prop::collection::vec(any::<(u32, u32)>().prop_map(|(fork, clone)| ReportKey { fork, clone }), 0..200)
             .prop_map(Owned::ReportAck),
+        (any::<u64>(), prop::collection::vec(page_run(), 1..=max_request_runs(MAX_DATAGRAM)))
+            .prop_map(|(next_seq, runs)| Owned::Queued { next_seq, runs }),
     ]
 }
 

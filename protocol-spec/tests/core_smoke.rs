@@ -139,7 +139,7 @@ fn lossless_receivers_get_every_page() {
 #[test]
 fn scripted_loss_is_repaired() {
     // Every 7th datagram to each receiver and every 5th to the server is lost.
-    let (pos, _) = run(4, 96, |n, i| if n == 0 { i % 5 == 0 } else { (i + n as u64) % 7 == 0 });
+    let (pos, _) = run(4, 96, |n, i| if n == 0 { i.is_multiple_of(5) } else { (i + n as u64).is_multiple_of(7) });
     assert_eq!(pos, vec![96; 4]);
 }
 

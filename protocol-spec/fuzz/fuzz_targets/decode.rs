@@ -9,7 +9,7 @@
 use libfuzzer_sys::fuzz_target;
 use spindrift_protocol::wire::*;
 
-const ALL_TYPES: [MsgType; 10] = [
+const ALL_TYPES: [MsgType; 11] = [
     MsgType::Announce,
     MsgType::Heartbeat,
     MsgType::End,
@@ -20,6 +20,7 @@ const ALL_TYPES: [MsgType; 10] = [
     MsgType::Status,
     MsgType::Report,
     MsgType::ReportAck,
+    MsgType::Queued,
 ];
 
 fn keys() -> Keys {
@@ -37,9 +38,10 @@ fn walk(msg: &Message<'_>, body: &[u8]) {
                 }
             }
         }
-        Message::Request(r) => r.runs.iter().for_each(|x| drop(x.expect("runs of a parsed Request are valid"))),
-        Message::Nak(n) => n.entries.iter().for_each(|x| drop(x.expect("entries of a parsed Nak are valid"))),
-        Message::ReportAck(k) => k.iter().for_each(|x| drop(x.expect("keys of a parsed ReportAck are valid"))),
+        Message::Request(r) => assert!(r.runs.iter().all(|x| x.is_ok()), "runs of a parsed Request are valid"),
+        Message::Nak(n) => assert!(n.entries.iter().all(|x| x.is_ok()), "entries of a parsed Nak are valid"),
+        Message::ReportAck(k) => assert!(k.iter().all(|x| x.is_ok()), "keys of a parsed ReportAck are valid"),
+        Message::Queued(q) => assert!(q.runs.iter().all(|x| x.is_ok()), "runs of a parsed Queued are valid"),
         _ => {}
     }
     assert_eq!(msg.body_len(), body.len());

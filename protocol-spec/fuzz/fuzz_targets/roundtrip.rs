@@ -79,7 +79,14 @@ fn records(room: u16, specs: &[RecordSpec]) -> Vec<u8> {
 fn check(msg: &Message<'_>) {
     let keys = Keys::derive(&SessionKey([7; 32]), SessionId(9), 2);
     for flags in [0, FLAG_ENCRYPTED] {
-        let h = Header { msg_type: msg.msg_type(), flags, session: SessionId(9), epoch: 2, node: NodeId(4), packet_number: 5 };
+        let h = Header {
+            msg_type: msg.msg_type(),
+            flags,
+            session: SessionId(9),
+            epoch: 2,
+            node: NodeId(4),
+            packet_number: 5,
+        };
         let mut buf = vec![0u8; MAX_DATAGRAM];
         let Ok(n) = encode(&h, msg, &keys, &mut buf) else { continue };
         let (got, body) = open(&mut buf[..n], &keys).expect("an encoded datagram opens");
@@ -99,7 +106,9 @@ struct Fields<'m, 'a>(&'m Message<'a>);
 impl std::fmt::Debug for Fields<'_, '_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.0 {
-            Message::Request(r) => write!(f, "Request {} {} {:?}", r.stream_start, r.loss_ppm, r.runs.iter().collect::<Vec<_>>()),
+            Message::Request(r) => {
+                write!(f, "Request {} {} {:?}", r.stream_start, r.loss_ppm, r.runs.iter().collect::<Vec<_>>())
+            }
             Message::Nak(n) => write!(
                 f,
                 "Nak {} {} {} {:?}",
@@ -117,7 +126,14 @@ impl std::fmt::Debug for Fields<'_, '_> {
 fuzz_target!(|input: Input| {
     match input {
         Input::Announce { page_shift, max_block, max_datagram, page_count, next_seq, descriptor } => {
-            check(&Message::Announce(Announce { page_shift, max_block, max_datagram, page_count, next_seq, descriptor }))
+            check(&Message::Announce(Announce {
+                page_shift,
+                max_block,
+                max_datagram,
+                page_count,
+                next_seq,
+                descriptor,
+            }))
         }
         Input::Heartbeat { a, b, c, d, e } => check(&Message::Heartbeat(Heartbeat {
             next_seq: a,
@@ -135,8 +151,10 @@ fuzz_target!(|input: Input| {
             check(&Message::Repair(Repair { first_seq, block, k, index, total, symbol: &symbol }))
         }
         Input::Request { stream_start, loss_ppm, runs } => {
-            let runs: Vec<PageRun> =
-                runs.iter().map(|&(first_page, count, p)| PageRun { first_page, count, priority: priority(p) }).collect();
+            let runs: Vec<PageRun> = runs
+                .iter()
+                .map(|&(first_page, count, p)| PageRun { first_page, count, priority: priority(p) })
+                .collect();
             check(&Message::Request(Request { stream_start, loss_ppm, runs: Items::Slice(&runs) }))
         }
         Input::Nak { stream_start, highest_seen, loss_ppm, entries } => {

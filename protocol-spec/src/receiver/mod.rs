@@ -57,6 +57,11 @@ pub struct ReceiverConfig {
     pub window: u32,
     /// Seed for the receiver's randomness (NAK backoff).
     pub seed: u64,
+    /// The first packet number to use. Packet numbers must never repeat under one session key and
+    /// epoch (they are the nonce and the replay-window position), so a host daemon that restarts
+    /// with the same node id starts above any number it used before, e.g. at the current time in
+    /// microseconds.
+    pub first_packet_number: u64,
 }
 
 impl ReceiverConfig {
@@ -74,6 +79,7 @@ impl ReceiverConfig {
             server_timeout: Duration::from_secs(3),
             window: 4096,
             seed: u64::from(node.0),
+            first_packet_number: 0,
         }
     }
 }
@@ -159,6 +165,10 @@ pub struct Receiver {
     events: VecDeque<ReceiverEvent>,
     reports: Vec<PendingReport>,
     pending_nak: Option<Vec<NakEntry>>,
+    /// Pages the server advertised as queued: when, and at what priority.
+    advertised: HashMap<u32, (Time, Priority)>,
+    /// The latest time given to any input.
+    now: Time,
     nak_at: Option<Time>,
     nak_backoff: Duration,
     status_at: Time,
@@ -209,7 +219,7 @@ impl Receiver {
             page_size: 1 << config.page_shift,
             keys: HashMap::new(),
             epoch: None,
-            next_pn: 0,
+            next_pn: config.first_packet_number,
             present: vec![0; (config.page_count as usize).div_ceil(BITS)],
             pages_cached: 0,
             pages: Assembler::default(),
@@ -220,6 +230,8 @@ impl Receiver {
             events: VecDeque::new(),
             reports: Vec::new(),
             pending_nak: None,
+            advertised: HashMap::new(),
+            now,
             nak_at: None,
             nak_backoff: config.rtt_hint / 2,
             status_at,
@@ -252,7 +264,8 @@ impl Receiver {
         }
         self.present[w] |= b;
         self.pages_cached += 1;
-        self.wants.satisfied(page);
+        self.wants.satisfied(page, self.now);
+        self.advertised.remove(&page);
         true
     }
 
@@ -263,6 +276,7 @@ impl Receiver {
 
     /// Takes a datagram from the server; pages it carries (or that parity rebuilds) go to `sink`.
     pub fn handle_datagram(&mut self, now: Time, datagram: &mut [u8], sink: &mut dyn PageSink) {
+        self.now = self.now.max(now);
         self.stats.rx_packets += 1;
         let header = match wire::peek_header(datagram) {
             Ok(h) => h,
@@ -362,6 +376,20 @@ impl Receiver {
                     self.reports.retain(|r| !(r.fork == k.fork && r.clone == k.clone));
                 }
             }
+            Message::Queued(q) => {
+                for run in q.runs.iter().flatten() {
+                    let end = run.first_page.saturating_add(u32::from(run.count)).min(self.config.page_count);
+                    for page in run.first_page..end {
+                        if !self.has_page(page) {
+                            let entry = self.advertised.entry(page).or_insert((now, run.priority));
+                            if run.priority < entry.1 {
+                                *entry = (now, run.priority);
+                            }
+                            self.wants.advertised(page, run.priority, now);
+                        }
+                    }
+                }
+            }
             Message::Request(_) | Message::Nak(_) | Message::Status(_) | Message::Report(_) => {
                 self.stats.rx_malformed += 1;
             }
@@ -378,6 +406,7 @@ impl Receiver {
                 self.pages.clear();
                 self.blobs.clear();
                 self.pending_nak = None;
+                self.advertised.clear();
                 self.nak_at = None;
                 self.wants.rerequest_all();
                 self.keys.retain(|&k, _| k >= epoch);
@@ -481,9 +510,15 @@ impl Receiver {
         self.config.rtt_hint.max(Duration::from_micros(20))
     }
 
-    /// How long to wait before asking again for a page requested but not received.
+    /// How long to wait before asking again for a page requested but not received: from measured
+    /// fault-service times once there are some (they include the server's queueing, which grows
+    /// with the group), else a conservative multiple of the round trip.
     fn request_rto(&self) -> Duration {
-        (self.rtt() * 8 + self.nak_backoff * 2).max(Duration::from_millis(2))
+        let floor = (self.rtt() * 2).max(Duration::from_millis(1));
+        match self.wants.measured_rto() {
+            Some(rto) => (rto + self.nak_backoff).max(floor),
+            None => (self.rtt() * 8 + self.nak_backoff * 2).max(Duration::from_millis(2)),
+        }
     }
 
     /// How long a NAKed block waits before it is NAKed again.
@@ -503,6 +538,7 @@ impl Receiver {
 
     /// Runs the timers due at `now`.
     pub fn handle_timeout(&mut self, now: Time) {
+        self.now = self.now.max(now);
         if self.nak_at.is_some_and(|t| now >= t) {
             self.nak_at = None;
             let max = (wire::MIN_DATAGRAM - HEADER_LEN - TAG_LEN - 24) / 16;
@@ -533,13 +569,26 @@ impl Receiver {
         if page >= self.config.page_count || self.has_page(page) {
             return page < self.config.page_count;
         }
+        self.now = self.now.max(now);
         if self.wants.is_empty() && self.last_heard.is_none() {
             self.last_heard = Some(now);
         }
-        self.wants.want(page, Priority::Fault);
+        match self.advertised.get(&page) {
+            // Queued at the server as a fault because another host asked: wait rather than ask.
+            Some(&(since, Priority::Fault)) => self.wants.want_advertised(page, Priority::Fault, since),
+            // Queued behind read-ahead: ask to raise its priority if it is not here soon (the
+            // server advertises the raise, so the other hosts faulting on it stay quiet).
+            Some(_) => {
+                let rto = self.request_rto();
+                self.wants.want_deferred(page, now, rto);
+            }
+            None => {
+                self.wants.want(page, Priority::Fault);
+            }
+        }
         let end = page.saturating_add(u32::from(self.config.read_ahead) + 1).min(self.config.page_count);
         for p in page + 1..end {
-            if !self.has_page(p) {
+            if !self.has_page(p) && !self.advertised.contains_key(&p) {
                 self.wants.want(p, Priority::ReadAhead);
             }
         }

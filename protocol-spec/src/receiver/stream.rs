@@ -48,6 +48,8 @@ pub(super) struct Stream {
     samples: u64,
     /// When range entries were last NAKed.
     last_range_nak: Option<Time>,
+    /// Positions in `received` still missing.
+    missing: usize,
 }
 
 /// Positions this far behind the newest one are given up rather than tracked forever.
@@ -105,6 +107,7 @@ impl Stream {
             self.received.push_back(false);
             missing += 1;
         }
+        self.missing += missing as usize;
         for _ in 0..missing {
             self.sample(true);
         }
@@ -137,6 +140,7 @@ impl Stream {
                 return Taken::Duplicate;
             }
             *slot = true;
+            self.missing -= 1;
         }
         let first_seq = seq - u64::from(index);
         let b = self.blocks.entry(block).or_insert_with(|| RxBlock { first_seq, ..RxBlock::default() });
@@ -202,7 +206,7 @@ impl Stream {
         let sources: Vec<(usize, &[u8])> =
             b.bodies.iter().map(|(&i, body)| (usize::from(i), body.as_slice())).collect();
         let parity: Vec<(usize, &[u8])> = b.parity.iter().map(|(&i, s)| (usize::from(i), s.as_slice())).collect();
-        let rebuilt = fec::decode(usize::from(k), usize::from(b.parity_total), &sources, &parity);
+        let rebuilt = fec::decode(usize::from(k), &sources, &parity);
         let first = b.first_seq;
         let rebuilt = match rebuilt {
             Ok(r) => r,
@@ -219,6 +223,7 @@ impl Stream {
             let seq = first + index as u64;
             if seq >= self.base && !self.is_received(seq) {
                 self.received[(seq - self.base) as usize] = true;
+                self.missing -= 1;
                 out.push((seq, body));
             }
         }
@@ -264,7 +269,10 @@ impl Stream {
         let mut lost = 0;
         while self.base < seq {
             match self.received.pop_front() {
-                Some(false) => lost += 1,
+                Some(false) => {
+                    lost += 1;
+                    self.missing -= 1;
+                }
                 Some(true) => {}
                 None => {}
             }
@@ -276,7 +284,8 @@ impl Stream {
 
     /// Whether any position is missing.
     pub fn has_missing(&self) -> bool {
-        self.received.iter().any(|r| !r)
+        debug_assert_eq!(self.missing, self.received.iter().filter(|r| !**r).count());
+        self.missing > 0
     }
 
     /// The NAK entries due at `now`: blocks not NAKed within `retry`, and ranges of positions no
@@ -372,7 +381,7 @@ mod tests {
         let mut s = Stream::default();
         s.begin(0);
         let bodies: Vec<Vec<u8>> = (0..4).map(body).collect();
-        let parity = fec::encode_parity(&bodies).expect("encode");
+        let parity: Vec<Vec<u8>> = (0..4).map(|i| fec::parity_symbol(&bodies, i).expect("parity")).collect();
         assert_eq!(s.take_data(0, 0, 0, false, &bodies[0]), Taken::New);
         assert_eq!(s.take_data(2, 0, 2, false, &bodies[2]), Taken::New);
         assert_eq!(s.take_data(3, 0, 3, true, &bodies[3]), Taken::New);

@@ -11,12 +11,22 @@ struct Want {
     priority: Priority,
     requested_at: Option<Time>,
     attempts: u32,
+    /// The server advertised the page as queued: it is on its way, so ask again only after a long
+    /// safety timeout (the server restarted or dropped its queue), not after the usual one.
+    queued: bool,
+    /// Its arrival gives an unambiguous service-time sample (asked for once, by us, when noted).
+    measure: bool,
 }
+
+/// How many timeouts an advertised page waits before it is asked for again.
+const QUEUED_PATIENCE: u32 = 16;
 
 /// The wanted pages.
 #[derive(Debug, Default)]
 pub(super) struct Wants {
     pages: BTreeMap<u32, Want>,
+    /// Smoothed fault-service time and its deviation (RFC 6298 style), from first-attempt requests.
+    srtt: Option<(Duration, Duration)>,
 }
 
 impl Wants {
@@ -32,15 +42,63 @@ impl Wants {
                 true
             }
             None => {
-                self.pages.insert(page, Want { priority, requested_at: None, attempts: 0 });
+                self.pages
+                    .insert(page, Want { priority, requested_at: None, attempts: 0, queued: false, measure: true });
                 true
             }
         }
     }
 
-    /// The page arrived.
-    pub fn satisfied(&mut self, page: u32) {
-        self.pages.remove(&page);
+    /// Wants `page` as a fault although the server advertised it at a lower priority: ask (to raise
+    /// its priority) only if it has not come within half a timeout.
+    pub fn want_deferred(&mut self, page: u32, now: Time, rto: Duration) {
+        if self.pages.contains_key(&page) {
+            self.want(page, Priority::Fault);
+            return;
+        }
+        // Due half a timeout from now.
+        let since = Time::from_nanos(now.as_nanos().saturating_sub((rto / 2).as_nanos() as u64));
+        let want =
+            Want { priority: Priority::Fault, requested_at: Some(since), attempts: 0, queued: false, measure: false };
+        self.pages.insert(page, want);
+    }
+
+    /// Wants `page`, which the server has advertised as queued at `since`: as if requested then.
+    pub fn want_advertised(&mut self, page: u32, priority: Priority, since: Time) {
+        let want = Want { priority, requested_at: Some(since), attempts: 0, queued: true, measure: false };
+        self.pages.entry(page).or_insert(want);
+    }
+
+    /// The server advertised `page` as queued at `priority` at `now`: if it is wanted no more
+    /// urgently than that, stop the usual timeout.
+    pub fn advertised(&mut self, page: u32, priority: Priority, now: Time) {
+        if let Some(w) = self.pages.get_mut(&page) {
+            if !w.queued && priority <= w.priority {
+                w.queued = true;
+                w.measure = false;
+                w.requested_at = Some(w.requested_at.unwrap_or(now));
+            }
+        }
+    }
+
+    /// The page arrived at `now`.
+    pub fn satisfied(&mut self, page: u32, now: Time) {
+        if let Some(Want { requested_at: Some(t), measure: true, .. }) = self.pages.remove(&page) {
+            // Only unambiguous samples (Karn): the page was asked for once.
+            let sample = now.saturating_since(t);
+            self.srtt = Some(match self.srtt {
+                None => (sample, sample / 2),
+                Some((srtt, var)) => {
+                    let diff = srtt.abs_diff(sample);
+                    (srtt * 7 / 8 + sample / 8, var * 3 / 4 + diff / 4)
+                }
+            });
+        }
+    }
+
+    /// The retransmission timeout from measured service times, if any were measured.
+    pub fn measured_rto(&self) -> Option<Duration> {
+        self.srtt.map(|(srtt, var)| srtt + 4 * var)
     }
 
     /// Whether anything is wanted.
@@ -60,37 +118,36 @@ impl Wants {
         }
     }
 
+    fn timeout(w: &Want, rto: Duration) -> Duration {
+        rto * (1u32 << w.attempts.min(6)) * if w.queued { QUEUED_PATIENCE } else { 1 }
+    }
+
     fn due(w: &Want, now: Time, rto: Duration) -> bool {
         match w.requested_at {
             None => true,
-            Some(t) => now >= t + rto * (1u32 << w.attempts.min(6)),
+            Some(t) => now >= t + Self::timeout(w, rto),
         }
     }
 
     /// The runs to request now (most urgent first, at most `max_runs`), marking them requested.
+    /// Read-ahead and prefetch are asked for once: if they do not come, a fault asks again.
     pub fn take_request(&mut self, now: Time, rto: Duration, max_runs: usize) -> Vec<PageRun> {
+        self.pages.retain(|_, w| w.priority == Priority::Fault || w.requested_at.is_none() || !Self::due(w, now, rto));
         let mut due: Vec<(Priority, u32)> =
             self.pages.iter().filter(|(_, w)| Self::due(w, now, rto)).map(|(&p, w)| (w.priority, p)).collect();
         due.sort_unstable();
         let mut runs: Vec<PageRun> = Vec::new();
         for (priority, page) in due {
-            let extends = runs.last().is_some_and(|r: &PageRun| {
-                r.priority == priority && r.first_page + u32::from(r.count) == page && r.count < u16::MAX
-            });
-            if extends {
-                if let Some(r) = runs.last_mut() {
-                    r.count += 1;
-                }
-            } else if runs.len() == max_runs {
+            if !PageRun::append(&mut runs, page, priority, max_runs) {
                 break;
-            } else {
-                runs.push(PageRun { first_page: page, count: 1, priority });
             }
             if let Some(w) = self.pages.get_mut(&page) {
                 if w.requested_at.is_some() {
                     w.attempts += 1;
+                    w.measure = false;
                 }
                 w.requested_at = Some(now);
+                w.queued = false;
             }
         }
         runs
@@ -102,7 +159,7 @@ impl Wants {
             .values()
             .map(|w| match w.requested_at {
                 None => Time::ZERO,
-                Some(t) => t + rto * (1u32 << w.attempts.min(6)),
+                Some(t) => t + Self::timeout(w, rto),
             })
             .min()
     }
@@ -125,7 +182,11 @@ mod tests {
         assert_eq!(runs[1], PageRun { first_page: 5, count: 3, priority: Priority::ReadAhead });
         assert!(w.take_request(Time::ZERO, rto, 16).is_empty(), "nothing is due again at once");
         let again = w.take_request(Time::ZERO + rto, rto, 16);
-        assert_eq!(again.len(), 2, "due after one rto");
+        assert_eq!(
+            again,
+            vec![PageRun { first_page: 9, count: 1, priority: Priority::Fault }],
+            "faults are retried, read-ahead is not"
+        );
         assert!(w.take_request(Time::ZERO + rto * 2, rto, 16).is_empty(), "the second retry waits two rtos");
     }
 }

@@ -11,8 +11,6 @@ pub(super) struct Block {
     pub id: u32,
     pub first_seq: u64,
     pub bodies: Vec<Vec<u8>>,
-    /// Parity symbols, computed on first need.
-    pub parity: Option<Vec<Vec<u8>>>,
     /// When each parity counter was queued (indices wrap modulo the parity total).
     pub parity_log: Vec<Time>,
     bytes: usize,
@@ -28,18 +26,14 @@ impl Block {
     pub fn end_seq(&self) -> u64 {
         self.first_seq + self.bodies.len() as u64
     }
+}
 
-    /// Computes the parity symbols if not done yet; returns the bytes newly held.
-    fn ensure_parity(&mut self) -> Result<usize, fec::FecError> {
-        if self.parity.is_some() {
-            return Ok(0);
-        }
-        let p = fec::encode_parity(&self.bodies)?;
-        let added = p.iter().map(Vec::len).sum::<usize>();
-        self.bytes += added;
-        self.parity = Some(p);
-        Ok(added)
-    }
+/// One parity symbol of a block, ready for a Repair message.
+#[derive(Debug)]
+pub(super) struct ParitySymbol {
+    pub index: u16,
+    pub total: u16,
+    pub symbol: Vec<u8>,
 }
 
 /// Closed blocks, oldest first, within a byte budget.
@@ -48,25 +42,22 @@ pub(super) struct History {
     blocks: VecDeque<Block>,
     bytes: usize,
     budget: usize,
-    /// Parity computed since the budget was last enforced.
-    unaccounted: usize,
 }
 
 impl History {
     pub fn new(budget: usize) -> History {
-        History { blocks: VecDeque::new(), bytes: 0, budget, unaccounted: 0 }
+        History { blocks: VecDeque::new(), bytes: 0, budget }
     }
 
     /// Adds a closed block and drops the oldest ones past the budget.
     pub fn push(&mut self, id: u32, first_seq: u64, bodies: Vec<Vec<u8>>) {
         let bytes = bodies.iter().map(Vec::len).sum::<usize>();
         self.bytes += bytes;
-        self.blocks.push_back(Block { id, first_seq, bodies, parity: None, parity_log: Vec::new(), bytes });
+        self.blocks.push_back(Block { id, first_seq, bodies, parity_log: Vec::new(), bytes });
         self.trim();
     }
 
     fn trim(&mut self) {
-        self.bytes += std::mem::take(&mut self.unaccounted);
         while self.bytes > self.budget && self.blocks.len() > 1 {
             if let Some(b) = self.blocks.pop_front() {
                 self.bytes -= b.bytes;
@@ -114,23 +105,17 @@ impl History {
         self.blocks.get(id.checked_sub(f.id)? as usize).map(|b| b.first_seq)
     }
 
-    /// Parity symbol `index` (modulo the parity total) of block `id`: `(index, total, symbol)`.
-    /// None when the block is no longer kept.
-    pub fn parity_symbol(&mut self, id: u32, index: u32) -> Option<Result<(u16, u16, &[u8]), fec::FecError>> {
+    /// Parity symbol `counter` (modulo the parity total) of block `id`. None when the block is no
+    /// longer kept.
+    pub fn parity_symbol(&self, id: u32, counter: u32) -> Option<Result<ParitySymbol, fec::FecError>> {
         let front = self.blocks.front()?.id;
-        let block = self.blocks.get_mut(id.checked_sub(front)? as usize)?;
-        match block.ensure_parity() {
-            Ok(added) => self.unaccounted += added,
-            Err(e) => return Some(Err(e)),
-        }
-        let parity = block.parity.as_deref().unwrap_or(&[]);
-        let total = parity.len();
-        let i = index as usize % total.max(1);
-        Some(Ok((i as u16, total as u16, parity.get(i).map(Vec::as_slice).unwrap_or(&[]))))
-    }
-
-    /// Applies the byte budget to parity computed since the last call.
-    pub fn enforce_budget(&mut self) {
-        self.trim();
+        let block = self.blocks.get(id.checked_sub(front)? as usize)?;
+        let total = fec::parity_total(block.k());
+        let index = counter as usize % total;
+        Some(fec::parity_symbol(&block.bodies, index).map(|symbol| ParitySymbol {
+            index: index as u16,
+            total: total as u16,
+            symbol,
+        }))
     }
 }

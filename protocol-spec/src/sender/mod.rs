@@ -157,8 +157,10 @@ pub struct SenderStats {
     pub repair_packets: u64,
     /// Of which proactive (at block close, before any NAK).
     pub proactive_repairs: u64,
-    /// Heartbeats and announcements sent.
+    /// Heartbeats, announcements and queue advertisements sent.
     pub control_packets: u64,
+    /// Of which queue advertisements.
+    pub adverts: u64,
     /// Datagrams received.
     pub rx_packets: u64,
     /// Bytes received.
@@ -224,6 +226,8 @@ pub struct Sender<S: PageSource> {
     group: Group,
     events: VecDeque<SenderEvent>,
     acks: Vec<ReportKey>,
+    /// Pages queued since the last advertisement, with their priority.
+    advert: Vec<(u32, Priority)>,
     reports_seen: HashSet<(u32, u32)>,
     announce_at: Time,
     heartbeat_at: Option<Time>,
@@ -318,6 +322,7 @@ impl<S: PageSource> Sender<S> {
             group: Group::default(),
             events: VecDeque::new(),
             acks: Vec::new(),
+            advert: Vec::new(),
             reports_seen: HashSet::new(),
             announce_at: now,
             heartbeat_at: None,
@@ -470,6 +475,8 @@ impl<S: PageSource> Sender<S> {
                 let will_reach = stream_start != NO_STREAM && self.sent_at(page).is_some_and(|s| s >= stream_start);
                 if will_reach || !self.queue.enqueue(page, run.priority) {
                     self.stats.pages_deduplicated += 1;
+                } else if self.group.len() > 1 {
+                    self.advert.push((page, run.priority));
                 }
             }
         }
@@ -552,14 +559,29 @@ impl<S: PageSource> Sender<S> {
         if self.config.rate_bytes_per_sec.is_some() && now < self.pace_at {
             return None;
         }
-        let len = if self.ends_to_send > 0 {
+        let len = self.next_datagram(now, buf)?;
+        self.stats.tx_packets += 1;
+        self.stats.tx_bytes += len as u64;
+        if let Some(rate) = self.config.rate_bytes_per_sec {
+            let cost = Duration::from_nanos((len as u64).saturating_mul(1_000_000_000) / rate);
+            self.pace_at = self.pace_at.max(now) + cost;
+        }
+        Some(Transmit { len, destination: Destination::Group })
+    }
+
+    /// The next datagram, most urgent first; a branch that fails to produce one falls through to
+    /// the next, so `None` always means nothing is due now.
+    fn next_datagram(&mut self, now: Time, buf: &mut [u8]) -> Option<usize> {
+        if self.ends_to_send > 0 {
             self.ends_to_send -= 1;
             let reason = self.end_reason.unwrap_or(EndReason::Shutdown);
             self.stats.control_packets += 1;
-            self.seal(Message::End { reason, final_seq: self.next_seq }, buf)
-        } else if self.end_reason.is_some() {
-            None
-        } else if now >= self.announce_at {
+            return self.seal(Message::End { reason, final_seq: self.next_seq }, buf);
+        }
+        if self.end_reason.is_some() {
+            return None;
+        }
+        if now >= self.announce_at {
             self.announce_at = now + ANNOUNCE_EVERY;
             self.stats.control_packets += 1;
             let msg = Message::Announce(Announce {
@@ -570,36 +592,64 @@ impl<S: PageSource> Sender<S> {
                 next_seq: self.next_seq,
                 descriptor: 0,
             });
-            self.seal(msg, buf)
-        } else if let Some((block, counter)) = self.repairs.pop_front() {
-            self.write_repair(block, counter, buf)
-        } else if self.has_data() {
-            let len = self.write_data(now, buf);
+            if let Some(len) = self.seal(msg, buf) {
+                return Some(len);
+            }
+        }
+        while let Some((block, counter)) = self.repairs.pop_front() {
+            if let Some(len) = self.write_repair(block, counter, buf) {
+                return Some(len);
+            }
+        }
+        if !self.advert.is_empty() {
+            if let Some(len) = self.write_advert(buf) {
+                return Some(len);
+            }
+        }
+        if self.has_data() {
             self.heartbeat_gap = (self.config.rtt_hint * 2).max(Duration::from_micros(100));
             self.heartbeat_at = Some(now + self.heartbeat_gap);
-            len
-        } else if self.heartbeat_at.is_some_and(|t| now >= t) {
+            if let Some(len) = self.write_data(now, buf) {
+                return Some(len);
+            }
+        }
+        if self.heartbeat_at.is_some_and(|t| now >= t) {
             self.heartbeat_gap = (self.heartbeat_gap * 2).min(MAX_HEARTBEAT_GAP);
             self.heartbeat_at = Some(now + self.heartbeat_gap);
             self.stats.control_packets += 1;
             let msg = Message::Heartbeat(self.heartbeat());
-            self.seal(msg, buf)
-        } else if !self.acks.is_empty() {
+            if let Some(len) = self.seal(msg, buf) {
+                return Some(len);
+            }
+        }
+        if !self.acks.is_empty() {
             let max = (self.config.max_datagram - HEADER_LEN - TAG_LEN - 4) / 8;
             let n = self.acks.len().min(max);
             let acks: Vec<ReportKey> = self.acks.drain(..n).collect();
             self.stats.control_packets += 1;
-            self.seal(Message::ReportAck(Items::Slice(&acks)), buf)
-        } else {
-            None
-        }?;
-        self.stats.tx_packets += 1;
-        self.stats.tx_bytes += len as u64;
-        if let Some(rate) = self.config.rate_bytes_per_sec {
-            let cost = Duration::from_nanos((len as u64).saturating_mul(1_000_000_000) / rate);
-            self.pace_at = self.pace_at.max(now) + cost;
+            return self.seal(Message::ReportAck(Items::Slice(&acks)), buf);
         }
-        Some(Transmit { len, destination: Destination::Group })
+        None
+    }
+
+    /// Advertises pages queued since the last advertisement (as many runs as fit one datagram).
+    fn write_advert(&mut self, buf: &mut [u8]) -> Option<usize> {
+        self.advert.sort_unstable_by_key(|&(page, prio)| (prio, page));
+        self.advert.dedup_by_key(|&mut (page, _)| page);
+        let max_runs = wire::max_request_runs(self.config.max_datagram);
+        let mut runs: Vec<wire::PageRun> = Vec::new();
+        let mut used = 0;
+        for &(page, priority) in &self.advert {
+            if !wire::PageRun::append(&mut runs, page, priority, max_runs) {
+                break;
+            }
+            used += 1;
+        }
+        self.advert.drain(..used);
+        self.stats.control_packets += 1;
+        self.stats.adverts += 1;
+        let msg = Message::Queued(wire::Queued { next_seq: self.next_seq, runs: Items::Slice(&runs) });
+        self.seal(msg, buf)
     }
 
     fn heartbeat(&self) -> Heartbeat {
@@ -638,14 +688,20 @@ impl<S: PageSource> Sender<S> {
         let first_seq = self.history.first_seq(block)?;
         let k = self.history.get_mut(block)?.k() as u16;
         let symbol = match self.history.parity_symbol(block, counter)? {
-            Ok((index, total, symbol)) => (index, total, symbol.to_vec()),
+            Ok(s) => s,
             Err(e) => {
                 tracing::error!("parity for block {block}: {e}");
                 return None;
             }
         };
-        self.history.enforce_budget();
-        let msg = Message::Repair(Repair { first_seq, block, k, index: symbol.0, total: symbol.1, symbol: &symbol.2 });
+        let msg = Message::Repair(Repair {
+            first_seq,
+            block,
+            k,
+            index: symbol.index,
+            total: symbol.total,
+            symbol: &symbol.symbol,
+        });
         self.stats.repair_packets += 1;
         self.seal(msg, buf)
     }
@@ -727,6 +783,10 @@ impl<S: PageSource> Sender<S> {
             }
             w.len()
         };
+        if records_len == 0 {
+            self.body = body;
+            return None;
+        }
         debug_assert!(records_len + DATA_FIXED_LEN <= room && RECORD_HEADER_LEN > 0);
         let index = self.block_bodies.len() as u8;
         let last = usize::from(index) + 1 >= usize::from(self.config.max_block) || !self.has_data();
@@ -772,21 +832,26 @@ impl<S: PageSource> Sender<S> {
 
     /// When [`Sender::handle_timeout`] must next be called (or transmit polled again, when paced).
     pub fn poll_timeout(&self) -> Option<Time> {
-        let mut t = Some(self.announce_at);
-        let mut earliest = |x: Option<Time>| {
-            if let Some(x) = x {
-                t = Some(t.map_or(x, |t| t.min(x)));
-            }
-        };
-        earliest(self.heartbeat_at);
-        if self.config.rate_bytes_per_sec.is_some() && (self.has_data() || !self.repairs.is_empty()) {
-            earliest(Some(self.pace_at));
-        }
-        earliest(self.group.oldest_heard().map(|h| h + self.config.receiver_timeout));
         if self.end_reason.is_some() && self.ends_to_send == 0 {
             return None;
         }
-        t
+        let mut sends = vec![self.announce_at];
+        sends.extend(self.heartbeat_at);
+        if self.has_data()
+            || !self.repairs.is_empty()
+            || self.ends_to_send > 0
+            || !self.acks.is_empty()
+            || !self.advert.is_empty()
+        {
+            sends.push(self.pace_at);
+        }
+        let mut t = sends.into_iter().min()?;
+        if self.config.rate_bytes_per_sec.is_some() {
+            // Paced: nothing goes out before the pacer allows it.
+            t = t.max(self.pace_at);
+        }
+        let expiry = self.group.oldest_heard().map(|h| h + self.config.receiver_timeout);
+        Some(expiry.map_or(t, |e| e.min(t)))
     }
 
     /// The next event, if any.

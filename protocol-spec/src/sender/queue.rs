@@ -18,6 +18,8 @@ pub(super) struct PageQueue {
     push_hints: VecDeque<u32>,
     push_all_next: Option<u32>,
     page_count: u32,
+    /// Pages queued (each counted once, whatever lanes hold stale entries for it).
+    live: usize,
 }
 
 impl PageQueue {
@@ -33,6 +35,7 @@ impl PageQueue {
             push_hints: hints.into_iter().filter(|&p| p < page_count).collect(),
             push_all_next: all.then_some(0),
             page_count,
+            live: 0,
         }
     }
 
@@ -42,6 +45,9 @@ impl PageQueue {
         let slot = &mut self.queued[page as usize];
         if *slot <= p {
             return false;
+        }
+        if *slot == NOT_QUEUED {
+            self.live += 1;
         }
         *slot = p;
         self.lanes[p as usize].push_back(page);
@@ -60,6 +66,7 @@ impl PageQueue {
                 // A page re-queued at a higher priority left a stale entry in a lower lane.
                 if self.queued[page as usize] == prio as u8 {
                     self.queued[page as usize] = NOT_QUEUED;
+                    self.live -= 1;
                     return Some((page, prio));
                 }
             }
@@ -69,7 +76,7 @@ impl PageQueue {
 
     /// Whether any requested page waits.
     pub fn has_requested(&self) -> bool {
-        self.lanes.iter().any(|l| !l.is_empty())
+        self.live > 0
     }
 
     /// The next page of the background push that `already_sent` does not rule out.
@@ -107,6 +114,7 @@ mod tests {
         assert!(!q.enqueue(4, Priority::ReadAhead), "already queued higher");
         assert_eq!(q.pop_requested(), Some((4, Priority::Fault)));
         assert_eq!(q.pop_requested(), Some((3, Priority::ReadAhead)));
+        assert!(!q.has_requested(), "only a stale entry is left");
         assert_eq!(q.pop_requested(), None, "the stale read-ahead entry of page 4 is skipped");
     }
 

@@ -88,11 +88,7 @@ impl Corruption {
         c.n = rng.random_range(1..=3u8);
         for i in 0..usize::from(c.n) {
             c.at[i] = rng.random_range(0..len.min(usize::from(u16::MAX))) as u16;
-            c.xor[i] = if rng.random_bool(0.5) {
-                1 << rng.random_range(0..8u8)
-            } else {
-                rng.random_range(1..=255u8)
-            };
+            c.xor[i] = if rng.random_bool(0.5) { 1 << rng.random_range(0..8u8) } else { rng.random_range(1..=255u8) };
         }
         c
     }
@@ -156,14 +152,22 @@ impl FaultStats {
 }
 
 /// One link's fault injector with its own random stream.
+///
+/// Bursty loss is a two-state Gilbert-Elliott channel (every packet is lost in the bad state, none in
+/// the good one) that evolves in *time*: one step per packet slot (the time a full-size packet takes at
+/// the link's rate). Back-to-back packets see bursts of the configured mean length; a sparse flow (an
+/// uplink sending a request now and then) sees the same average loss, but a burst does not stretch over
+/// its next dozen packets and seconds.
 #[derive(Debug, Clone)]
 pub struct Faults {
     config: FaultConfig,
     perfect: bool,
-    /// Gilbert-Elliott: P(good -> bad) and P(bad -> good) per packet.
+    /// Gilbert-Elliott: P(good -> bad) and P(bad -> good) per slot.
     p_gb: f64,
     p_bg: f64,
     bad: bool,
+    slot_ns: u64,
+    last: Option<Time>,
     jitter_ns: u64,
     rng: ChaCha8Rng,
     stats: FaultStats,
@@ -178,8 +182,8 @@ fn chance(rng: &mut ChaCha8Rng, p: f64) -> bool {
 }
 
 impl Faults {
-    /// A link with `config` drawing from `rng`.
-    pub fn new(config: FaultConfig, mut rng: ChaCha8Rng) -> Faults {
+    /// A link with `config` drawing from `rng`, whose burst channel steps once per `slot`.
+    pub fn new(config: FaultConfig, mut rng: ChaCha8Rng, slot: Duration) -> Faults {
         let (p_gb, p_bg, bad) = match config.burst {
             Some(mean) if config.loss > 0.0 => {
                 let mean = mean.max(1.0);
@@ -198,6 +202,8 @@ impl Faults {
             p_gb,
             p_bg,
             bad,
+            slot_ns: u64::try_from(slot.as_nanos()).unwrap_or(u64::MAX).max(1),
+            last: None,
             rng,
             stats: FaultStats::default(),
         }
@@ -208,15 +214,35 @@ impl Faults {
         &self.stats
     }
 
-    fn lost(&mut self) -> bool {
+    fn lost(&mut self, now: Time) -> bool {
         if self.config.loss <= 0.0 {
             return false;
         }
         if self.config.burst.is_some() {
-            let flip = if self.bad { self.p_bg } else { self.p_gb };
-            if chance(&mut self.rng, flip) {
-                self.bad = !self.bad;
-            }
+            // Steps since the last packet: at least one per packet, more when the link sat idle.
+            let steps = match self.last {
+                Some(last) => (now.as_nanos().saturating_sub(last.as_nanos()) / self.slot_ns).max(1),
+                None => 1,
+            };
+            self.last = Some(now);
+            let p_bad = if steps == 1 {
+                if self.bad {
+                    1.0 - self.p_bg
+                } else {
+                    self.p_gb
+                }
+            } else {
+                // n-step transition of the two-state chain: pi + (x - pi) * lambda^n.
+                let pi = self.p_gb / (self.p_gb + self.p_bg);
+                let lambda = 1.0 - self.p_gb - self.p_bg;
+                let decay = lambda.powi(steps.min(1 << 20) as i32);
+                if self.bad {
+                    pi + (1.0 - pi) * decay
+                } else {
+                    pi * (1.0 - decay)
+                }
+            };
+            self.bad = chance(&mut self.rng, p_bad);
             self.bad
         } else {
             chance(&mut self.rng, self.config.loss)
@@ -239,13 +265,13 @@ impl Faults {
         (extra, corruption)
     }
 
-    /// Decides what happens to the next packet (of `len` bytes) on this link.
-    pub fn fate(&mut self, len: usize) -> Fate {
+    /// Decides what happens to the next packet (of `len` bytes), entering the link at `now`.
+    pub fn fate(&mut self, now: Time, len: usize) -> Fate {
         self.stats.offered += 1;
         if self.perfect {
             return Fate::CLEAN;
         }
-        if self.lost() {
+        if self.lost(now) {
             self.stats.lost += 1;
             return Fate::Lost;
         }
@@ -333,10 +359,17 @@ mod tests {
     use super::*;
     use crate::sim::rng::{self, Domain};
 
-    fn run(config: FaultConfig, n: usize) -> (FaultStats, Vec<bool>) {
-        let mut f = Faults::new(config, rng::stream(1, Domain::Downlink, 0));
-        let lost = (0..n).map(|_| f.fate(1000) == Fate::Lost).collect();
+    const SLOT: Duration = Duration::from_nanos(1000);
+
+    /// `n` packets `gap` nanoseconds apart.
+    fn run_spaced(config: FaultConfig, n: usize, gap: u64) -> (FaultStats, Vec<bool>) {
+        let mut f = Faults::new(config, rng::stream(1, Domain::Downlink, 0), SLOT);
+        let lost = (0..n as u64).map(|i| f.fate(Time::from_nanos(i * gap), 1000) == Fate::Lost).collect();
         (*f.stats(), lost)
+    }
+
+    fn run(config: FaultConfig, n: usize) -> (FaultStats, Vec<bool>) {
+        run_spaced(config, n, 1000)
     }
 
     #[test]
@@ -357,6 +390,22 @@ mod tests {
     }
 
     #[test]
+    fn gilbert_elliott_sparse_traffic_keeps_the_rate_but_not_the_bursts() {
+        // Packets 50 slots apart: the same average loss, and runs of losses are short.
+        let cfg = FaultConfig { loss: 0.05, burst: Some(4.0), ..Default::default() };
+        let (s, lost) = run_spaced(cfg, 200_000, 50_000);
+        let rate = s.lost as f64 / s.offered as f64;
+        assert!((rate - 0.05).abs() < 0.005, "{rate}");
+        let bursts = lost.windows(2).filter(|w| w[1] && !w[0]).count();
+        let mean = s.lost as f64 / bursts as f64;
+        assert!(mean < 1.3, "mean burst {mean}");
+        // Back-to-back packets at the same instant still see bursts.
+        let (s, lost) = run_spaced(cfg, 200_000, 0);
+        let bursts = lost.windows(2).filter(|w| w[1] && !w[0]).count();
+        assert!((s.lost as f64 / bursts as f64 - 4.0).abs() < 0.5);
+    }
+
+    #[test]
     fn perfect_link_draws_nothing() {
         let (s, lost) = run(FaultConfig::default(), 1000);
         assert_eq!(s.lost, 0);
@@ -366,10 +415,10 @@ mod tests {
     #[test]
     fn corruption_duplication_reordering() {
         let cfg = FaultConfig { corrupt: 0.1, duplicate: 0.1, reorder: 0.1, ..Default::default() };
-        let mut f = Faults::new(cfg, rng::stream(2, Domain::Uplink, 5));
+        let mut f = Faults::new(cfg, rng::stream(2, Domain::Uplink, 5), SLOT);
         let (mut corrupted, mut dups, mut delayed) = (0, 0, 0);
         for _ in 0..20_000 {
-            match f.fate(1472) {
+            match f.fate(Time::ZERO, 1472) {
                 Fate::Lost => panic!("no loss configured"),
                 Fate::Deliver { extra, corruption, duplicate } => {
                     if !corruption.is_none() {

@@ -190,12 +190,9 @@ impl SimConfig {
         if !(self.working_set > 0.0 && self.working_set <= 1.0) {
             return bad("working_set", self.working_set, "must be in (0, 1]");
         }
-        for (field, p) in [
-            ("loss", self.loss),
-            ("duplicate", self.duplicate),
-            ("reorder", self.reorder),
-            ("corrupt", self.corrupt),
-        ] {
+        for (field, p) in
+            [("loss", self.loss), ("duplicate", self.duplicate), ("reorder", self.reorder), ("corrupt", self.corrupt)]
+        {
             if !prob(p) {
                 return bad(field, p, "must be in [0, 1)");
             }
@@ -228,5 +225,6 @@ impl SimConfig {
 /// Runs one scenario to completion (every receiver touched its whole working set) or to a limit.
 pub fn run(config: &SimConfig) -> Result<SimReport, SimError> {
     config.validate()?;
-    world::World::new(config)?.run()
+    let started = std::time::Instant::now();
+    world::World::new(config)?.run(started)
 }

@@ -77,6 +77,44 @@ pub struct NetworkReport {
     pub uplink_faults: FaultStats,
 }
 
+/// Events processed, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EventCounts {
+    /// Multicast datagrams reaching the downlinks (each fans out to every receiver).
+    pub multicast: u64,
+    /// Reordered or duplicated copies delivered on their own.
+    pub late_copies: u64,
+    /// Receivers' datagrams reaching the server's ingress queue.
+    pub at_ingress: u64,
+    /// Receivers' datagrams reaching the server.
+    pub to_server: u64,
+    /// Sender wakeups (stale ones included).
+    pub sender_timers: u64,
+    /// Receiver wakeups (stale ones included).
+    pub receiver_timers: u64,
+    /// Wakeups ignored because a newer one replaced them.
+    pub stale_timers: u64,
+    /// vCPU steps.
+    pub steps: u64,
+    /// Receiver starts.
+    pub starts: u64,
+}
+
+/// A receiver that had not finished when the run stopped.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stuck {
+    /// Its node id.
+    pub node: u32,
+    /// Pages it had touched.
+    pub touched: u32,
+    /// Pages in its working set.
+    pub of: u32,
+    /// The page its vCPU waits for, if blocked.
+    pub blocked_on: Option<u32>,
+    /// Since when, virtual ms.
+    pub blocked_since_ms: Option<f64>,
+}
+
 /// The knobs of the run, echoed.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Settings {
@@ -150,6 +188,8 @@ pub struct SimReport {
     pub phantom_hits: u64,
     /// Working-set pages that never reached a receiver that touched them, summed.
     pub missing_pages: u64,
+    /// The first (up to 16) receivers that had not finished, and what they waited for.
+    pub unfinished: Vec<Stuck>,
     /// Bytes the server sent (datagram payloads).
     pub server_tx_bytes: u64,
     /// Datagrams the server sent.
@@ -186,6 +226,8 @@ pub struct SimReport {
     pub real_time_ms: f64,
     /// Events processed.
     pub events: u64,
+    /// Events processed, by kind.
+    pub event_counts: EventCounts,
     /// `ServerLost` events the receivers raised.
     pub server_lost_events: u64,
     /// `ReceiverLost` events the sender raised.

@@ -12,8 +12,8 @@ use rand::RngCore;
 
 use super::content::{Image, PAGE_SHIFT};
 use super::events::EventQueue;
-use super::link::{Corruption, FaultConfig, FaultStats, Fate, Faults, Pipe, PipeStats};
-use super::report::{self, NetworkReport, Percentiles, Settings, SimReport};
+use super::link::{Corruption, Fate, FaultConfig, FaultStats, Faults, Pipe, PipeStats};
+use super::report::{self, EventCounts, NetworkReport, Percentiles, Settings, SimReport, Stuck};
 use super::rng::{self, Domain};
 use super::sink::{SinkStats, VerifyingSink};
 use super::workload::{self, WorkingSet};
@@ -45,6 +45,24 @@ enum Ev {
     Step(u32),
     /// Receiver `rx` joins.
     Start(u32),
+}
+
+impl Ev {
+    const KINDS: [&'static str; 8] =
+        ["multicast", "late copy", "at ingress", "to server", "sender timer", "receiver timer", "step", "start"];
+
+    fn kind(&self) -> usize {
+        match self {
+            Ev::Multicast(_) => 0,
+            Ev::ToReceiver { .. } => 1,
+            Ev::AtIngress { .. } => 2,
+            Ev::ToServer { .. } => 3,
+            Ev::SenderTimer => 4,
+            Ev::ReceiverTimer(_) => 5,
+            Ev::Step(_) => 6,
+            Ev::Start(_) => 7,
+        }
+    }
 }
 
 struct Node {
@@ -85,6 +103,8 @@ pub(super) struct World {
     server_lost: u64,
     receiver_lost: u64,
     events: u64,
+    kind_counts: [u64; 8],
+    stale_timers: u64,
     stop: Option<String>,
 }
 
@@ -123,6 +143,10 @@ impl World {
             reorder_jitter: cfg.reorder_jitter,
             corrupt: cfg.corrupt,
         };
+        // The burst channel steps once per full-size packet time at the host's rate.
+        let slot = Duration::from_nanos(
+            ((cfg.max_datagram + super::link::WIRE_OVERHEAD) as u64 * 8_000_000_000 / cfg.host_rate_bps).max(1),
+        );
         let stagger_ns = u64::try_from(cfg.stagger.as_nanos()).unwrap_or(u64::MAX);
         let mut queue = EventQueue::new();
         let mut nodes = Vec::with_capacity(cfg.receivers as usize);
@@ -140,8 +164,8 @@ impl World {
                 config: Some(rc),
                 receiver: None,
                 sink: VerifyingSink::new(image.clone()),
-                downlink: Faults::new(faults, rng::stream(seed, Domain::Downlink, u64::from(i))),
-                uplink: Faults::new(faults, rng::stream(seed, Domain::Uplink, u64::from(i))),
+                downlink: Faults::new(faults, rng::stream(seed, Domain::Downlink, u64::from(i)), slot),
+                uplink: Faults::new(faults, rng::stream(seed, Domain::Uplink, u64::from(i)), slot),
                 uplink_pipe: Pipe::new(Some(cfg.host_rate_bps), cfg.queue_bytes),
                 timer: None,
                 order: ws.order_for(seed, i),
@@ -169,8 +193,11 @@ impl World {
             now: Time::ZERO,
             delay: cfg.delay,
             think: cfg.think_time,
-            waits: hdrhistogram::Histogram::new_with_bounds(1, 1 << 42, 3)
-                .map_err(|_| SimError::Invalid { field: "histogram", value: String::new(), why: "bounds" })?,
+            waits: hdrhistogram::Histogram::new_with_bounds(1, 1 << 42, 3).map_err(|_| SimError::Invalid {
+                field: "histogram",
+                value: String::new(),
+                why: "bounds",
+            })?,
             misses: 0,
             stale_misses: 0,
             phantom_hits: 0,
@@ -179,6 +206,8 @@ impl World {
             server_lost: 0,
             receiver_lost: 0,
             events: 0,
+            kind_counts: [0; 8],
+            stale_timers: 0,
             stop: None,
             cfg: cfg.clone(),
         };
@@ -186,11 +215,12 @@ impl World {
         Ok(world)
     }
 
-    pub(super) fn run(mut self) -> Result<SimReport, SimError> {
-        let started = Instant::now();
+    /// Runs until every receiver is done or a limit is hit; `started` is when the run was set up.
+    pub(super) fn run(mut self, started: Instant) -> Result<SimReport, SimError> {
         let limit = Time::ZERO + self.cfg.time_limit;
         let total = self.cfg.receivers;
         let mut same_instant = 0u64;
+        let mut instant_kinds = [0u64; 8];
         while self.finished < total && self.stop.is_none() {
             let Some((t, ev)) = self.queue.pop() else {
                 self.stop = Some(format!(
@@ -205,22 +235,35 @@ impl World {
                 self.now = limit;
                 break;
             }
-            same_instant = if t == self.now { same_instant + 1 } else { 0 };
+            if t == self.now {
+                same_instant += 1;
+            } else {
+                same_instant = 0;
+                instant_kinds = [0; 8];
+            }
+            instant_kinds[ev.kind()] += 1;
+            self.kind_counts[ev.kind()] += 1;
             self.now = t;
             self.events += 1;
             if same_instant > MAX_SAME_INSTANT {
-                self.stop = Some(format!("livelock: over {MAX_SAME_INSTANT} events at {:.6} ms", ms(t)));
+                let kinds: Vec<String> = Ev::KINDS
+                    .iter()
+                    .zip(instant_kinds)
+                    .filter(|(_, n)| *n > 0)
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                self.stop =
+                    Some(format!("livelock: over {MAX_SAME_INSTANT} events at {:.6} ms ({})", ms(t), kinds.join(", ")));
                 break;
             }
             if self.events >= self.cfg.max_events {
                 self.stop = Some(format!("event bound of {} reached at {:.3} ms", self.cfg.max_events, ms(t)));
                 break;
             }
-            if self.events % 4096 == 0 {
+            if self.events & 4095 == 0 {
                 if let Some(max) = self.cfg.real_time_limit {
                     if started.elapsed() > max {
-                        self.stop =
-                            Some(format!("real-time bound of {max:?} reached at virtual {:.3} ms", ms(t)));
+                        self.stop = Some(format!("real-time bound of {max:?} reached at virtual {:.3} ms", ms(t)));
                         break;
                     }
                 }
@@ -243,25 +286,32 @@ impl World {
                 let len = pkt.len();
                 self.scratch[..len].copy_from_slice(&pkt);
                 corruption.apply(&mut self.scratch[..len]);
+                tracing::trace!(target: "spindrift_sim", t_us = us_t(self.now), msg = %msg_type(&self.scratch[..len]), corrupted = !corruption.is_none(), "server receives");
                 self.sender.handle_datagram(self.now, &mut self.scratch[..len]);
                 self.drive_sender();
             }
             Ev::SenderTimer => {
                 if self.sender_timer == Some(self.now) {
+                    tracing::trace!(target: "spindrift_sim", t_us = us_t(self.now), "sender timeout");
                     self.sender_timer = None;
                     self.sender.handle_timeout(self.now);
                     self.drive_sender();
+                } else {
+                    self.stale_timers += 1;
                 }
             }
             Ev::ReceiverTimer(rx) => {
                 let i = rx as usize;
                 if self.nodes[i].timer == Some(self.now) {
+                    tracing::trace!(target: "spindrift_sim", t_us = us_t(self.now), node = i + 1, "receiver timeout");
                     self.nodes[i].timer = None;
                     if let Some(r) = self.nodes[i].receiver.as_mut() {
                         r.handle_timeout(self.now);
                     }
                     self.drive_receiver(i);
                     self.check_unblock(i);
+                } else {
+                    self.stale_timers += 1;
                 }
             }
             Ev::Step(rx) => self.step(rx as usize),
@@ -286,8 +336,10 @@ impl World {
             if self.nodes[i].receiver.is_none() {
                 continue; // not in the group yet
             }
-            match self.nodes[i].downlink.fate(len) {
-                Fate::Lost => {}
+            match self.nodes[i].downlink.fate(self.now, len) {
+                Fate::Lost => {
+                    tracing::trace!(target: "spindrift_sim", t_us = us_t(self.now), node = i + 1, msg = %msg_type(pkt), "downlink lost");
+                }
                 Fate::Deliver { extra, corruption, duplicate } => {
                     if extra == 0 {
                         self.deliver(i, pkt, corruption);
@@ -331,15 +383,13 @@ impl World {
             let Some(out) = self.egress.send(now, len) else { continue };
             let Some(out) = self.downlink.send(out, len) else { continue };
             let pkt: Rc<[u8]> = Rc::from(&self.txbuf[..len]);
+            tracing::trace!(target: "spindrift_sim", t_us = us_t(now), len, msg = %msg_type(&pkt), "server sends");
             self.queue.push(out + self.delay, Ev::Multicast(pkt));
         }
         while let Some(ev) = self.sender.poll_event() {
-            match ev {
-                SenderEvent::ReceiverLost(node) => {
-                    self.receiver_lost += 1;
-                    tracing::debug!(node = node.0, at_ms = ms(now), "sender lost a receiver");
-                }
-                SenderEvent::ReceiverJoined(_) | SenderEvent::CloneReport { .. } => {}
+            if let SenderEvent::ReceiverLost(node) = ev {
+                self.receiver_lost += 1;
+                tracing::debug!(node = node.0, at_ms = ms(now), "sender lost a receiver");
             }
         }
         match self.sender.poll_timeout() {
@@ -363,12 +413,19 @@ impl World {
         while let Some(len) = r.poll_transmit(now, &mut self.txbuf) {
             n += 1;
             if n > MAX_DRAIN {
-                self.stop =
-                    Some(format!("livelock: receiver {} yielded over {MAX_DRAIN} datagrams at {:.6} ms", i + 1, ms(now)));
+                self.stop = Some(format!(
+                    "livelock: receiver {} yielded over {MAX_DRAIN} datagrams at {:.6} ms",
+                    i + 1,
+                    ms(now)
+                ));
                 break;
             }
+            tracing::trace!(target: "spindrift_sim", t_us = us_t(now), node = i + 1, len, msg = %msg_type(&self.txbuf[..len]), "receiver sends");
             let Some(out) = node.uplink_pipe.send(now, len) else { continue };
-            let Fate::Deliver { extra, corruption, duplicate } = node.uplink.fate(len) else { continue };
+            let Fate::Deliver { extra, corruption, duplicate } = node.uplink.fate(out, len) else {
+                tracing::trace!(target: "spindrift_sim", node = i + 1, "uplink lost it");
+                continue;
+            };
             let pkt: Rc<[u8]> = Rc::from(&self.txbuf[..len]);
             if let Some((extra, corruption)) = duplicate {
                 let at = out + self.delay + Duration::from_nanos(extra);
@@ -378,7 +435,7 @@ impl World {
             self.queue.push(at, Ev::AtIngress { pkt, corruption });
         }
         while let Some(ev) = r.poll_event() {
-            if ev == ReceiverEvent::ServerLost {
+            if matches!(ev, ReceiverEvent::ServerLost) {
                 self.server_lost += 1;
                 tracing::debug!(node = i + 1, at_ms = ms(now), "receiver lost the server");
             }
@@ -401,6 +458,7 @@ impl World {
         if let Some((page, since)) = node.blocked {
             if node.sink.has(page) {
                 let waited = self.now.saturating_since(since);
+                tracing::trace!(target: "spindrift_sim", t_us = us_t(self.now), node = i + 1, page, waited_us = us(waited), "fault resolved");
                 self.waits.saturating_record(u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX).max(1));
                 node.blocked = None;
                 node.next += 1;
@@ -409,21 +467,21 @@ impl World {
         }
     }
 
-    /// Receiver `i`'s vCPU touches pages until one is missing or it must think.
+    /// Receiver `i`'s vCPU touches pages until one is missing, it must think, or it is done.
     fn step(&mut self, i: usize) {
         let now = self.now;
         loop {
             let node = &mut self.nodes[i];
             if node.blocked.is_some() || node.done.is_some() {
-                return;
+                break;
             }
             let Some(&page) = node.order.get(node.next) else {
                 node.done = Some(now);
                 self.finished += 1;
                 self.last_finish = self.last_finish.max(now);
-                return;
+                break;
             };
-            let Some(r) = node.receiver.as_mut() else { return };
+            let Some(r) = node.receiver.as_mut() else { break };
             if r.fault(now, page) {
                 if !node.sink.has(page) {
                     self.phantom_hits += 1;
@@ -432,21 +490,21 @@ impl World {
                 node.next += 1;
                 if !self.think.is_zero() {
                     self.queue.push(now + self.think, Ev::Step(i as u32));
-                    // The fault may have queued output (nothing expected, but drive to be safe).
-                    self.drive_receiver(i);
-                    return;
+                    break;
                 }
             } else {
+                tracing::trace!(target: "spindrift_sim", t_us = us_t(now), node = i + 1, page, "fault blocks");
                 self.misses += 1;
                 if node.sink.has(page) {
                     self.stale_misses += 1;
                 }
                 node.blocked = Some((page, now));
-                self.drive_receiver(i);
-                self.check_unblock(i);
-                return;
+                break;
             }
         }
+        // A fault may have queued requests (and a hit, prefetches): drain them.
+        self.drive_receiver(i);
+        self.check_unblock(i);
     }
 
     fn report(&self, real: Duration) -> SimReport {
@@ -459,7 +517,17 @@ impl World {
         let mut uplink_queues = PipeStats::default();
         let mut completion = Vec::new();
         let mut missing = 0u64;
-        for node in &self.nodes {
+        let mut stuck = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.done.is_none() && stuck.len() < 16 {
+                stuck.push(Stuck {
+                    node: i as u32 + 1,
+                    touched: node.next as u32,
+                    of: node.order.len() as u32,
+                    blocked_on: node.blocked.map(|(p, _)| p),
+                    blocked_since_ms: node.blocked.map(|(_, t)| ms(t)),
+                });
+            }
             if let Some(r) = &node.receiver {
                 report::add_receiver_stats(&mut receiver, r.stats());
             }
@@ -491,6 +559,7 @@ impl World {
             mismatched_pages: sinks.mismatches,
             phantom_hits: self.phantom_hits,
             missing_pages: missing,
+            unfinished: stuck,
             server_tx_bytes: sender.tx_bytes,
             server_tx_packets: sender.tx_packets,
             server_rx_packets: sender.rx_packets,
@@ -509,6 +578,17 @@ impl World {
             virtual_time_ms: ms(end),
             real_time_ms: real.as_secs_f64() * 1e3,
             events: self.events,
+            event_counts: EventCounts {
+                multicast: self.kind_counts[0],
+                late_copies: self.kind_counts[1],
+                at_ingress: self.kind_counts[2],
+                to_server: self.kind_counts[3],
+                sender_timers: self.kind_counts[4],
+                receiver_timers: self.kind_counts[5],
+                stale_timers: self.stale_timers,
+                steps: self.kind_counts[6],
+                starts: self.kind_counts[7],
+            },
             server_lost_events: self.server_lost,
             receiver_lost_events: self.receiver_lost,
             sender,
@@ -545,8 +625,20 @@ impl World {
     }
 }
 
+/// The message type of a datagram, for traces.
+fn msg_type(d: &[u8]) -> String {
+    match crate::wire::peek_header(d) {
+        Ok(h) => format!("{:?}#{}", h.msg_type, h.packet_number),
+        Err(_) => "?".to_string(),
+    }
+}
+
 fn ms(t: Time) -> f64 {
     t.as_nanos() as f64 / 1e6
+}
+
+fn us_t(t: Time) -> f64 {
+    t.as_nanos() as f64 / 1e3
 }
 
 fn us(d: Duration) -> f64 {

@@ -7,12 +7,12 @@
 
 use super::bytes::{Reader, Writer};
 use super::{
-    max_body_len, seal, Announce, Data, DecodeError, EncodeError, EndReason, Header, Heartbeat, Items, Keys,
-    Message, MsgType, Nak, NakEntry, NodeId, PageRun, Priority, Records, Repair, Report, ReportKey, Request,
-    SessionId, Status, WireItem, ANNOUNCE_LEN, DATA_FIXED_LEN, DATA_LAST_IN_BLOCK, DATA_PUSH, END_LEN,
-    HEADER_LEN, HEARTBEAT_LEN, KNOWN_FLAGS, MAGIC, MAX_BLOCK, MAX_DATAGRAM, MAX_LOSS_PPM, MAX_PAGE_SHIFT,
-    MAX_PARITY, MAX_REPORT_RESULT, MIN_DATAGRAM, MIN_PAGE_SHIFT, NAK_FIXED_LEN, NO_BLOCK, REPAIR_FIXED_LEN,
-    REPORT_ACK_FIXED_LEN, REPORT_FIXED_LEN, REQUEST_FIXED_LEN, STATUS_LEAVING, STATUS_LEN, TAG_LEN, VERSION,
+    max_body_len, seal, Announce, Data, DecodeError, EncodeError, EndReason, Header, Heartbeat, Items, Keys, Message,
+    MsgType, Nak, NakEntry, NodeId, PageRun, Priority, Records, Repair, Report, ReportKey, Request, SessionId, Status,
+    WireItem, ANNOUNCE_LEN, DATA_FIXED_LEN, DATA_LAST_IN_BLOCK, DATA_PUSH, END_LEN, HEADER_LEN, HEARTBEAT_LEN,
+    KNOWN_FLAGS, MAGIC, MAX_BLOCK, MAX_DATAGRAM, MAX_LOSS_PPM, MAX_PAGE_SHIFT, MAX_PARITY, MAX_REPORT_RESULT,
+    MIN_DATAGRAM, MIN_PAGE_SHIFT, NAK_FIXED_LEN, NO_BLOCK, REPAIR_FIXED_LEN, REPORT_ACK_FIXED_LEN, REPORT_FIXED_LEN,
+    REQUEST_FIXED_LEN, STATUS_LEAVING, STATUS_LEN, TAG_LEN, VERSION,
 };
 
 /// Reads and checks the header of `datagram` (length, magic, version, type, flags) without
@@ -89,7 +89,8 @@ pub fn encode(header: &Header, msg: &Message<'_>, keys: &Keys, buf: &mut [u8]) -
         return Err(EncodeError::TooLarge { len: total, max: MAX_DATAGRAM });
     }
     let have = buf.len();
-    let body = buf.get_mut(HEADER_LEN..HEADER_LEN + body_len).ok_or(EncodeError::BufferTooSmall { need: total, have })?;
+    let body =
+        buf.get_mut(HEADER_LEN..HEADER_LEN + body_len).ok_or(EncodeError::BufferTooSmall { need: total, have })?;
     msg.write_body(body)?;
     seal(&header, body_len, buf, keys)
 }
@@ -106,6 +107,7 @@ pub(super) fn parse_body(msg_type: MsgType, body: &[u8]) -> Result<Message<'_>, 
         MsgType::Status => parse_status(body).map(Message::Status),
         MsgType::Report => parse_report(body).map(Message::Report),
         MsgType::ReportAck => parse_report_ack(body).map(Message::ReportAck),
+        MsgType::Queued => parse_queued(body).map(Message::Queued),
     }
 }
 
@@ -257,7 +259,7 @@ fn parse_repair(body: &[u8]) -> Result<Repair<'_>, DecodeError> {
         return Err(bad("repair first_seq", first_seq));
     }
     let symbol = r.rest();
-    if symbol.is_empty() || symbol.len() % 2 != 0 {
+    if symbol.is_empty() || symbol.len() & 1 != 0 {
         return Err(DecodeError::BadLength { msg: "repair", len: body.len() });
     }
     Ok(Repair { first_seq, block, k, index, total, symbol })
@@ -276,6 +278,20 @@ fn parse_request(body: &[u8]) -> Result<Request<'_>, DecodeError> {
     let bytes = r.rest();
     let runs = items("request", body.len(), bytes, count)?;
     Ok(Request { stream_start, loss_ppm, runs })
+}
+
+fn parse_queued(body: &[u8]) -> Result<super::Queued<'_>, DecodeError> {
+    let mut r = Reader::new("queued", body);
+    let next_seq = r.u64()?;
+    let count = r.u16()?;
+    check_reserved("queued reserved", r.u16()?)?;
+    check_reserved("queued reserved", r.u32()?)?;
+    if count == 0 {
+        return Err(bad("queued count", count));
+    }
+    let bytes = r.rest();
+    let runs = items("queued", body.len(), bytes, count)?;
+    Ok(super::Queued { next_seq, runs })
 }
 
 fn parse_nak(body: &[u8]) -> Result<Nak<'_>, DecodeError> {
@@ -358,6 +374,7 @@ pub(super) fn body_len(msg: &Message<'_>) -> usize {
         Message::Status(_) => STATUS_LEN,
         Message::Report(r) => REPORT_FIXED_LEN.saturating_add(r.result.len()),
         Message::ReportAck(keys) => REPORT_ACK_FIXED_LEN.saturating_add(items_len(keys)),
+        Message::Queued(q) => REQUEST_FIXED_LEN.saturating_add(items_len(&q.runs)),
     }
 }
 
@@ -470,6 +487,13 @@ pub(super) fn write_body(msg: &Message<'_>, out: &mut [u8]) -> Result<usize, Enc
             w.u16(count_u16(keys.len())?);
             w.u16(0);
             write_items(&mut w, keys);
+        }
+        Message::Queued(q) => {
+            w.u64(q.next_seq);
+            w.u16(count_u16(q.runs.len())?);
+            w.u16(0);
+            w.u32(0);
+            write_items(&mut w, &q.runs);
         }
     }
     w.finish()

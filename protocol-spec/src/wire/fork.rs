@@ -120,10 +120,7 @@ fn check_disjoint(entries: &[ForkEntry]) -> Result<(), DecodeError> {
         if let [a, b] = pair {
             // Ranges fit a u32 (checked above), so the end cannot overflow.
             if u64::from(a.first_clone) + u64::from(a.clones) > u64::from(b.first_clone) {
-                return Err(DecodeError::BadField {
-                    field: "fork entry first_clone",
-                    value: u64::from(b.first_clone),
-                });
+                return Err(DecodeError::BadField { field: "fork entry first_clone", value: u64::from(b.first_clone) });
             }
         }
     }

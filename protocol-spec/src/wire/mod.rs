@@ -159,6 +159,8 @@ pub enum MsgType {
     Report = 9,
     /// Server to group: acknowledgement of clone reports.
     ReportAck = 10,
+    /// Server to group: pages just queued for sending (request suppression).
+    Queued = 11,
 }
 
 impl MsgType {
@@ -175,6 +177,7 @@ impl MsgType {
             8 => MsgType::Status,
             9 => MsgType::Report,
             10 => MsgType::ReportAck,
+            11 => MsgType::Queued,
             other => return Err(DecodeError::UnknownType(other)),
         })
     }
@@ -239,6 +242,27 @@ pub struct PageRun {
     pub count: u16,
     /// How urgently.
     pub priority: Priority,
+}
+
+impl PageRun {
+    /// Appends `page` to `runs`, extending the last run when `page` continues it at the same
+    /// priority. False (and nothing appended) when that needs a new run and `runs` holds `max` already.
+    pub fn append(runs: &mut Vec<PageRun>, page: u32, priority: Priority, max: usize) -> bool {
+        if let Some(r) = runs.last_mut() {
+            if r.priority == priority
+                && r.count < u16::MAX
+                && r.first_page.checked_add(u32::from(r.count)) == Some(page)
+            {
+                r.count += 1;
+                return true;
+            }
+        }
+        if runs.len() >= max {
+            return false;
+        }
+        runs.push(PageRun { first_page: page, count: 1, priority });
+        true
+    }
 }
 
 /// One entry of a [`Message::Nak`]: 16 bytes on the wire
@@ -459,6 +483,24 @@ pub struct Report<'a> {
     pub result: &'a [u8],
 }
 
+/// Server to group: the server has just queued these pages (because some host asked). A host that
+/// faults on an advertised page waits for it instead of asking again: this is what keeps requests
+/// from growing with the group (NORM's repair advertisement, applied to requests).
+///
+/// ```text
+///  0               8       10      12      16
+///  +---------------+-------+-------+-------+------------------------+
+///  | next_seq      | count | rsvd  | rsvd  | count x PageRun ...    |
+///  +---------------+-------+-------+-------+------------------------+
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Queued<'a> {
+    /// The stream position the server will use next: the advertised pages go out at or after it.
+    pub next_seq: u64,
+    /// The runs, with the priority each is queued at.
+    pub runs: Items<'a, PageRun>,
+}
+
 /// Largest result a clone report may carry.
 pub const MAX_REPORT_RESULT: usize = 1024;
 
@@ -490,6 +532,8 @@ pub enum Message<'a> {
     Report(Report<'a>),
     /// Acknowledged clone reports.
     ReportAck(Items<'a, ReportKey>),
+    /// See [`Queued`].
+    Queued(Queued<'a>),
 }
 
 /// Why a datagram could not be decoded. Every variant names what was wrong.
@@ -587,6 +631,7 @@ impl<'a> Message<'a> {
             Message::Status(_) => MsgType::Status,
             Message::Report(_) => MsgType::Report,
             Message::ReportAck(_) => MsgType::ReportAck,
+            Message::Queued(_) => MsgType::Queued,
         }
     }
 

@@ -110,9 +110,8 @@ impl<'a> Iterator for Records<'a> {
 
 /// Parses the record at the start of `bytes`; returns it and the bytes after it.
 fn parse_record(bytes: &[u8]) -> Result<(Record<'_>, &[u8]), &'static str> {
-    let (header, rest) = bytes
-        .split_first_chunk::<RECORD_HEADER_LEN>()
-        .ok_or("truncated record header (fewer than 16 bytes left)")?;
+    let (header, rest) =
+        bytes.split_first_chunk::<RECORD_HEADER_LEN>().ok_or("truncated record header (fewer than 16 bytes left)")?;
     let [ty, reserved, l0, l1, a0, a1, a2, a3, b0, b1, b2, b3, c0, c1, c2, c3] = *header;
     let len = usize::from(u16::from_be_bytes([l0, l1]));
     let a = u32::from_be_bytes([a0, a1, a2, a3]);

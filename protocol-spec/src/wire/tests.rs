@@ -28,6 +28,7 @@ enum Owned {
     Status(Status),
     Report(u32, u32, u32, Vec<u8>),
     ReportAck(Vec<ReportKey>),
+    Queued(u64, Vec<PageRun>),
 }
 
 fn owned(m: &Message<'_>) -> Owned {
@@ -45,6 +46,7 @@ fn owned(m: &Message<'_>) -> Owned {
         Message::Status(s) => Owned::Status(*s),
         Message::Report(r) => Owned::Report(r.fork, r.clone, r.status, r.result.to_vec()),
         Message::ReportAck(k) => Owned::ReportAck(list(k)),
+        Message::Queued(q) => Owned::Queued(q.next_seq, list(&q.runs)),
     }
 }
 
@@ -589,4 +591,23 @@ fn fork_plan_refusals() {
     assert_eq!(refuse(vec![e(2, 4, 1), e(1, 0, 5)]), Err(field("fork entry first_clone", 4)));
     assert_eq!(refuse(vec![e(1, 0, 5), e(2, 5, 1), e(1, 6, 1)]), Err(field("fork entry node", 1)));
     assert!(refuse(vec![e(1, 0, 5), e(2, 5, 1)]).is_ok());
+}
+
+#[test]
+fn queued_round_trips_and_checks_its_fields() {
+    let runs = [
+        PageRun { first_page: 7, count: 3, priority: Priority::Fault },
+        PageRun { first_page: 100, count: 1, priority: Priority::ReadAhead },
+    ];
+    let msg = Message::Queued(super::Queued { next_seq: 0x0102_0304_0506_0708, runs: Items::Slice(&runs) });
+    let body = round_trip(&msg);
+    assert_eq!(body.len(), 16 + 2 * 8);
+    assert_eq!(&body[..12], &[1, 2, 3, 4, 5, 6, 7, 8, 0, 2, 0, 0]);
+    let mut no_runs = body[..16].to_vec();
+    no_runs[9] = 0;
+    assert_eq!(parse_err(MsgType::Queued, &no_runs), field("queued count", 0));
+    let mut reserved = body.clone();
+    reserved[13] = 1;
+    assert!(matches!(parse_err(MsgType::Queued, &reserved), DecodeError::BadField { field: "queued reserved", .. }));
+    assert!(Message::parse(MsgType::Queued, &body[..20]).is_err(), "a partial run is refused");
 }

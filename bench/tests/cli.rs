@@ -1,0 +1,72 @@
+//! The `bench` binary as a user runs it.
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_bench")).args(args).output().expect("run the bench binary")
+}
+
+#[test]
+fn sim_json_is_one_object_with_the_report_fields() {
+    let out = bench(&["sim", "--receivers", "2", "--pages", "512", "--loss", "0.01", "--seed", "3", "--json"]);
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    assert_eq!(stdout.lines().count(), 1, "stdout: {stdout}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON object");
+    for field in [
+        "receivers",
+        "pages",
+        "working_set",
+        "loss",
+        "burst",
+        "seed",
+        "pages_delivered",
+        "all_bit_exact",
+        "server_tx_bytes",
+        "server_tx_packets",
+        "server_rx_packets",
+        "naks_sent",
+        "repairs_sent",
+        "virtual_time_ms",
+        "real_time_ms",
+        "completed",
+        "fault_wait_us",
+        "completion_ms",
+        "sender",
+        "receiver",
+    ] {
+        assert!(v.get(field).is_some(), "missing {field} in {v}");
+    }
+    assert_eq!(v["receivers"], 2);
+    assert_eq!(v["pages"], 512);
+    assert_eq!(v["seed"], 3);
+    assert_eq!(v["burst"], false);
+    assert_eq!(v["all_bit_exact"], true, "{v}");
+    assert!(out.status.success());
+}
+
+#[test]
+fn sim_table_is_readable() {
+    let out = bench(&["sim", "--receivers", "1", "--pages", "256"]);
+    let stdout = String::from_utf8(out.stdout).expect("utf-8");
+    assert!(stdout.contains("all bit-exact: yes"), "{stdout}");
+    assert!(stdout.contains("server tx"), "{stdout}");
+}
+
+#[test]
+fn bad_flags_give_a_clear_error() {
+    for (args, needle) in [
+        (vec!["sim", "--loss", "1.5"], "must be in [0, 1)"),
+        (vec!["sim", "--working-set", "0"], "must be in (0, 1]"),
+        (vec!["sim", "--receivers", "0"], "must be in 1..=4096"),
+        (vec!["sim", "--pages", "99999999"], "2^24"),
+        (vec!["sim", "--mtu", "1400"], "use 1500 or 9000"),
+        (vec!["sim", "--loss", "lots"], "not a number"),
+    ] {
+        let out = bench(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8(out.stderr).expect("utf-8");
+        assert!(stderr.contains(needle), "{args:?}: stderr lacks `{needle}`: {stderr}");
+        assert!(stderr.contains(args[1]), "{args:?}: stderr does not name the flag: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+    }
+}

@@ -1,0 +1,323 @@
+//! [`PageCache`]: the host's copy of one snapshot image, shared by every clone of it on this host.
+//!
+//! * Memory: one private anonymous mapping of the image size, `MAP_NORESERVE`, transparent huge pages
+//!   off: a 64 GiB image costs address space only, and each inserted page commits 4 KiB. Pages known to
+//!   be zero are never written, so they cost nothing (reading them maps the shared zero page).
+//! * State: atomic bitmaps. A page is *claimed* by the one thread that writes it, then *present* once
+//!   its bytes are complete; present pages are never written again, so readers (fault servers, on any
+//!   thread) use them without locks.
+//! * Waiting: the cache does not block fault servers. A server that finds a page missing marks it
+//!   *wanted* ([`PageCache::want`]) and parks the fault; when a wanted page is inserted, the inserting
+//!   thread signals every subscribed [`Waker`] ([`PageCache::subscribe`]) and the condition variable
+//!   behind [`PageCache::wait_present`] (for simple blocking callers). Pages nobody wants cost no
+//!   wake-ups, so bulk fills stay cheap.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
+use std::{io, slice};
+
+use crate::bitmap::AtomicBitmap;
+use crate::waker::Waker;
+
+/// The cache's page size: image pages are numbered in units of 4 KiB.
+pub const CACHE_PAGE_SIZE: u64 = 4096;
+
+/// Errors from the page cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The image size is 0 or not a whole number of pages.
+    #[error("image size {bytes} bytes is not a positive multiple of the 4096-byte page")]
+    BadImageSize {
+        /// The size asked for.
+        bytes: u64,
+    },
+    /// mmap(2) refused the reservation.
+    #[error("cannot reserve {bytes} bytes of address space for the page cache")]
+    Map {
+        /// The size asked for.
+        bytes: u64,
+        /// The errno.
+        #[source]
+        source: io::Error,
+    },
+    /// A page index past the end of the image.
+    #[error("pages [{first}, +{count}) are outside the image ({pages} pages)")]
+    OutOfRange {
+        /// First page.
+        first: u64,
+        /// Number of pages.
+        count: u64,
+        /// Pages in the image.
+        pages: u64,
+    },
+    /// Data that is not exactly one page.
+    #[error("page {page}: got {len} bytes, a page is 4096")]
+    BadLength {
+        /// The page.
+        page: u64,
+        /// Bytes given.
+        len: usize,
+    },
+}
+
+/// What the cache knows about a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageState<'a> {
+    /// Not (yet) in the cache.
+    Missing,
+    /// All zero.
+    Zero,
+    /// Its bytes.
+    Data(&'a [u8]),
+}
+
+/// Result of an insert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// The page is new to the cache.
+    New,
+    /// The page was already present (or being written by another thread); the data was dropped.
+    Duplicate,
+}
+
+/// One anonymous `MAP_NORESERVE` mapping, unmapped on drop.
+#[derive(Debug)]
+struct AnonMap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; all access goes through `PageCache`, whose
+// claim/present protocol gives each page one writer before publication and only readers after.
+unsafe impl Send for AnonMap {}
+// SAFETY: as above: shared access is read-only except for the single claimed writer of a page that no
+// reader can see yet.
+unsafe impl Sync for AnonMap {}
+
+impl AnonMap {
+    fn new(len: usize) -> io::Result<AnonMap> {
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing aliases nothing.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `[ptr, ptr + len)` is the mapping we just made; MADV_NOHUGEPAGE changes no contents,
+        // only keeps one 4 KiB insert from committing a 2 MiB huge page. Failure is harmless.
+        unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
+        let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable))?;
+        Ok(AnonMap { ptr, len })
+    }
+}
+
+impl Drop for AnonMap {
+    fn drop(&mut self) {
+        // SAFETY: we own the mapping, and no borrow of it outlives `self` (slices borrow the cache).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The page cache for one snapshot image. Share it as `Arc<PageCache>`.
+#[derive(Debug)]
+pub struct PageCache {
+    map: AnonMap,
+    pages: u64,
+    claimed: AtomicBitmap,
+    present: AtomicBitmap,
+    zero: AtomicBitmap,
+    wanted: AtomicBitmap,
+    present_count: AtomicU64,
+    subscribers: Mutex<Vec<Weak<Waker>>>,
+    arrivals: Mutex<u64>,
+    arrived: Condvar,
+}
+
+impl PageCache {
+    /// Reserves a cache for an image of `image_bytes` (a multiple of 4096). Commits no memory.
+    pub fn new(image_bytes: u64) -> Result<PageCache, CacheError> {
+        if image_bytes == 0 || image_bytes & (CACHE_PAGE_SIZE - 1) != 0 || usize::try_from(image_bytes).is_err() {
+            return Err(CacheError::BadImageSize { bytes: image_bytes });
+        }
+        let map =
+            AnonMap::new(image_bytes as usize).map_err(|source| CacheError::Map { bytes: image_bytes, source })?;
+        let pages = image_bytes / CACHE_PAGE_SIZE;
+        Ok(PageCache {
+            map,
+            pages,
+            claimed: AtomicBitmap::new(pages),
+            present: AtomicBitmap::new(pages),
+            zero: AtomicBitmap::new(pages),
+            wanted: AtomicBitmap::new(pages),
+            present_count: AtomicU64::new(0),
+            subscribers: Mutex::new(Vec::new()),
+            arrivals: Mutex::new(0),
+            arrived: Condvar::new(),
+        })
+    }
+
+    /// Pages in the image.
+    pub fn page_count(&self) -> u64 {
+        self.pages
+    }
+
+    /// Image size in bytes.
+    pub fn image_bytes(&self) -> u64 {
+        self.pages * CACHE_PAGE_SIZE
+    }
+
+    /// Pages present so far.
+    pub fn present_count(&self) -> u64 {
+        self.present_count.load(Ordering::Relaxed)
+    }
+
+    fn check(&self, first: u64, count: u64) -> Result<(), CacheError> {
+        match first.checked_add(count) {
+            Some(end) if end <= self.pages => Ok(()),
+            _ => Err(CacheError::OutOfRange { first, count, pages: self.pages }),
+        }
+    }
+
+    /// Inserts page `page` (4096 bytes). All-zero data is recorded as a zero page without writing.
+    /// Safe to call from any thread, concurrently with readers and other inserters.
+    pub fn insert(&self, page: u64, data: &[u8]) -> Result<Inserted, CacheError> {
+        self.check(page, 1)?;
+        if data.len() as u64 != CACHE_PAGE_SIZE {
+            return Err(CacheError::BadLength { page, len: data.len() });
+        }
+        if data.iter().fold(0u8, |acc, &b| acc | b) == 0 {
+            return Ok(if self.insert_zero(page, 1)? == 1 { Inserted::New } else { Inserted::Duplicate });
+        }
+        let (w, bit) = ((page / 64) as usize, 1u64 << (page % 64));
+        if self.claimed.or_word(w, bit) != 0 {
+            return Ok(Inserted::Duplicate);
+        }
+        let offset = (page * CACHE_PAGE_SIZE) as usize;
+        // SAFETY: `offset + 4096 <= len` (checked above); this thread alone claimed the page, and no reader
+        // touches it before its present bit is set below, so nothing aliases the destination.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.ptr.as_ptr().add(offset), data.len()) };
+        self.publish(w, bit);
+        Ok(Inserted::New)
+    }
+
+    /// Records pages `[first, first + count)` as zero (those not already present). Returns how many
+    /// were new.
+    pub fn insert_zero(&self, first: u64, count: u64) -> Result<u64, CacheError> {
+        self.check(first, count)?;
+        let mut new = 0;
+        let mut notify = false;
+        self.claimed.set_range(first, count, |w, mask| {
+            self.zero.or_word(w, mask);
+            self.present.or_word(w, mask);
+            new += u64::from(mask.count_ones());
+            notify |= self.wanted.take_word(w, mask) != 0;
+        });
+        self.present_count.fetch_add(new, Ordering::Relaxed);
+        if notify {
+            self.notify();
+        }
+        Ok(new)
+    }
+
+    fn publish(&self, w: usize, bit: u64) {
+        self.present.or_word(w, bit);
+        self.present_count.fetch_add(1, Ordering::Relaxed);
+        if self.wanted.take_word(w, bit) != 0 {
+            self.notify();
+        }
+    }
+
+    fn notify(&self) {
+        *self.arrivals.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+        self.arrived.notify_all();
+        let mut subs = self.subscribers.lock().unwrap_or_else(PoisonError::into_inner);
+        subs.retain(|weak| match weak.upgrade() {
+            Some(waker) => {
+                waker.wake();
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// Whether page `page` is present.
+    pub fn is_present(&self, page: u64) -> bool {
+        page < self.pages && self.present.get(page)
+    }
+
+    /// Whether all of `[first, first + count)` is present.
+    pub fn all_present(&self, first: u64, count: u64) -> bool {
+        self.check(first, count).is_ok() && self.present.all(first, count)
+    }
+
+    /// Whether all of `[first, first + count)` is present and zero.
+    pub fn all_zero(&self, first: u64, count: u64) -> bool {
+        self.all_present(first, count) && self.zero.all(first, count)
+    }
+
+    /// The page's state. Present pages never change, so the slice stays valid as long as the cache.
+    pub fn state(&self, page: u64) -> PageState<'_> {
+        if !self.is_present(page) {
+            PageState::Missing
+        } else if self.zero.get(page) {
+            PageState::Zero
+        } else {
+            PageState::Data(self.slice(page, 1))
+        }
+    }
+
+    /// The page's bytes, if present (zero pages read as zeros).
+    pub fn get(&self, page: u64) -> Option<&[u8]> {
+        self.is_present(page).then(|| self.slice(page, 1))
+    }
+
+    /// The bytes of `[first, first + count)`, if all of it is present.
+    pub fn get_run(&self, first: u64, count: u64) -> Option<&[u8]> {
+        self.all_present(first, count).then(|| self.slice(first, count))
+    }
+
+    /// Caller has checked that `[first, first + count)` is in range and present.
+    fn slice(&self, first: u64, count: u64) -> &[u8] {
+        let (offset, len) = ((first * CACHE_PAGE_SIZE) as usize, (count * CACHE_PAGE_SIZE) as usize);
+        // SAFETY: the range lies in the mapping (checked by the callers) and every page of it is present:
+        // written completely before its present bit was set (SeqCst, read above) and never written again.
+        // Zero pages were never written at all. The borrow is tied to `self`, which owns the mapping.
+        unsafe { slice::from_raw_parts(self.map.ptr.as_ptr().add(offset), len) }
+    }
+
+    /// Marks `page` wanted, so its insertion wakes the subscribers. Returns whether it is present
+    /// already (checked after marking: then no wake-up will come, and none is needed).
+    pub fn want(&self, page: u64) -> bool {
+        if page >= self.pages {
+            return false;
+        }
+        self.wanted.or_word((page / 64) as usize, 1 << (page % 64));
+        self.present.get(page)
+    }
+
+    /// Subscribes `waker` to insertions of wanted pages. Held weakly: dropping the waker unsubscribes.
+    pub fn subscribe(&self, waker: &Arc<Waker>) {
+        self.subscribers.lock().unwrap_or_else(PoisonError::into_inner).push(Arc::downgrade(waker));
+    }
+
+    /// Blocks until `page` is present or `timeout` passes; returns whether it is present.
+    pub fn wait_present(&self, page: u64, timeout: Duration) -> bool {
+        if self.want(page) {
+            return true;
+        }
+        let deadline = Instant::now() + timeout;
+        let mut guard = self.arrivals.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            // Checked under the lock that `notify` takes after publishing, so no arrival is missed.
+            if self.is_present(page) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            guard = self.arrived.wait_timeout(guard, deadline - now).unwrap_or_else(PoisonError::into_inner).0;
+        }
+    }
+}

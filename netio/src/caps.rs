@@ -1,0 +1,49 @@
+//! What a backend can do: [`Capabilities`].
+
+/// What a backend can do, fixed when it is opened. The daemons size their batches and choose
+/// their send strategy from it, so one event loop serves every backend.
+///
+/// It is a value rather than associated constants of [`PacketIo`](crate::PacketIo) because some
+/// answers depend on the configuration and the kernel (a UDP socket's batch limit is configured;
+/// AF_XDP's datagram limit follows the UMEM frame size and the link MTU), and because a trait with
+/// constants could not be used as `dyn PacketIo`, which lets a daemon pick its backend at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Short name of the backend, for logs: `"udp"`, later `"af_xdp"`.
+    pub backend: &'static str,
+    /// Longest UDP payload the backend can send or receive, in bytes. What reaches another host
+    /// unfragmented is further limited by the link MTU (payload = MTU - 28).
+    pub max_datagram: usize,
+    /// Most datagrams moved by one system call or ring operation. A batch may be larger; the
+    /// backend then works through it in chunks of this size within one call.
+    pub max_batch: usize,
+    /// Generic segmentation offload on send: one descriptor carries many equal-size datagrams.
+    pub gso: bool,
+    /// Generic receive offload: the kernel may hand over several coalesced datagrams at once.
+    pub gro: bool,
+    /// Datagrams move between the NIC and the caller's memory without a copy by the CPU.
+    pub zero_copy: bool,
+    /// [`RxDatagram::destination`](crate::RxDatagram::destination) is the real destination of
+    /// each datagram (so multicast and unicast arrivals can be told apart), not just the bound address.
+    pub rx_destination: bool,
+    /// [`PacketIo::poll_fd`](crate::PacketIo::poll_fd) returns a descriptor for poll/epoll.
+    pub pollable: bool,
+}
+
+impl Capabilities {
+    /// Capabilities of a backend named `backend` that moves datagrams of up to `max_datagram`
+    /// bytes, `max_batch` at a time, with every optional feature off.
+    pub const fn new(backend: &'static str, max_datagram: usize, max_batch: usize) -> Capabilities {
+        Capabilities {
+            backend,
+            max_datagram,
+            max_batch,
+            gso: false,
+            gro: false,
+            zero_copy: false,
+            rx_destination: false,
+            pollable: false,
+        }
+    }
+}
