@@ -578,10 +578,7 @@ impl Receiver {
             Some(&(since, Priority::Fault)) => self.wants.want_advertised(page, Priority::Fault, since),
             // Queued behind read-ahead: ask to raise its priority if it is not here soon (the
             // server advertises the raise, so the other hosts faulting on it stay quiet).
-            Some(_) => {
-                let rto = self.request_rto();
-                self.wants.want_deferred(page, now, rto);
-            }
+            Some(_) => self.wants.want_deferred(page, now),
             None => {
                 self.wants.want(page, Priority::Fault);
             }

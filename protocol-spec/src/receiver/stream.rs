@@ -50,6 +50,8 @@ pub(super) struct Stream {
     last_range_nak: Option<Time>,
     /// Positions in `received` still missing.
     missing: usize,
+    /// The newest block seen (it may be complete and forgotten already).
+    newest_block: Option<u32>,
 }
 
 /// Positions this far behind the newest one are given up rather than tracked forever.
@@ -143,6 +145,7 @@ impl Stream {
             self.missing -= 1;
         }
         let first_seq = seq - u64::from(index);
+        self.newest_block = Some(self.newest_block.map_or(block, |n| n.max(block)));
         let b = self.blocks.entry(block).or_insert_with(|| RxBlock { first_seq, ..RxBlock::default() });
         b.first_seq = first_seq;
         if last {
@@ -180,6 +183,7 @@ impl Stream {
             return Ok(Vec::new());
         }
         self.extend_to(end);
+        self.newest_block = Some(self.newest_block.map_or(block, |n| n.max(block)));
         let b = self.blocks.entry(block).or_insert_with(|| RxBlock { first_seq, ..RxBlock::default() });
         b.first_seq = first_seq;
         b.k = Some(k);
@@ -256,8 +260,9 @@ impl Stream {
     /// Learns from a heartbeat that every block below `end` is closed: the newest block, if its
     /// last packet was lost, ends at `end`.
     pub fn closed_at(&mut self, end: u64) {
-        if let Some((_, b)) = self.blocks.iter_mut().next_back() {
-            if b.k.is_none() && b.first_seq < end && end - b.first_seq <= 64 {
+        let newest = self.newest_block;
+        if let Some((&id, b)) = self.blocks.iter_mut().next_back() {
+            if Some(id) == newest && b.k.is_none() && b.first_seq < end && end - b.first_seq <= 64 {
                 b.k = Some((end - b.first_seq) as u16);
             }
         }
@@ -298,16 +303,24 @@ impl Stream {
         let mut covered: Vec<(u64, u64)> = Vec::with_capacity(ids.len());
         for (n, id) in ids.iter().enumerate() {
             let next_first = ids.get(n + 1).filter(|&&next| next == id + 1).map(|next| self.blocks[next].first_seq);
+            let later = self.newest_block.filter(|&newest| newest > *id);
             let b = &self.blocks[id];
-            let end = match b.k {
-                Some(k) => b.first_seq + u64::from(k),
-                None => next_first.unwrap_or(highest),
+            let known_end = b.first_seq + b.bodies.keys().next_back().map_or(0, |&i| u64::from(i) + 1);
+            let end = match (b.k, next_first, later) {
+                (Some(k), _, _) => b.first_seq + u64::from(k),
+                (None, Some(next), _) => next,
+                // Its last packet and the next block's first ones were lost: the block covers what
+                // was seen of it; the positions after it go out as a range entry, which the server
+                // maps to blocks.
+                (None, None, Some(_)) => known_end,
+                (None, None, None) => highest,
             };
             covered.push((b.first_seq, end));
             let missing =
                 (b.first_seq.max(self.base)..end.min(highest)).filter(|&s| !self.is_received(s)).count() as u64;
-            // A block whose end is unknown may still be arriving: wait for its end.
-            if missing == 0 || (b.k.is_none() && next_first.is_none()) {
+            // The newest block, with its end unknown, may still be arriving: wait for its end (a
+            // later packet, its parity, or a heartbeat).
+            if missing == 0 || (b.k.is_none() && next_first.is_none() && later.is_none()) {
                 continue;
             }
             if b.last_nak.is_some_and(|t| now < t + retry) {
@@ -420,5 +433,23 @@ mod tests {
         s.closed_at(2);
         let naks = s.nak_entries(Time::ZERO, Duration::from_millis(1), 16);
         assert_eq!(naks, vec![NakEntry { block: 0, needed: 1, parity_seen: 0, first_seq: 0 }]);
+    }
+}
+
+#[cfg(test)]
+mod lost_boundary {
+    use super::*;
+
+    #[test]
+    fn a_lost_block_end_and_a_whole_lost_block_are_naked_as_a_range() {
+        let mut s = Stream::default();
+        s.begin(0);
+        // Block 0 is positions 0-2, block 1 positions 3-4, block 2 starts at 5. Position 2 (block
+        // 0's last) and all of block 1 are lost, so block 0's end is unknown but a later block exists.
+        s.take_data(0, 0, 0, false, &[0; 8]);
+        s.take_data(1, 0, 1, false, &[1; 8]);
+        s.take_data(5, 2, 0, true, &[5; 8]);
+        let naks = s.nak_entries(Time::ZERO, Duration::from_millis(1), 16);
+        assert_eq!(naks, vec![NakEntry { block: NO_BLOCK, needed: 3, parity_seen: 0, first_seq: 2 }]);
     }
 }

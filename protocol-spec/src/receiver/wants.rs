@@ -50,16 +50,15 @@ impl Wants {
     }
 
     /// Wants `page` as a fault although the server advertised it at a lower priority: ask (to raise
-    /// its priority) only if it has not come within half a timeout.
-    pub fn want_deferred(&mut self, page: u32, now: Time, rto: Duration) {
+    /// its priority) only if it has not come within a timeout.
+    pub fn want_deferred(&mut self, page: u32, now: Time) {
         if self.pages.contains_key(&page) {
             self.want(page, Priority::Fault);
             return;
         }
-        // Due half a timeout from now.
-        let since = Time::from_nanos(now.as_nanos().saturating_sub((rto / 2).as_nanos() as u64));
+        // Due a timeout from now, as if asked for now.
         let want =
-            Want { priority: Priority::Fault, requested_at: Some(since), attempts: 0, queued: false, measure: false };
+            Want { priority: Priority::Fault, requested_at: Some(now), attempts: 0, queued: false, measure: false };
         self.pages.insert(page, want);
     }
 

@@ -6,6 +6,11 @@
 //! virtual time run in the order they were scheduled. [`run`] returns a [`SimReport`]; the same config
 //! always gives the same report, apart from `real_time_ms`.
 //!
+//! The one exception to the crate's no-clock rule: [`run`] reads the monotonic wall clock (not the
+//! system time) to report `real_time_ms` and to enforce [`SimConfig::real_time_limit`], the safety
+//! bound that keeps a livelocked run from hanging a test. Neither changes what happens in virtual time;
+//! a run stopped by that bound says so in `stopped_by`.
+//!
 //! The pieces, each small and tested on its own:
 //! - [`events`]: the event queue;
 //! - [`link`]: fault injection (loss, bursts, duplication, reordering, corruption) and rate-limited pipes;
