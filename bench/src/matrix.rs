@@ -62,8 +62,20 @@ fn cases(a: &MatrixArgs) -> Vec<Case> {
     for seed in 1..=a.seeds.min(2) {
         let c = SimConfig { corrupt: 0.05, ..base(16, a.pages, 0.01, false, seed) };
         out.push(Case { group: "corruption", config: c });
-        let c = SimConfig { corrupt: 0.05, duplicate: 0.02, reorder: 0.05, ..base(16, a.pages, 0.05, true, seed) };
+        let c = SimConfig { corrupt: 0.05, duplicate: 0.02, ..base(16, a.pages, 0.05, true, seed) };
         out.push(Case { group: "corruption", config: c });
+        let c = SimConfig { corrupt: 0.05, encrypt: true, ..base(16, a.pages, 0.05, false, seed) };
+        out.push(Case { group: "corruption", config: c });
+    }
+    for seed in 1..=a.seeds.max(6) {
+        for receivers in [1, 16] {
+            let c = SimConfig { reorder: 0.05, ..base(receivers, a.pages, 0.01, false, seed) };
+            out.push(Case { group: "reorder", config: c });
+        }
+    }
+    for seed in 1..=a.seeds {
+        let c = SimConfig { reorder: 0.05, duplicate: 0.02, ..base(16, a.pages, 0.05, true, seed) };
+        out.push(Case { group: "reorder", config: c });
     }
     out.push(Case { group: "determinism", config: base(16, a.pages, 0.05, true, 7) });
     out.push(Case { group: "determinism", config: base(16, a.pages, 0.05, true, 7) });
@@ -148,12 +160,17 @@ pub fn run(a: &MatrixArgs) -> anyhow::Result<ExitCode> {
         cases.iter().zip(&results).filter(move |(c, _)| c.group == g).filter_map(|(_, r)| r.as_ref().ok())
     };
 
-    for group in ["bit-exact", "corruption"] {
+    for group in ["bit-exact", "corruption", "reorder"] {
         let runs: Vec<&SimReport> = ok(group).collect();
         let failed: Vec<String> = runs
             .iter()
             .filter(|r| !r.all_bit_exact)
-            .map(|r| format!("r={} loss={} burst={} seed={}", r.receivers, r.loss, r.burst, r.seed))
+            .map(|r| {
+                format!(
+                    "r={} loss={} burst={} corrupt={} dup={} reorder={} seed={}",
+                    r.receivers, r.loss, r.burst, r.settings.corrupt, r.settings.duplicate, r.settings.reorder, r.seed
+                )
+            })
             .collect();
         checks.push(Check {
             check: format!("{group}: all_bit_exact"),
@@ -233,6 +250,9 @@ fn row(group: &str, c: &SimConfig, r: &SimReport) -> String {
     }
     if c.reorder > 0.0 {
         extra.push(format!("reorder {}", c.reorder));
+    }
+    if c.encrypt {
+        extra.push("encrypt".into());
     }
     let stopped = match &r.stopped_by {
         Some(why) => format!("NO ({why})"),

@@ -24,6 +24,9 @@
 //!   keeps the handoff connection open and must exit when it hangs up. It must not just close its
 //!   userfaultfd: a released userfaultfd turns every missing page into a silent zero page.
 //!
+//! [`session`] is the network side: a multicast session's receiver event loop that fills a cache
+//! (and `spindrift-client fetch` pulls a whole image with it).
+//!
 //! Modules: [`uffd`] (the syscall wrapper), [`region`] and [`region_map`] (what memory maps where),
 //! [`handoff`] (both sides of the socket), [`cache`], [`waker`], [`liveness`], [`fault_server`].
 
@@ -34,6 +37,7 @@ pub mod handoff;
 pub mod liveness;
 pub mod region;
 pub mod region_map;
+pub mod session;
 pub mod uffd;
 pub mod waker;
 

@@ -89,9 +89,10 @@ impl Group {
         self.members.len()
     }
 
-    /// How far the push stream may run: the smallest `received_through + window` over members.
+    /// How far the push stream may run: the smallest `received_through + window` over members,
+    /// and nowhere while no receiver is live (a push to nobody would be sent again on demand).
     pub fn push_limit(&self) -> u64 {
-        self.members.values().map(|m| m.received_through.saturating_add(u64::from(m.window))).min().unwrap_or(u64::MAX)
+        self.members.values().map(|m| m.received_through.saturating_add(u64::from(m.window))).min().unwrap_or(0)
     }
 
     /// Parity packets to add to a closing block of `k` sources so that the expected number of
@@ -156,6 +157,14 @@ mod tests {
         assert!((binomial_tail(10, 0.1, 0) - (1.0 - 0.9f64.powi(10))).abs() < 1e-12);
         assert_eq!(binomial_tail(10, 0.0, 0), 0.0);
         assert!(binomial_tail(10, 0.1, 10) < 1e-12);
+    }
+
+    #[test]
+    fn nothing_is_pushed_before_a_receiver_joins() {
+        let mut g = Group::default();
+        assert_eq!(g.push_limit(), 0);
+        g.touch(NodeId(1), Time::ZERO);
+        assert_eq!(g.push_limit(), u64::from(u32::MAX), "a new member has not reported a window yet");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use super::workload::{self, WorkingSet};
 use super::{Push, SimConfig, SimError};
 use crate::receiver::{Receiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
 use crate::sender::{PushPolicy, Sender, SenderConfig, SenderEvent};
-use crate::wire::{NodeId, SessionId, SessionKey, MAX_DATAGRAM};
+use crate::wire::{Keys, NodeId, SessionId, SessionKey, MAX_DATAGRAM};
 use crate::Time;
 
 /// Most datagrams one drain of `poll_transmit` may yield before the run is declared a livelock.
@@ -82,6 +82,8 @@ struct Node {
 pub(super) struct World {
     cfg: SimConfig,
     ws: WorkingSet,
+    /// The session's keys, to decode datagrams for traces.
+    keys: Keys,
     sender: Sender<Rc<Image>>,
     sender_timer: Option<Time>,
     nodes: Vec<Node>,
@@ -178,6 +180,7 @@ impl World {
 
         let mut world = World {
             ws,
+            keys: Keys::derive(&key, session, 1),
             sender,
             sender_timer: None,
             nodes,
@@ -276,7 +279,10 @@ impl World {
     fn handle(&mut self, ev: Ev) -> Result<(), SimError> {
         match ev {
             Ev::Multicast(pkt) => self.multicast(&pkt),
-            Ev::ToReceiver { rx, pkt, corruption } => self.deliver(rx as usize, &pkt, corruption),
+            Ev::ToReceiver { rx, pkt, corruption } => {
+                tracing::trace!(target: "spindrift_sim", t_us = us_t(self.now), node = rx + 1, msg = %msg_type(&pkt), corrupted = !corruption.is_none(), "late copy arrives");
+                self.deliver(rx as usize, &pkt, corruption)
+            }
             Ev::AtIngress { pkt, corruption } => {
                 if let Some(at) = self.ingress.send(self.now, pkt.len()) {
                     self.queue.push(at, Ev::ToServer { pkt, corruption });
@@ -344,6 +350,7 @@ impl World {
                     if extra == 0 {
                         self.deliver(i, pkt, corruption);
                     } else {
+                        tracing::trace!(target: "spindrift_sim", t_us = us_t(self.now), node = i + 1, msg = %msg_type(pkt), extra_ns = extra, "downlink delays");
                         let at = self.now + Duration::from_nanos(extra);
                         self.queue.push(at, Ev::ToReceiver { rx: i as u32, pkt: pkt.clone(), corruption });
                     }
@@ -383,7 +390,7 @@ impl World {
             let Some(out) = self.egress.send(now, len) else { continue };
             let Some(out) = self.downlink.send(out, len) else { continue };
             let pkt: Rc<[u8]> = Rc::from(&self.txbuf[..len]);
-            tracing::trace!(target: "spindrift_sim", t_us = us_t(now), len, msg = %msg_type(&pkt), "server sends");
+            tracing::trace!(target: "spindrift_sim", t_us = us_t(now), len, msg = %describe(&pkt, &self.keys), "server sends");
             self.queue.push(out + self.delay, Ev::Multicast(pkt));
         }
         while let Some(ev) = self.sender.poll_event() {
@@ -630,6 +637,34 @@ fn msg_type(d: &[u8]) -> String {
     match crate::wire::peek_header(d) {
         Ok(h) => format!("{:?}#{}", h.msg_type, h.packet_number),
         Err(_) => "?".to_string(),
+    }
+}
+
+/// A datagram the server sent, decoded for traces: stream position, block and the pages it carries.
+fn describe(d: &[u8], keys: &Keys) -> String {
+    use crate::wire::{Message, Record, Records};
+    let mut buf = d.to_vec();
+    let Ok((h, body)) = crate::wire::open(&mut buf, keys) else { return format!("{} (unreadable)", msg_type(d)) };
+    let head = format!("{:?}#{}", h.msg_type, h.packet_number);
+    match Message::parse(h.msg_type, body) {
+        Ok(Message::Data(data)) => {
+            let mut pages = Vec::new();
+            for r in Records::new(data.records).flatten() {
+                match r {
+                    Record::Page { page, offset, bytes, total_len, .. } => {
+                        pages.push(format!("{page}[{offset}+{}/{total_len}]", bytes.len()))
+                    }
+                    Record::ZeroRun { first_page, count } => pages.push(format!("zero {first_page}+{count}")),
+                    Record::Blob { id, .. } => pages.push(format!("blob {id}")),
+                }
+            }
+            format!("{head} seq {} block {} idx {}: {}", data.seq, data.block, data.index, pages.join(" "))
+        }
+        Ok(Message::Repair(r)) => {
+            format!("{head} block {} first {} k {} parity {}/{}", r.block, r.first_seq, r.k, r.index, r.total)
+        }
+        Ok(_) => head,
+        Err(e) => format!("{head} (bad body: {e})"),
     }
 }
 

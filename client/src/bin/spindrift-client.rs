@@ -1,0 +1,215 @@
+//! `spindrift-client`: the host daemon. `fetch` pulls a whole image through a multicast session.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use spindrift_client::session::{
+    default_node, pages_for_bytes, parse_key_hex, read_key_file, Session, SessionConfig, SessionError, DEFAULT_PORT,
+};
+use spindrift_client::CACHE_PAGE_SIZE;
+
+/// spindrift host daemon.
+#[derive(Parser, Debug)]
+#[command(name = "spindrift-client", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Pull a whole image from a memory server's multicast session into a file.
+    Fetch(FetchArgs),
+}
+
+#[derive(Args, Debug)]
+struct FetchArgs {
+    /// The server's unicast IPv4 address.
+    #[arg(long)]
+    server: Ipv4Addr,
+    /// This host's interface IPv4 address (the group is joined there).
+    #[arg(long)]
+    iface: Ipv4Addr,
+    /// The session's multicast group (239.0.0.0/8).
+    #[arg(long)]
+    group: Ipv4Addr,
+    /// The session's UDP port (the server's and the group's).
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    port: u16,
+    /// The session id.
+    #[arg(long, default_value_t = 1)]
+    session: u64,
+    /// The session key: 64 hex digits.
+    #[arg(long, conflicts_with = "key_file", required_unless_present = "key_file")]
+    key_hex: Option<String>,
+    /// The session key: a file of 32 raw bytes.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Pages (4096 bytes) in the image.
+    #[arg(long, conflicts_with = "image_bytes", required_unless_present = "image_bytes")]
+    pages: Option<u64>,
+    /// Image size in bytes (a multiple of 4096).
+    #[arg(long)]
+    image_bytes: Option<u64>,
+    /// Where to write the image.
+    #[arg(long)]
+    out: PathBuf,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    json: bool,
+    /// This host's node id (non-zero; default: the interface address as a number).
+    #[arg(long)]
+    node: Option<u32>,
+    /// Pages read ahead after each fault.
+    #[arg(long, default_value_t = 16)]
+    read_ahead: u16,
+    /// Faults outstanding at once.
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Also ask for every page up front at prefetch priority.
+    #[arg(long)]
+    prefetch_all: bool,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout_s: u64,
+    /// Compare the fetched image with this reference file.
+    #[arg(long)]
+    verify: Option<PathBuf>,
+}
+
+/// Errors of the command line tool.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    /// The session failed.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// A page is missing after the fetch (a bug: the fetch only returns when all are present).
+    #[error("page {0} is missing after the fetch")]
+    Missing(u64),
+    /// Writing the output failed.
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Reading the reference failed.
+    #[error("reading the reference {path}: {source}")]
+    ReadReference {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The image differs from the reference.
+    #[error("the fetched image differs from {path}: {detail}")]
+    Mismatch {
+        /// The reference.
+        path: PathBuf,
+        /// Where.
+        detail: String,
+    },
+    /// The JSON summary could not be written.
+    #[error("writing the JSON summary: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fetch(args) => fetch(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spindrift-client: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn fetch(args: FetchArgs) -> Result<(), CliError> {
+    let key = match (&args.key_hex, &args.key_file) {
+        (Some(hex), _) => parse_key_hex(hex)?,
+        (None, Some(path)) => read_key_file(path)?,
+        (None, None) => return Err(SessionError::BadKeyHex("give --key-hex or --key-file".into()).into()),
+    };
+    let pages = match (args.pages, args.image_bytes) {
+        (Some(0), _) => return Err(SessionError::NoPages.into()),
+        (Some(p), _) => u32::try_from(p).map_err(|_| SessionError::TooManyPages(p))?,
+        (None, Some(bytes)) => pages_for_bytes(bytes)?,
+        (None, None) => return Err(SessionError::NoPages.into()),
+    };
+    let mut config = SessionConfig::new(args.server, args.iface, args.group, args.session, key, pages).port(args.port);
+    config.node = args.node.unwrap_or_else(|| default_node(args.iface));
+    config.read_ahead = args.read_ahead;
+    config.window = args.window;
+    config.prefetch_all = args.prefetch_all;
+    config.timeout = Duration::from_secs(args.timeout_s);
+    let mut session = Session::open_with_new_cache(config)?;
+    let report = session.fetch(|p| {
+        eprintln!(
+            "{:6.1}s  {:>9}/{} pages  {:5.1}%  {:9.0} pages/s",
+            p.elapsed.as_secs_f64(),
+            p.present,
+            p.pages,
+            p.present as f64 * 100.0 / f64::from(p.pages.max(1)),
+            p.pages_per_sec
+        );
+    })?;
+    let cache = session.cache();
+    let total = u64::from(pages);
+    if let Some(missing) = (0..total).find(|&p| !cache.is_present(p)) {
+        return Err(CliError::Missing(missing));
+    }
+    let image = cache.get_run(0, total).ok_or(CliError::Missing(0))?;
+    write_image(&args.out, image)?;
+    if let Some(reference) = &args.verify {
+        verify(reference, image)?;
+    }
+    eprintln!(
+        "fetched {} pages ({} bytes) in {:.2}s: {:.1} MB/s, {} requests, {} NAKs{}",
+        report.pages,
+        report.bytes,
+        report.seconds,
+        report.mb_per_s,
+        report.requests,
+        report.naks,
+        if args.verify.is_some() { ", verified" } else { "" }
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+fn write_image(path: &Path, image: &[u8]) -> Result<(), CliError> {
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(path)?;
+        f.write_all(image)?;
+        f.sync_all()
+    };
+    write().map_err(|source| CliError::Write { path: path.to_path_buf(), source })
+}
+
+fn verify(path: &Path, image: &[u8]) -> Result<(), CliError> {
+    let reference =
+        std::fs::read(path).map_err(|source| CliError::ReadReference { path: path.to_path_buf(), source })?;
+    let mismatch = |detail: String| CliError::Mismatch { path: path.to_path_buf(), detail };
+    if reference.len() != image.len() {
+        return Err(mismatch(format!("{} bytes there, {} fetched", reference.len(), image.len())));
+    }
+    let page = CACHE_PAGE_SIZE as usize;
+    if let Some(i) = reference.chunks(page).zip(image.chunks(page)).position(|(a, b)| a != b) {
+        return Err(mismatch(format!("first difference in page {i}")));
+    }
+    Ok(())
+}

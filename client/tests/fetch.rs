@@ -1,0 +1,254 @@
+//! Fetch mode over a real multicast session: a minimal server loop (the protocol's `Sender` behind a
+//! netio socket) on h0 of a netlab lab, three hosts fetching the whole image at once with 5% receive
+//! loss each. Needs root (network namespaces); skipped otherwise. Also checks flag validation.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use netio::udp::{Bind, UdpConfig, UdpIo};
+use netio::{Interest, IoError, PacketIo, RxBatch, TxBatch};
+use netlab::{Lab, LabConfig, LinkConditions, Loss};
+use spindrift_client::session::{parse_key_hex, FetchReport, Session, SessionConfig, SessionError};
+use spindrift_protocol::sender::{PageSource, Sender, SenderConfig, SenderStats};
+use spindrift_protocol::wire::{self, SessionId, SessionKey};
+use spindrift_protocol::Time;
+
+const PAGE: usize = 4096;
+const GROUP: Ipv4Addr = Ipv4Addr::new(239, 77, 0, 1);
+const PORT: u16 = 7700;
+const SESSION: u64 = 1;
+
+struct VecSource(Vec<u8>);
+
+impl PageSource for VecSource {
+    fn page_count(&self) -> u32 {
+        (self.0.len() / PAGE) as u32
+    }
+    fn page(&self, page: u32) -> &[u8] {
+        &self.0[page as usize * PAGE..(page as usize + 1) * PAGE]
+    }
+}
+
+/// 16 MiB of mixed content: runs of zero pages, text-like pages, random pages.
+fn image(bytes: usize) -> Vec<u8> {
+    let mut out = vec![0u8; bytes];
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for (i, page) in out.chunks_mut(PAGE).enumerate() {
+        match i % 8 {
+            0 | 1 => {} // zero
+            2..=4 => {
+                let text = format!("page {i}: the quick brown fox jumps over the lazy dog {}\n", i * 7919);
+                for (b, t) in page.iter_mut().zip(text.bytes().cycle()) {
+                    *b = t;
+                }
+            }
+            _ => {
+                for b in page.iter_mut() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *b = x as u8;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn key() -> SessionKey {
+    SessionKey([7; 32])
+}
+
+fn now(start: Instant) -> Time {
+    Time::from_nanos(start.elapsed().as_nanos() as u64)
+}
+
+/// A minimal server: the protocol's sender, requests in on `addr:PORT`, stream out to the group.
+fn serve(addr: Ipv4Addr, image: Vec<u8>, stop: Arc<AtomicBool>) -> Result<SenderStats, String> {
+    let mut io = UdpIo::open(&UdpConfig::new(addr, PORT).bind(Bind::Interface)).map_err(|e| e.to_string())?;
+    let mut config = SenderConfig::new(SessionId(SESSION), 1, key(), 12);
+    config.max_datagram = 1472;
+    let start = Instant::now();
+    let mut sender = Sender::new(config, VecSource(image), now(start)).map_err(|e| e.to_string())?;
+    let mut rx = RxBatch::new(64, wire::MAX_DATAGRAM).map_err(|e| e.to_string())?;
+    let mut tx = TxBatch::new(64, 1472).map_err(|e| e.to_string())?;
+    let group = SocketAddrV4::new(GROUP, PORT);
+    while !stop.load(Ordering::Relaxed) {
+        let t = now(start);
+        loop {
+            let n = io.recv_batch(&mut rx).map_err(|e| e.to_string())?;
+            for i in 0..n {
+                if let Some(p) = rx.payload_mut(i) {
+                    sender.handle_datagram(t, p);
+                }
+            }
+            if n < rx.capacity() {
+                break;
+            }
+        }
+        if sender.poll_timeout().is_some_and(|d| d <= t) {
+            sender.handle_timeout(t);
+        }
+        loop {
+            let queued =
+                tx.push_with(group, |buf| sender.poll_transmit(t, buf).map(|x| x.len)).map_err(|e| e.to_string())?;
+            if queued.is_none() || tx.is_full() {
+                while !tx.is_sent() {
+                    match io.send_batch(&mut tx) {
+                        Ok(_) | Err(IoError::Send { .. }) => {}
+                        Err(e) => return Err(e.to_string()),
+                    }
+                    if !tx.is_sent() {
+                        io.wait(Interest::WRITABLE, Some(Duration::from_millis(10))).map_err(|e| e.to_string())?;
+                    }
+                }
+                tx.clear();
+            }
+            if queued.is_none() {
+                break;
+            }
+        }
+        while sender.poll_event().is_some() {}
+        let t = now(start);
+        let wait = sender.poll_timeout().map_or(Duration::from_millis(5), |d| d.saturating_since(t));
+        let wait = wait.min(Duration::from_millis(5));
+        if !wait.is_zero() {
+            io.wait(Interest::READABLE, Some(wait)).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(sender.stats().clone())
+}
+
+fn client_config(server: Ipv4Addr, iface: Ipv4Addr, pages: u32) -> SessionConfig {
+    let mut c = SessionConfig::new(server, iface, GROUP, SESSION, key(), pages).port(PORT);
+    c.timeout = Duration::from_secs(60);
+    c
+}
+
+#[test]
+fn three_hosts_fetch_one_image_with_loss() {
+    if let Err(e) = netlab::check_prerequisites() {
+        eprintln!("SKIPPED three_hosts_fetch_one_image_with_loss: netlab unavailable (needs root): {e}");
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let source = image(16 << 20);
+    let pages = (source.len() / PAGE) as u32;
+    let loss = LinkConditions::new().with_loss_rx(Loss::from_probability(0.05).expect("loss"));
+    let mut cfg = LabConfig::new(netlab::unique_lab_name("clfetch"), 4);
+    for i in 1..4 {
+        cfg = cfg.host_conditions(i, loss);
+    }
+    let lab = Lab::create(&cfg).expect("lab");
+    let h0 = lab.host(0).expect("h0");
+    let server_addr = h0.addr();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let (image, stop) = (source.clone(), stop.clone());
+        h0.spawn(move || serve(server_addr, image, stop)).expect("spawn server")
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let started = Instant::now();
+    let clients: Vec<_> = (1..4)
+        .map(|i| {
+            let h = lab.host(i).expect("host");
+            let config = client_config(server_addr, h.addr(), pages);
+            h.spawn(move || -> Result<(FetchReport, Vec<u8>), String> {
+                let mut s = Session::open_with_new_cache(config).map_err(|e| e.to_string())?;
+                let report = s.fetch(|_| {}).map_err(|e| e.to_string())?;
+                let image = s.cache().get_run(0, u64::from(pages)).ok_or("image incomplete")?.to_vec();
+                Ok((report, image))
+            })
+            .expect("spawn client")
+        })
+        .collect();
+    let mut results = Vec::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        let (report, fetched) = c.join().expect("client panicked").unwrap_or_else(|e| panic!("h{}: {e}", i + 1));
+        assert!(fetched == source, "h{}: fetched image differs from the source", i + 1);
+        results.push(report);
+    }
+    let wall = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let stats = server.join().expect("server panicked").expect("server");
+    let ratio = stats.tx_bytes as f64 / source.len() as f64;
+    for (i, r) in results.iter().enumerate() {
+        eprintln!(
+            "h{}: {} pages in {:.2}s = {:.1} MB/s; requests {} naks {} recovered {} duplicates {} rx {}",
+            i + 1,
+            r.pages,
+            r.seconds,
+            r.mb_per_s,
+            r.requests,
+            r.naks,
+            r.receiver.recovered_packets,
+            r.receiver.duplicates,
+            r.receiver.rx_packets
+        );
+    }
+    eprintln!(
+        "all three in {:.2}s; server sent {} bytes in {} packets ({} data, {} repair) = {:.3}x the {} MiB image",
+        wall.as_secs_f64(),
+        stats.tx_bytes,
+        stats.tx_packets,
+        stats.data_packets,
+        stats.repair_packets,
+        ratio,
+        source.len() >> 20
+    );
+    assert!(ratio < 2.0, "server sent {ratio:.2}x the image: multicast should serve all three with one copy");
+
+    // The server is gone now: a fresh fetch must fail with ServerLost, not hang.
+    let h1 = lab.host(1).expect("h1");
+    let config = client_config(server_addr, h1.addr(), pages);
+    let t = Instant::now();
+    let lost = h1
+        .spawn(move || Session::open_with_new_cache(config).and_then(|mut s| s.fetch(|_| {})).map(|_| ()))
+        .expect("spawn")
+        .join()
+        .expect("client panicked");
+    match lost {
+        Err(SessionError::ServerLost { .. }) => {
+            eprintln!("server loss detected after {:.2}s", t.elapsed().as_secs_f64())
+        }
+        other => panic!("expected ServerLost, got {other:?}"),
+    }
+    assert!(Instant::now() < deadline, "the test took longer than 60 s");
+}
+
+#[test]
+fn bad_flags_are_refused_with_clear_messages() {
+    let c = SessionConfig::new(
+        Ipv4Addr::new(10, 0, 0, 1),
+        Ipv4Addr::new(10, 0, 0, 2),
+        Ipv4Addr::new(10, 1, 1, 1),
+        1,
+        key(),
+        16,
+    );
+    let e = c.validate().expect_err("unicast group");
+    assert_eq!(e.to_string(), "--group 10.1.1.1 is not a multicast address in 239.0.0.0/8");
+    let mut c = SessionConfig::new(
+        Ipv4Addr::new(10, 0, 0, 1),
+        Ipv4Addr::new(10, 0, 0, 2),
+        Ipv4Addr::new(224, 1, 1, 1),
+        1,
+        key(),
+        16,
+    );
+    assert!(matches!(c.validate(), Err(SessionError::NotMulticast(_))));
+    c.group = Ipv4Addr::new(239, 1, 1, 1);
+    c.validate().expect("valid");
+    c.pages = 0;
+    assert!(c.validate().expect_err("0 pages").to_string().contains("--pages"));
+    c.pages = 16;
+    c.node = 0;
+    assert!(matches!(c.validate(), Err(SessionError::ZeroNode)));
+    assert!(parse_key_hex("abcd").expect_err("short").to_string().contains("64 hex digits"));
+    assert!(parse_key_hex(&"zz".repeat(32)).expect_err("not hex").to_string().contains("not hex"));
+    assert_eq!(parse_key_hex(&"0a".repeat(32)).expect("key").0, [10; 32]);
+    assert!(spindrift_client::session::pages_for_bytes(4097).is_err());
+    assert_eq!(spindrift_client::session::pages_for_bytes(8192).expect("pages"), 2);
+}

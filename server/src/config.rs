@@ -1,0 +1,435 @@
+//! Command-line flags, the optional TOML file with the same keys, and their checked result.
+//!
+//! Flags override the file. Every check that can be made before opening a socket is made here, and
+//! each error names the flag and the value that was refused.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use spindrift_protocol::sender::{PushPolicy, SenderConfig};
+use spindrift_protocol::wire::{SessionId, SessionKey, MAX_DATAGRAM, MIN_DATAGRAM};
+
+use crate::image::PAGE_SIZE;
+
+/// Default UDP port.
+pub const DEFAULT_PORT: u16 = 7700;
+/// Default link MTU.
+pub const DEFAULT_MTU: u32 = 1500;
+/// Bytes of IPv4 and UDP headers: `max_datagram = mtu - IP_UDP_HEADERS`.
+pub const IP_UDP_HEADERS: u32 = 28;
+/// log2 of the page size the server serves (Firecracker snapshots use 4 KiB pages).
+pub const PAGE_SHIFT: u8 = 12;
+
+/// A configuration the server refuses. Each message names the flag and the value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required setting is missing.
+    #[error("{0} is required (as a flag or in the --config file)")]
+    Missing(&'static str),
+    /// A setting's value is not acceptable.
+    #[error("{flag} {value} {why}")]
+    Invalid {
+        /// The flag, e.g. `--group`.
+        flag: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it was refused.
+        why: String,
+    },
+    /// Both of two exclusive settings were given, or neither.
+    #[error("exactly one of --key-file and --key-hex is required ({0})")]
+    Key(&'static str),
+    /// `--key-hex` is not 64 hex digits.
+    #[error("--key-hex must be 64 hex digits (32 bytes), got {0} characters or a non-hex digit")]
+    KeyHex(usize),
+    /// A file could not be read.
+    #[error("{flag} {path}: {source}")]
+    Read {
+        /// The flag naming the file.
+        flag: &'static str,
+        /// The path.
+        path: String,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// The image file's length does not fit the page layout.
+    #[error("--image {path}: length {len} {why}")]
+    ImageLength {
+        /// The path.
+        path: String,
+        /// Its length in bytes.
+        len: u64,
+        /// Why it was refused.
+        why: String,
+    },
+    /// The `--config` file is not valid TOML or has an unknown key.
+    #[error("--config {path}: {message}")]
+    Toml {
+        /// The path.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+}
+
+/// The flags of `spindrift-server`. Every one may also be set in the `--config` TOML file under
+/// the same name (e.g. `zstd-level = 3`); flags override the file.
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(name = "spindrift-server", version, about = "Multicasts a frozen VM memory image to spindrift host daemons")]
+pub struct Args {
+    /// The memory image: guest memory as one flat file (Firecracker snapshot layout), a multiple of 4096 bytes.
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+    /// IPv4 address of the interface to serve on: requests arrive there, multicast leaves through it.
+    #[arg(long, value_name = "IPV4")]
+    pub iface: Option<String>,
+    /// Multicast group (239.0.0.0/8).
+    #[arg(long, value_name = "239.X.Y.Z")]
+    pub group: Option<String>,
+    /// UDP port of the group and of the server's unicast socket [default: 7700].
+    #[arg(long, value_name = "N")]
+    pub port: Option<u16>,
+    /// Session id, shared with the hosts [default: 1].
+    #[arg(long, value_name = "ID")]
+    pub session: Option<u64>,
+    /// File holding the 32-byte session key (raw bytes).
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// The session key as 64 hex digits.
+    #[arg(long, value_name = "64HEX")]
+    pub key_hex: Option<String>,
+    /// Server incarnation, must grow on every restart [default: current unix time in seconds].
+    #[arg(long, value_name = "N")]
+    pub epoch: Option<u32>,
+    /// Pacing rate, e.g. 800mbit, 1gbit, 500kbit (default: unpaced).
+    #[arg(long, value_name = "RATE")]
+    pub rate: Option<String>,
+    /// Link MTU; datagrams are at most MTU - 28 bytes [default: 1500].
+    #[arg(long, value_name = "1500|9000")]
+    pub mtu: Option<u32>,
+    /// zstd level for pages, 0 sends pages raw [default: 1].
+    #[arg(long, value_name = "N")]
+    pub zstd_level: Option<i32>,
+    /// Encrypt page payloads (ChaCha20-Poly1305) instead of only authenticating them.
+    #[arg(long)]
+    pub encrypt: bool,
+    /// Background push: `all` pushes every page after the answers to requests, `none` sends only
+    /// requested pages [default: all].
+    #[arg(long, value_name = "all|none")]
+    pub push: Option<String>,
+    /// End the session and exit after this many seconds.
+    #[arg(long, value_name = "N")]
+    pub duration_s: Option<u64>,
+    /// Write the final sender statistics as JSON to this file on exit.
+    #[arg(long, value_name = "PATH")]
+    pub stats_json: Option<PathBuf>,
+    /// TOML file with the same keys as the flags (flags override it).
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+}
+
+/// The `--config` file: the flags' names as keys.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+struct FileConfig {
+    image: Option<PathBuf>,
+    iface: Option<String>,
+    group: Option<String>,
+    port: Option<u16>,
+    session: Option<u64>,
+    key_file: Option<PathBuf>,
+    key_hex: Option<String>,
+    epoch: Option<u32>,
+    rate: Option<String>,
+    mtu: Option<u32>,
+    zstd_level: Option<i32>,
+    encrypt: Option<bool>,
+    push: Option<String>,
+    duration_s: Option<u64>,
+    stats_json: Option<PathBuf>,
+}
+
+/// What to push in the background.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Push {
+    /// Every page, after the answers to requests.
+    All,
+    /// Only requested pages travel.
+    None,
+}
+
+/// A checked server configuration.
+#[derive(Clone)]
+pub struct ServerConfig {
+    /// The image file.
+    pub image: PathBuf,
+    /// Pages in the image (checked against the file's length when it is mapped).
+    pub page_count: u32,
+    /// The interface address.
+    pub iface: Ipv4Addr,
+    /// The multicast group.
+    pub group: Ipv4Addr,
+    /// The UDP port.
+    pub port: u16,
+    /// The session id.
+    pub session: u64,
+    /// The session key.
+    pub key: [u8; 32],
+    /// The server's epoch.
+    pub epoch: u32,
+    /// Pacing rate in bytes per second.
+    pub rate_bytes_per_sec: Option<u64>,
+    /// Largest datagram (MTU - 28).
+    pub max_datagram: usize,
+    /// zstd level (None: raw pages).
+    pub zstd_level: Option<i32>,
+    /// Encrypt payloads.
+    pub encrypt: bool,
+    /// Background push.
+    pub push: Push,
+    /// Run time limit.
+    pub duration: Option<Duration>,
+    /// Where to write the final stats.
+    pub stats_json: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("image", &self.image)
+            .field("page_count", &self.page_count)
+            .field("iface", &self.iface)
+            .field("group", &self.group)
+            .field("port", &self.port)
+            .field("session", &self.session)
+            .field("key", &"..")
+            .field("epoch", &self.epoch)
+            .field("rate_bytes_per_sec", &self.rate_bytes_per_sec)
+            .field("max_datagram", &self.max_datagram)
+            .field("zstd_level", &self.zstd_level)
+            .field("encrypt", &self.encrypt)
+            .field("push", &self.push)
+            .field("duration", &self.duration)
+            .field("stats_json", &self.stats_json)
+            .finish()
+    }
+}
+
+impl ServerConfig {
+    /// Checks `args` (merged over the `--config` file, if any) and reads the key and the image's length.
+    pub fn from_args(args: &Args) -> Result<ServerConfig, ConfigError> {
+        let file = match &args.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        // Keys are one choice: a key flag on the command line replaces both key settings of the file.
+        let (key_file, key_hex) = if args.key_file.is_some() || args.key_hex.is_some() {
+            (args.key_file.clone(), args.key_hex.clone())
+        } else {
+            (file.key_file, file.key_hex)
+        };
+        let image = args.image.clone().or(file.image).ok_or(ConfigError::Missing("--image"))?;
+        let iface = args.iface.clone().or(file.iface).ok_or(ConfigError::Missing("--iface"))?;
+        let group = args.group.clone().or(file.group).ok_or(ConfigError::Missing("--group"))?;
+        let iface = parse_iface(&iface)?;
+        let group = parse_group(&group)?;
+        let port = args.port.or(file.port).unwrap_or(DEFAULT_PORT);
+        if port == 0 {
+            return Err(invalid("--port", "0", "is not a usable port (hosts must know it)"));
+        }
+        let session = args.session.or(file.session).unwrap_or(1);
+        let key = match (key_file, key_hex) {
+            (Some(_), Some(_)) => return Err(ConfigError::Key("both were given")),
+            (None, None) => return Err(ConfigError::Key("neither was given")),
+            (Some(path), None) => read_key_file(&path)?,
+            (None, Some(hex)) => parse_key_hex(&hex)?,
+        };
+        let epoch = match args.epoch.or(file.epoch) {
+            Some(0) => {
+                return Err(invalid("--epoch", "0", "is reserved (receivers use 0 before they learn the epoch)"))
+            }
+            Some(e) => e,
+            None => default_epoch(),
+        };
+        let rate_bytes_per_sec = match args.rate.clone().or(file.rate) {
+            Some(r) => Some(parse_rate(&r)?),
+            None => None,
+        };
+        let mtu = args.mtu.or(file.mtu).unwrap_or(DEFAULT_MTU);
+        let max_datagram = mtu_to_datagram(mtu)?;
+        let zstd_level = match args.zstd_level.or(file.zstd_level).unwrap_or(1) {
+            0 => None,
+            l @ 1..=22 => Some(l),
+            l => return Err(invalid("--zstd-level", &l.to_string(), "is outside 0..=22 (0 disables compression)")),
+        };
+        let encrypt = args.encrypt || file.encrypt.unwrap_or(false);
+        let push = match args.push.clone().or(file.push).as_deref() {
+            None | Some("all") => Push::All,
+            Some("none") => Push::None,
+            Some(other) => return Err(invalid("--push", other, "is not one of all, none")),
+        };
+        let duration = match args.duration_s.or(file.duration_s) {
+            Some(0) => return Err(invalid("--duration-s", "0", "must be positive")),
+            d => d.map(Duration::from_secs),
+        };
+        let stats_json = args.stats_json.clone().or(file.stats_json);
+        let page_count = image_page_count(&image)?;
+        Ok(ServerConfig {
+            image,
+            page_count,
+            iface,
+            group,
+            port,
+            session,
+            key,
+            epoch,
+            rate_bytes_per_sec,
+            max_datagram,
+            zstd_level,
+            encrypt,
+            push,
+            duration,
+            stats_json,
+        })
+    }
+
+    /// The protocol sender's configuration.
+    pub fn sender_config(&self) -> SenderConfig {
+        let mut sc = SenderConfig::new(SessionId(self.session), self.epoch, SessionKey(self.key), PAGE_SHIFT);
+        sc.max_datagram = self.max_datagram;
+        sc.encrypt = self.encrypt;
+        sc.zstd_level = self.zstd_level;
+        sc.rate_bytes_per_sec = self.rate_bytes_per_sec;
+        sc.push = match self.push {
+            Push::All => PushPolicy::HintsThenAll(Vec::new()),
+            Push::None => PushPolicy::None,
+        };
+        sc.seed = u64::from(self.epoch) ^ self.session.rotate_left(32);
+        sc
+    }
+}
+
+fn invalid(flag: &'static str, value: &str, why: &str) -> ConfigError {
+    ConfigError::Invalid { flag, value: value.to_string(), why: why.to_string() }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        flag: "--config",
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mut file: FileConfig = toml::from_str(&text)
+        .map_err(|e| ConfigError::Toml { path: path.display().to_string(), message: e.message().to_string() })?;
+    // Paths in the file are relative to the file.
+    let base = path.parent().unwrap_or(Path::new(""));
+    for p in [&mut file.image, &mut file.key_file, &mut file.stats_json].into_iter().flatten() {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok(file)
+}
+
+/// Parses the interface address: a unicast IPv4 address.
+pub fn parse_iface(text: &str) -> Result<Ipv4Addr, ConfigError> {
+    let ip: Ipv4Addr = text.trim().parse().map_err(|_| invalid("--iface", text, "is not an IPv4 address"))?;
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
+        return Err(invalid("--iface", text, "is not a unicast interface address"));
+    }
+    Ok(ip)
+}
+
+/// Parses the group: an IPv4 multicast address in 239.0.0.0/8 (administratively scoped).
+pub fn parse_group(text: &str) -> Result<Ipv4Addr, ConfigError> {
+    let ip: Ipv4Addr = text.trim().parse().map_err(|_| invalid("--group", text, "is not an IPv4 address"))?;
+    if ip.octets()[0] != 239 {
+        return Err(invalid("--group", text, "is not a multicast address in 239.0.0.0/8"));
+    }
+    Ok(ip)
+}
+
+/// Parses a rate such as `1gbit`, `800mbit`, `500kbit` or `1000000bit` into bytes per second.
+pub fn parse_rate(text: &str) -> Result<u64, ConfigError> {
+    let bad = || invalid("--rate", text, "is not a rate like 1gbit, 800mbit or 500kbit");
+    let t = text.trim().to_ascii_lowercase();
+    let number = t.strip_suffix("bit").ok_or_else(bad)?;
+    let (number, scale) = match number.as_bytes().last() {
+        Some(b'k') => (&number[..number.len() - 1], 1e3),
+        Some(b'm') => (&number[..number.len() - 1], 1e6),
+        Some(b'g') => (&number[..number.len() - 1], 1e9),
+        _ => (number, 1.0),
+    };
+    let value: f64 = number.trim().parse().map_err(|_| bad())?;
+    let bytes = value * scale / 8.0;
+    if !(1.0..=1e13).contains(&bytes) {
+        return Err(invalid("--rate", text, "is out of range (1 byte/s to 80 tbit)"));
+    }
+    Ok(bytes as u64)
+}
+
+/// The 32-byte key from 64 hex digits.
+pub fn parse_key_hex(text: &str) -> Result<[u8; 32], ConfigError> {
+    let t = text.trim();
+    if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ConfigError::KeyHex(t.len()));
+    }
+    let mut key = [0u8; 32];
+    for (i, k) in key.iter_mut().enumerate() {
+        *k = u8::from_str_radix(&t[2 * i..2 * i + 2], 16).map_err(|_| ConfigError::KeyHex(t.len()))?;
+    }
+    Ok(key)
+}
+
+fn read_key_file(path: &Path) -> Result<[u8; 32], ConfigError> {
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        flag: "--key-file",
+        path: path.display().to_string(),
+        source,
+    })?;
+    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+        invalid(
+            "--key-file",
+            &path.display().to_string(),
+            &format!("holds {} bytes, not 32 raw key bytes", bytes.len()),
+        )
+    })
+}
+
+/// `mtu - 28`, checked against the protocol's datagram limits.
+pub fn mtu_to_datagram(mtu: u32) -> Result<usize, ConfigError> {
+    let min = MIN_DATAGRAM as u32 + IP_UDP_HEADERS;
+    let max = MAX_DATAGRAM as u32 + IP_UDP_HEADERS;
+    if !(min..=max).contains(&mtu) {
+        return Err(invalid("--mtu", &mtu.to_string(), &format!("is outside {min}..={max} (e.g. 1500 or 9000)")));
+    }
+    Ok((mtu - IP_UDP_HEADERS) as usize)
+}
+
+/// Pages in the image at `path`, from its length.
+pub fn image_page_count(path: &Path) -> Result<u32, ConfigError> {
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        flag: "--image",
+        path: path.display().to_string(),
+        source,
+    })?;
+    check_image_len(path, meta.len())
+}
+
+/// Pages in an image of `len` bytes, or why that length is refused.
+pub fn check_image_len(path: &Path, len: u64) -> Result<u32, ConfigError> {
+    let err = |why: String| ConfigError::ImageLength { path: path.display().to_string(), len, why };
+    if len == 0 {
+        return Err(err("is empty: the image has no pages".into()));
+    }
+    if !len.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(err(format!("is not a multiple of the {PAGE_SIZE}-byte page size")));
+    }
+    u32::try_from(len / PAGE_SIZE as u64).map_err(|_| err("holds more than 2^32 - 1 pages".into()))
+}
+
+fn default_epoch() -> u32 {
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs());
+    u32::try_from(secs).unwrap_or(u32::MAX).max(1)
+}

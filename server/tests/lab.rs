@@ -1,0 +1,305 @@
+//! The server in a two-host netlab: h0 runs `serve` in-process, h1 runs a minimal receiver loop
+//! (the protocol's `Receiver` over `netio`) that faults on every page in order, with 5% loss on
+//! h1's receive side. The received image must equal the file, and the server must have sent less
+//! than twice the image. Needs root (and nft); prints SKIPPED otherwise.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use netio::udp::{UdpConfig, UdpIo};
+use netio::{Interest, PacketIo, RxBatch, TxBatch};
+use spindrift_protocol::receiver::{PageSink, Receiver, ReceiverConfig, ReceiverEvent};
+use spindrift_protocol::wire::{NodeId, SessionId, SessionKey};
+use spindrift_protocol::Time;
+use spindrift_server::{serve, Args, ServerConfig, PAGE_SIZE};
+
+const PORT: u16 = 7710;
+/// Makes the image file names of tests running at once differ.
+static FILE_SEQ: AtomicUsize = AtomicUsize::new(0);
+const GROUP: &str = "239.77.0.1";
+const KEY: &str = "5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5ab1";
+const SESSION: u64 = 9;
+const IMAGE_BYTES: usize = 8 << 20;
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn can_run_lab(test: &str) -> bool {
+    let check = netlab::check_prerequisites().and_then(|()| netlab::preflight::check_nft());
+    match check {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: {e}");
+            false
+        }
+    }
+}
+
+/// 8 MiB of mixed content: runs of zero pages, text pages and random pages.
+fn make_image() -> Vec<u8> {
+    let mut image = vec![0u8; IMAGE_BYTES];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for (i, page) in image.chunks_mut(PAGE_SIZE).enumerate() {
+        match (i / 16) % 3 {
+            0 => {} // zeros
+            1 => {
+                let text = format!("page {i}: the quick brown fox jumps over the lazy dog; spindrift memory image. ");
+                for (b, t) in page.iter_mut().zip(text.bytes().cycle()) {
+                    *b = t;
+                }
+            }
+            _ => {
+                for b in page.iter_mut() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *b = x as u8;
+                }
+            }
+        }
+    }
+    image
+}
+
+/// The receiving host's page cache: the pages stored, checked against the image as they come.
+struct Sink {
+    expected: Arc<Vec<u8>>,
+    got: Vec<u8>,
+    stored: Vec<bool>,
+    mismatches: u32,
+}
+
+impl Sink {
+    fn put(&mut self, page: u32, data: Option<&[u8]>) {
+        let range = page as usize * PAGE_SIZE..(page as usize + 1) * PAGE_SIZE;
+        match data {
+            Some(d) => self.got[range.clone()].copy_from_slice(d),
+            None => self.got[range.clone()].fill(0),
+        }
+        if self.got[range.clone()] != self.expected[range] {
+            self.mismatches += 1;
+        }
+        self.stored[page as usize] = true;
+    }
+}
+
+impl PageSink for Sink {
+    fn store(&mut self, page: u32, data: &[u8]) {
+        self.put(page, Some(data));
+    }
+    fn store_zero(&mut self, first_page: u32, count: u32) {
+        for p in first_page..first_page + count {
+            self.put(p, None);
+        }
+    }
+}
+
+/// The minimal host loop: the protocol's receiver between a UDP socket and the sink.
+struct Host {
+    rcv: Receiver,
+    io: UdpIo,
+    sink: Sink,
+    server: SocketAddrV4,
+    rx: RxBatch,
+    tx: TxBatch,
+    start: Instant,
+    ended: bool,
+}
+
+impl Host {
+    fn now(&self) -> Time {
+        Time::from_nanos(self.start.elapsed().as_nanos() as u64)
+    }
+
+    /// One round: receive, run timers, send, handle events, sleep until the next timer or datagram.
+    fn drive(&mut self) {
+        loop {
+            let n = self.io.recv_batch(&mut self.rx).expect("recv_batch");
+            let now = self.now();
+            for i in 0..n {
+                let payload = self.rx.payload_mut(i).expect("payload");
+                self.rcv.handle_datagram(now, payload, &mut self.sink);
+            }
+            if n < self.rx.capacity() {
+                break;
+            }
+        }
+        let now = self.now();
+        if self.rcv.poll_timeout().is_some_and(|t| t <= now) {
+            self.rcv.handle_timeout(now);
+        }
+        self.tx.clear();
+        while !self.tx.is_full() {
+            let rcv = &mut self.rcv;
+            if self.tx.push_with(self.server, |buf| rcv.poll_transmit(now, buf)).expect("push").is_none() {
+                break;
+            }
+        }
+        while !self.tx.is_sent() {
+            self.io.send_batch(&mut self.tx).expect("send_batch");
+            if !self.tx.is_sent() {
+                self.io.wait(Interest::WRITABLE, Some(Duration::from_millis(10))).expect("wait");
+            }
+        }
+        while let Some(ev) = self.rcv.poll_event() {
+            match ev {
+                ReceiverEvent::Ended => self.ended = true,
+                ReceiverEvent::ServerLost => panic!("receiver lost the server"),
+                other => eprintln!("receiver event: {other:?}"),
+            }
+        }
+        let mut wait = Duration::from_millis(10);
+        if let Some(t) = self.rcv.poll_timeout() {
+            wait = wait.min(t.saturating_since(self.now()));
+        }
+        if !wait.is_zero() {
+            self.io.wait(Interest::READABLE, Some(wait)).expect("wait");
+        }
+    }
+}
+
+fn scratch_image(bytes: &[u8]) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "spindrift-server-lab-{}-{}.img",
+        std::process::id(),
+        FILE_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, bytes).expect("write image");
+    path
+}
+
+#[test]
+fn serves_an_8mib_image_to_a_lossy_host_in_under_twice_its_size() {
+    run_lab("serves_an_8mib_image_to_a_lossy_host_in_under_twice_its_size", &[]);
+}
+
+/// The same with pages sent raw (no zstd) and encrypted: the overhead of FEC and repairs is not
+/// hidden by compression.
+#[test]
+fn serves_raw_encrypted_pages_to_a_lossy_host_in_under_twice_the_image() {
+    run_lab("serves_raw_encrypted_pages_to_a_lossy_host_in_under_twice_the_image", &["--zstd-level", "0", "--encrypt"]);
+}
+
+/// Runs the server in h0 with `extra` flags and the test's receiver in h1, and checks the outcome.
+fn run_lab(test: &str, extra: &[&str]) {
+    if !can_run_lab(test) {
+        return;
+    }
+    let image = Arc::new(make_image());
+    let path = scratch_image(&image);
+    let loss = netlab::Loss::from_probability(0.05).expect("loss");
+    let lab = netlab::Lab::create(
+        &netlab::LabConfig::new(netlab::unique_lab_name("srv"), 2)
+            .host_conditions(1, netlab::LinkConditions::new().with_loss_rx(loss)),
+    )
+    .expect("create lab");
+    let (h0, h1) = (lab.host(0).expect("h0"), lab.host(1).expect("h1"));
+    let server_addr = h0.addr();
+    let group: Ipv4Addr = GROUP.parse().expect("group");
+
+    let mut flags: Vec<String> = [
+        "spindrift-server",
+        "--image",
+        path.to_str().expect("utf-8 path"),
+        "--iface",
+        &*server_addr.to_string(),
+        "--group",
+        GROUP,
+        "--port",
+        &*PORT.to_string(),
+        "--session",
+        &*SESSION.to_string(),
+        "--key-hex",
+        KEY,
+        "--duration-s",
+        "60",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    let args = Args::try_parse_from(flags).expect("flags");
+    let config = ServerConfig::from_args(&args).expect("config");
+    let pages = config.page_count;
+    let key = config.key;
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let server = {
+        let stop = Arc::clone(&stop);
+        h0.spawn(move || serve(&config, &stop)).expect("start server in h0")
+    };
+
+    let expected = Arc::clone(&image);
+    let h1_addr = h1.addr();
+    let receiver = h1
+        .spawn(move || {
+            let io = UdpIo::open(&UdpConfig::new(h1_addr, PORT).join(group)).expect("open receiver socket");
+            let start = Instant::now();
+            let rc = ReceiverConfig::new(SessionId(SESSION), NodeId(1), SessionKey(key), 12, pages);
+            let mut host = Host {
+                rcv: Receiver::new(rc, Time::ZERO).expect("receiver"),
+                io,
+                sink: Sink {
+                    expected,
+                    got: vec![0xAA; IMAGE_BYTES],
+                    stored: vec![false; pages as usize],
+                    mismatches: 0,
+                },
+                server: SocketAddrV4::new(server_addr, PORT),
+                rx: RxBatch::new(64, 1472).expect("rx batch"),
+                tx: TxBatch::new(16, 1472).expect("tx batch"),
+                start,
+                ended: false,
+            };
+            for page in 0..pages {
+                let now = host.now();
+                if host.rcv.fault(now, page) {
+                    continue;
+                }
+                while !host.rcv.has_page(page) {
+                    assert!(start.elapsed() < DEADLINE, "page {page} of {pages} not received within {DEADLINE:?}");
+                    host.drive();
+                }
+            }
+            let took = start.elapsed();
+            (host, took)
+        })
+        .expect("start receiver in h1");
+    let (mut host, took) = receiver.join().expect("receiver thread");
+
+    // Stop the server: it ends the session (End reaches the host), writes its stats and returns.
+    stop.store(true, Ordering::Relaxed);
+    let stats = server.join().expect("server thread").expect("server");
+    let end_by = Instant::now() + Duration::from_secs(3);
+    while !host.ended && Instant::now() < end_by {
+        host.drive();
+    }
+    std::fs::remove_file(&path).ok();
+
+    let image_bytes = IMAGE_BYTES as u64;
+    eprintln!(
+        "{test}: received {} pages in {:.2} s (total {:.2} s); server tx {} bytes = {:.3} x image, {} packets \
+         ({} data, {} repair of which {} proactive), {} requests, {} naks, {} pages sent; receiver {:?}",
+        pages,
+        took.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        stats.tx_bytes,
+        stats.tx_bytes as f64 / image_bytes as f64,
+        stats.tx_packets,
+        stats.data_packets,
+        stats.repair_packets,
+        stats.proactive_repairs,
+        stats.requests,
+        stats.naks,
+        stats.pages_sent,
+        host.rcv.stats(),
+    );
+    assert_eq!(host.sink.mismatches, 0, "pages stored with the wrong content");
+    assert!(host.sink.stored.iter().all(|&s| s), "some pages were never stored");
+    assert!(host.sink.got == *image, "the received image differs from the file");
+    assert!(stats.tx_bytes < 2 * image_bytes, "server sent {} bytes for a {image_bytes}-byte image", stats.tx_bytes);
+    assert!(stats.rx_packets > 0 && stats.requests + stats.statuses > 0, "server heard nothing: {stats:?}");
+    assert!(host.ended, "the host did not see the session's End");
+}
