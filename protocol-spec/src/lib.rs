@@ -3,7 +3,9 @@
 //!
 //! # Contract
 //! This crate is *sans-IO* and fully deterministic: it opens no sockets, starts no threads, never reads
-//! the system clock and draws randomness only from seeds it is given. Every input carries the current
+//! the system clock and draws randomness only from seeds it is given. (One exception, outside the
+//! protocol: [`sim::run`] reads the monotonic clock to report its own run time and to stop a runaway
+//! simulation; it never feeds that clock to the state machines.) Every input carries the current
 //! [`Time`]; outputs are pulled with `poll_*` into buffers the caller owns (an mmsg slot, an AF_XDP
 //! frame, a simulator queue). The daemons move bytes between this core and the network and are the
 //! only place where I/O happens. The same inputs always give the same outputs, which is what makes the

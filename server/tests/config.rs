@@ -227,7 +227,10 @@ fn binary_stops_after_duration_and_writes_stats_json() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).expect("stats file")).expect("json");
+    // Announcements and End go out; no page does, since no receiver joined (nothing is pushed to
+    // an empty group: it would have to be sent again when hosts ask).
     assert!(json["tx_packets"].as_u64().is_some_and(|n| n > 0), "{json}");
-    assert!(json["pages_sent"].as_u64().is_some_and(|n| n == 4), "{json}");
+    assert!(json["control_packets"].as_u64().is_some_and(|n| n > 0), "{json}");
+    assert_eq!(json["pages_sent"].as_u64(), Some(0), "{json}");
     std::fs::remove_dir_all(dir).ok();
 }

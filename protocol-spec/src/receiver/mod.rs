@@ -326,15 +326,7 @@ impl Receiver {
             Message::Repair(r) => {
                 self.stats.repair_packets += 1;
                 match self.stream.take_parity(r.first_seq, r.block, r.k, r.index, r.total, r.symbol) {
-                    Ok(rebuilt) => {
-                        for (seq, body) in rebuilt {
-                            self.stats.recovered_packets += 1;
-                            match Message::parse(wire::MsgType::Data, &body) {
-                                Ok(Message::Data(d)) if d.seq == seq => self.take_records(&d, sink),
-                                _ => self.stats.rx_malformed += 1,
-                            }
-                        }
-                    }
+                    Ok(rebuilt) => self.take_rebuilt(rebuilt, sink),
                     Err(e) => {
                         tracing::warn!("block {} could not be rebuilt: {e}", r.block);
                         self.stats.rx_malformed += 1;
@@ -423,6 +415,14 @@ impl Receiver {
             self.stats.duplicates += 1;
             return;
         }
+        // A late (reordered) packet can complete a set that parity started.
+        match self.stream.try_decode(d.block) {
+            Ok(rebuilt) => self.take_rebuilt(rebuilt, sink),
+            Err(e) => {
+                tracing::warn!("block {} could not be rebuilt: {e}", d.block);
+                self.stats.rx_malformed += 1;
+            }
+        }
         if d.seq > before || (last && self.stream.has_missing()) {
             // A gap before this packet, or the end of a block that had one.
             if self.stream.has_missing() {
@@ -430,6 +430,17 @@ impl Receiver {
             }
         }
         self.take_records(d, sink);
+    }
+
+    /// Processes Data bodies rebuilt from parity as if they had arrived.
+    fn take_rebuilt(&mut self, rebuilt: Vec<(u64, Vec<u8>)>, sink: &mut dyn PageSink) {
+        for (seq, body) in rebuilt {
+            self.stats.recovered_packets += 1;
+            match Message::parse(wire::MsgType::Data, &body) {
+                Ok(Message::Data(d)) if d.seq == seq => self.take_records(&d, sink),
+                _ => self.stats.rx_malformed += 1,
+            }
+        }
     }
 
     fn take_records(&mut self, d: &Data<'_>, sink: &mut dyn PageSink) {

@@ -201,7 +201,9 @@ impl Stream {
         seq < self.base || self.received.get((seq - self.base) as usize).copied().unwrap_or(false)
     }
 
-    fn try_decode(&mut self, block: u32) -> Result<Vec<(u64, Vec<u8>)>, fec::FecError> {
+    /// Rebuilds block `block` if it now has enough symbols (a late source packet can complete a
+    /// set that parity alone could not). Returns the rebuilt `(position, body)`s.
+    pub fn try_decode(&mut self, block: u32) -> Result<Vec<(u64, Vec<u8>)>, fec::FecError> {
         let Some(b) = self.blocks.get(&block) else { return Ok(Vec::new()) };
         let Some(k) = b.k else { return Ok(Vec::new()) };
         if b.bodies.len() >= usize::from(k) || b.bodies.len() + b.parity.len() < usize::from(k) {
@@ -451,5 +453,28 @@ mod lost_boundary {
         s.take_data(5, 2, 0, true, &[5; 8]);
         let naks = s.nak_entries(Time::ZERO, Duration::from_millis(1), 16);
         assert_eq!(naks, vec![NakEntry { block: NO_BLOCK, needed: 3, parity_seen: 0, first_seq: 2 }]);
+    }
+}
+
+#[cfg(test)]
+mod late_source {
+    use super::*;
+
+    #[test]
+    fn a_late_source_packet_completes_a_set_that_parity_started() {
+        let bodies: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 30]).collect();
+        let p0 = fec::parity_symbol(&bodies, 0).expect("parity");
+        let mut s = Stream::default();
+        s.begin(0);
+        s.take_data(0, 0, 0, false, &bodies[0]);
+        s.take_data(3, 0, 3, true, &bodies[3]);
+        // Positions 1 and 2 missing; one parity arrives: not enough yet.
+        let total = fec::parity_total(4) as u16;
+        assert!(s.take_parity(0, 0, 4, 0, total, &p0).expect("no decode yet").is_empty());
+        // Position 1 arrives late (reordered): now 3 sources + 1 parity = k.
+        s.take_data(1, 0, 1, false, &bodies[1]);
+        let rebuilt = s.try_decode(0).expect("decode");
+        assert_eq!(rebuilt, vec![(2, bodies[2].clone())]);
+        assert!(!s.has_missing());
     }
 }

@@ -12,16 +12,21 @@ use rand::RngCore;
 
 use super::content::{Image, PAGE_SHIFT};
 use super::events::EventQueue;
-use super::link::{Corruption, Fate, FaultConfig, FaultStats, Faults, Pipe, PipeStats};
-use super::report::{self, EventCounts, NetworkReport, Percentiles, Settings, SimReport, Stuck};
+use super::link::{Corruption, Fate, FaultConfig, Faults, Pipe};
+use super::report::SimReport;
 use super::rng::{self, Domain};
-use super::sink::{SinkStats, VerifyingSink};
+use super::sink::VerifyingSink;
 use super::workload::{self, WorkingSet};
 use super::{Push, SimConfig, SimError};
-use crate::receiver::{Receiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
+use crate::receiver::{Receiver, ReceiverConfig, ReceiverEvent};
 use crate::sender::{PushPolicy, Sender, SenderConfig, SenderEvent};
 use crate::wire::{Keys, NodeId, SessionId, SessionKey, MAX_DATAGRAM};
 use crate::Time;
+
+mod summary;
+mod trace;
+
+use trace::{describe, msg_type};
 
 /// Most datagrams one drain of `poll_transmit` may yield before the run is declared a livelock.
 const MAX_DRAIN: u64 = 10_000_000;
@@ -513,169 +518,16 @@ impl World {
         self.drive_receiver(i);
         self.check_unblock(i);
     }
-
-    fn report(&self, real: Duration) -> SimReport {
-        let cfg = &self.cfg;
-        let sender = self.sender.stats().clone();
-        let mut receiver = ReceiverStats::default();
-        let mut sinks = SinkStats::default();
-        let mut down = FaultStats::default();
-        let mut up = FaultStats::default();
-        let mut uplink_queues = PipeStats::default();
-        let mut completion = Vec::new();
-        let mut missing = 0u64;
-        let mut stuck = Vec::new();
-        for (i, node) in self.nodes.iter().enumerate() {
-            if node.done.is_none() && stuck.len() < 16 {
-                stuck.push(Stuck {
-                    node: i as u32 + 1,
-                    touched: node.next as u32,
-                    of: node.order.len() as u32,
-                    blocked_on: node.blocked.map(|(p, _)| p),
-                    blocked_since_ms: node.blocked.map(|(_, t)| ms(t)),
-                });
-            }
-            if let Some(r) = &node.receiver {
-                report::add_receiver_stats(&mut receiver, r.stats());
-            }
-            sinks.add(node.sink.stats());
-            down.add(node.downlink.stats());
-            up.add(node.uplink.stats());
-            report::add_pipe_stats(&mut uplink_queues, node.uplink_pipe.stats());
-            if let Some(t) = node.done {
-                completion.push(t.as_nanos());
-            }
-            missing += node.order[..node.next].iter().filter(|&&p| !node.sink.has(p)).count() as u64;
-        }
-        let completed = self.finished == cfg.receivers && self.stop.is_none();
-        let all_bit_exact = completed && sinks.mismatches == 0 && self.phantom_hits == 0 && missing == 0;
-        let end = if completed { self.last_finish } else { self.now };
-        SimReport {
-            receivers: cfg.receivers,
-            pages: cfg.pages,
-            working_set: cfg.working_set,
-            working_set_pages: self.ws.len() as u32,
-            loss: cfg.loss,
-            burst: cfg.burst,
-            seed: cfg.seed,
-            completed,
-            stopped_by: self.stop.clone(),
-            all_bit_exact,
-            pages_delivered: sinks.pages_stored,
-            unique_pages_delivered: sinks.unique_pages,
-            mismatched_pages: sinks.mismatches,
-            phantom_hits: self.phantom_hits,
-            missing_pages: missing,
-            unfinished: stuck,
-            server_tx_bytes: sender.tx_bytes,
-            server_tx_packets: sender.tx_packets,
-            server_rx_packets: sender.rx_packets,
-            naks_sent: receiver.naks,
-            repairs_sent: sender.repair_packets,
-            proactive_repairs: sender.proactive_repairs,
-            requests_sent: receiver.requests,
-            data_packets: sender.data_packets,
-            pages_deduplicated: sender.pages_deduplicated,
-            corrupted_dropped: receiver.rx_unauthenticated + receiver.rx_malformed,
-            misses: self.misses,
-            stale_misses: self.stale_misses,
-            fault_wait_us: Percentiles::from_histogram(&self.waits, 1e-3),
-            completion_ms: Percentiles::exact(&mut completion, 1e-6),
-            receivers_finished: self.finished,
-            virtual_time_ms: ms(end),
-            real_time_ms: real.as_secs_f64() * 1e3,
-            events: self.events,
-            event_counts: EventCounts {
-                multicast: self.kind_counts[0],
-                late_copies: self.kind_counts[1],
-                at_ingress: self.kind_counts[2],
-                to_server: self.kind_counts[3],
-                sender_timers: self.kind_counts[4],
-                receiver_timers: self.kind_counts[5],
-                stale_timers: self.stale_timers,
-                steps: self.kind_counts[6],
-                starts: self.kind_counts[7],
-            },
-            server_lost_events: self.server_lost,
-            receiver_lost_events: self.receiver_lost,
-            sender,
-            receiver,
-            sinks,
-            network: NetworkReport {
-                server_egress: *self.egress.stats(),
-                downlink_queue: *self.downlink.stats(),
-                server_ingress: *self.ingress.stats(),
-                uplink_queues,
-                downlink_faults: down,
-                uplink_faults: up,
-            },
-            settings: Settings {
-                burst_length: cfg.burst_length,
-                duplicate: cfg.duplicate,
-                reorder: cfg.reorder,
-                reorder_jitter_us: us(cfg.reorder_jitter),
-                corrupt: cfg.corrupt,
-                delay_us: us(cfg.delay),
-                server_rate_bps: cfg.server_rate_bps,
-                host_rate_bps: cfg.host_rate_bps,
-                pacing: cfg.pacing,
-                max_datagram: cfg.max_datagram,
-                read_ahead: cfg.read_ahead,
-                encrypt: cfg.encrypt,
-                zstd_level: cfg.zstd_level,
-                push: cfg.push,
-                think_time_us: us(cfg.think_time),
-                stagger_us: us(cfg.stagger),
-                time_limit_ms: cfg.time_limit.as_secs_f64() * 1e3,
-            },
-        }
-    }
 }
 
-/// The message type of a datagram, for traces.
-fn msg_type(d: &[u8]) -> String {
-    match crate::wire::peek_header(d) {
-        Ok(h) => format!("{:?}#{}", h.msg_type, h.packet_number),
-        Err(_) => "?".to_string(),
-    }
-}
-
-/// A datagram the server sent, decoded for traces: stream position, block and the pages it carries.
-fn describe(d: &[u8], keys: &Keys) -> String {
-    use crate::wire::{Message, Record, Records};
-    let mut buf = d.to_vec();
-    let Ok((h, body)) = crate::wire::open(&mut buf, keys) else { return format!("{} (unreadable)", msg_type(d)) };
-    let head = format!("{:?}#{}", h.msg_type, h.packet_number);
-    match Message::parse(h.msg_type, body) {
-        Ok(Message::Data(data)) => {
-            let mut pages = Vec::new();
-            for r in Records::new(data.records).flatten() {
-                match r {
-                    Record::Page { page, offset, bytes, total_len, .. } => {
-                        pages.push(format!("{page}[{offset}+{}/{total_len}]", bytes.len()))
-                    }
-                    Record::ZeroRun { first_page, count } => pages.push(format!("zero {first_page}+{count}")),
-                    Record::Blob { id, .. } => pages.push(format!("blob {id}")),
-                }
-            }
-            format!("{head} seq {} block {} idx {}: {}", data.seq, data.block, data.index, pages.join(" "))
-        }
-        Ok(Message::Repair(r)) => {
-            format!("{head} block {} first {} k {} parity {}/{}", r.block, r.first_seq, r.k, r.index, r.total)
-        }
-        Ok(_) => head,
-        Err(e) => format!("{head} (bad body: {e})"),
-    }
-}
-
-fn ms(t: Time) -> f64 {
+pub(super) fn ms(t: Time) -> f64 {
     t.as_nanos() as f64 / 1e6
 }
 
-fn us_t(t: Time) -> f64 {
+pub(super) fn us_t(t: Time) -> f64 {
     t.as_nanos() as f64 / 1e3
 }
 
-fn us(d: Duration) -> f64 {
+pub(super) fn us(d: Duration) -> f64 {
     d.as_nanos() as f64 / 1e3
 }
