@@ -32,29 +32,9 @@ impl PageSource for VecSource {
 }
 
 /// 16 MiB of mixed content: runs of zero pages, text-like pages, random pages.
+/// `bytes` of mixed content (zero, text-like and random pages), from the simulator's generator.
 fn image(bytes: usize) -> Vec<u8> {
-    let mut out = vec![0u8; bytes];
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    for (i, page) in out.chunks_mut(PAGE).enumerate() {
-        match i % 8 {
-            0 | 1 => {} // zero
-            2..=4 => {
-                let text = format!("page {i}: the quick brown fox jumps over the lazy dog {}\n", i * 7919);
-                for (b, t) in page.iter_mut().zip(text.bytes().cycle()) {
-                    *b = t;
-                }
-            }
-            _ => {
-                for b in page.iter_mut() {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    *b = x as u8;
-                }
-            }
-        }
-    }
-    out
+    spindrift_protocol::sim::content::Image::generate(7, (bytes / PAGE) as u32).into_bytes()
 }
 
 fn key() -> SessionKey {

@@ -37,30 +37,9 @@ fn can_run_lab(test: &str) -> bool {
     }
 }
 
-/// 8 MiB of mixed content: runs of zero pages, text pages and random pages.
+/// 8 MiB of mixed content (zero, text-like and random pages), from the simulator's generator.
 fn make_image() -> Vec<u8> {
-    let mut image = vec![0u8; IMAGE_BYTES];
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for (i, page) in image.chunks_mut(PAGE_SIZE).enumerate() {
-        match (i / 16) % 3 {
-            0 => {} // zeros
-            1 => {
-                let text = format!("page {i}: the quick brown fox jumps over the lazy dog; spindrift memory image. ");
-                for (b, t) in page.iter_mut().zip(text.bytes().cycle()) {
-                    *b = t;
-                }
-            }
-            _ => {
-                for b in page.iter_mut() {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    *b = x as u8;
-                }
-            }
-        }
-    }
-    image
+    spindrift_protocol::sim::content::Image::generate(7, (IMAGE_BYTES / PAGE_SIZE) as u32).into_bytes()
 }
 
 /// The receiving host's page cache: the pages stored, checked against the image as they come.

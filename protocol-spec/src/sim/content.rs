@@ -153,6 +153,11 @@ impl Image {
         Image { data, kinds, zero }
     }
 
+    /// The whole image, page after page (for writing it to a file or serving it from memory).
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.data
+    }
+
     /// Number of pages.
     pub fn page_count(&self) -> u32 {
         self.kinds.len() as u32
