@@ -7,7 +7,11 @@ packages=(
   iproute2     # netlab: ip netns, veth, bridge, tc
   nftables     # netlab: random loss on links
   iperf3       # netlab: a third-party tool that must see the lab as a real network
+  udpcast      # bench vs-udpcast: udp-sender/udp-receiver, the eager multicast baseline
+  iputils-ping # netio: the AF_XDP lab test pings across a host whose XDP program is attached
 )
+# The AF_XDP backend needs no compiler, libbpf or libxdp: its XDP program is emitted as eBPF
+# bytecode by netio/src/xdp/program.rs and loaded with the bpf(2) system call.
 
 missing=()
 for p in "${packages[@]}"; do

@@ -10,7 +10,7 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Capabilities {
-    /// Short name of the backend, for logs: `"udp"`, later `"af_xdp"`.
+    /// Short name of the backend, for logs: `"udp"` or `"af_xdp"`.
     pub backend: &'static str,
     /// Longest UDP payload the backend can send or receive, in bytes. What reaches another host
     /// unfragmented is further limited by the link MTU (payload = MTU - 28).

@@ -6,7 +6,12 @@
 //!
 //! * [`udp::UdpIo`]: a UDP socket (`socket2`), batched with `sendmmsg`/`recvmmsg`. Works
 //!   everywhere, unprivileged, multicast included.
-//! * AF_XDP (to come): an XDP socket bound to one NIC queue, for rates the socket path cannot reach.
+//! * [`xdp::XdpIo`]: AF_XDP sockets (one per NIC receive queue) with a UMEM and four rings, and an
+//!   XDP program that hands them only the protocol's UDP port. For rates the socket path cannot
+//!   reach; needs root (or `CAP_NET_ADMIN` + `CAP_BPF`).
+//!
+//! Daemons pick one at run time with [`open`] and an [`IoKind`] (`udp`, `xdp`, `auto`), from the
+//! same [`udp::UdpConfig`] either way; `auto` falls back to UDP with the reason logged.
 //!
 //! # The contract
 //!
@@ -54,25 +59,24 @@
 //! # }
 //! ```
 //!
-//! # How AF_XDP will fit
+//! # How AF_XDP fits
 //!
 //! An AF_XDP socket owns a UMEM (an array of equal frames shared with the kernel) and four rings:
-//! fill and RX for receiving, TX and completion for sending. Behind [`PacketIo`]:
+//! fill and RX for receiving, TX and completion for sending. Behind [`PacketIo`] (details in
+//! [`xdp`]):
 //!
-//! * `recv_batch` takes up to `capacity` descriptors from the RX ring, checks and strips the
-//!   Ethernet/IPv4/UDP headers (pure parsing code, fuzzed like the wire codec), copies each payload
-//!   into the next [`RxBatch`] slot with [`RxBatch::push`] (source and destination come from the IP
-//!   and UDP headers), and returns the frames to the fill ring at once. On veth, AF_XDP runs in
-//!   copy mode anyway, so this copy costs what the kernel would; [`Capabilities::zero_copy`] stays
-//!   false until a NIC with zero-copy support and a frame-lending extension trait justify one.
-//! * `send_batch` takes free frames from the completion ring, writes the headers (destination MAC
-//!   from the neighbour table, or `01:00:5e` plus the low 23 bits of a group address), copies each
-//!   pending payload behind them, posts the descriptors on the TX ring, kicks the kernel with
+//! * `recv_batch` takes descriptors from the RX ring, checks and strips the Ethernet/IPv4/UDP
+//!   headers (pure parsing code, [`xdp::frame`], property-tested), copies each payload into the
+//!   next [`RxBatch`] slot with [`RxBatch::push`], and returns the frames to the fill ring at once.
+//!   On veth AF_XDP runs in copy mode anyway, so this copy costs what the kernel would.
+//! * `send_batch` takes free frames back from the completion ring, writes the headers (destination
+//!   MAC from the neighbour table, or `01:00:5e` plus the low 23 bits of a group address), copies
+//!   each pending payload behind them, posts the descriptors on the TX ring, kicks the kernel with
 //!   `sendto` when it asks to, and advances the batch's `sent` cursor by the number posted. Out of
 //!   frames is the same "sent fewer" answer as a full socket buffer.
 //! * `wait` and `poll_fd` poll the XSK file descriptor, as for a socket.
-//! * [`Capabilities`] reports the UMEM frame size less the headers as `max_datagram` and the ring
-//!   size as `max_batch`.
+//! * [`Capabilities`] reports the link MTU less 28 as `max_datagram`, and whether the driver runs
+//!   the socket in zero-copy mode.
 //!
 //! The fixed-stride batch layout is what makes those copies one `memcpy` each, and the same layout
 //! serves `recvmmsg`'s one-`iovec`-per-slot.
@@ -80,7 +84,9 @@
 pub mod batch;
 pub mod caps;
 pub mod error;
+pub mod select;
 pub mod udp;
+pub mod xdp;
 
 use std::os::fd::BorrowedFd;
 use std::time::Duration;
@@ -88,6 +94,7 @@ use std::time::Duration;
 pub use batch::{BatchError, RxBatch, RxDatagram, RxIter, TxBatch, TxDatagram, TxIter};
 pub use caps::Capabilities;
 pub use error::IoError;
+pub use select::{open, open_with, IoKind, IoKindError, OpenError};
 
 /// What to wait for in [`PacketIo::wait`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
