@@ -3,12 +3,18 @@
 //! ```text
 //! bench sim --receivers 16 --pages 65536 --working-set 0.1 --loss 0.02 --seed 1 [--burst] [--json]
 //! bench matrix [--seeds 3] [--jobs 2] [--json]
+//! bench push [--pages 4096] [--loss 0.05] [--json]
+//! bench vs-udpcast [--hosts 4] [--mib 64] [--loss 0.05] [--json]
+//! bench xdp [--hosts 4] [--size 1400,8000] [--seconds 5] [--json]
 //! ```
 //! Logs go to stderr (`RUST_LOG=debug` for more); results go to stdout.
 
 mod args;
 mod matrix;
+mod push_cmd;
 mod sim_cmd;
+mod udpcast_cmd;
+mod xdp_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +33,14 @@ enum Command {
     /// Run the acceptance matrix (bit-exactness, multicast efficiency, NAK economy, corruption,
     /// determinism) and print a table; exits non-zero if any case fails.
     Matrix(matrix::MatrixArgs),
+    /// Push a whole image with and without flow control, with and without loss, and compare the
+    /// bytes sent; exits non-zero if a flow-controlled run is not bit-exact.
+    Push(push_cmd::PushArgs),
+    /// spindrift against udpcast: one image to N hosts of a netlab lab with loss, side by side
+    /// (needs root, udpcast, and the release spindrift-server and spindrift-client).
+    VsUdpcast(udpcast_cmd::VsUdpcastArgs),
+    /// Compare the UDP and AF_XDP backends' sender throughput in a netlab lab (needs root).
+    Xdp(xdp_cmd::XdpArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -41,6 +55,9 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Sim(args) => sim_cmd::run(&args),
         Command::Matrix(args) => matrix::run(&args),
+        Command::Push(args) => push_cmd::run(&args),
+        Command::VsUdpcast(args) => udpcast_cmd::run(&args),
+        Command::Xdp(args) => xdp_cmd::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use spindrift_protocol::sim::{self, Push, SimConfig, SimReport};
+use spindrift_protocol::sim::{self, Push, SimConfig, SimReport, Workload};
 
 use crate::args;
 
@@ -18,6 +18,17 @@ pub enum PushArg {
     Hints,
     /// Push the working set, then the whole image.
     All,
+}
+
+/// What each receiver's vCPU does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadArg {
+    /// Touch the working set in a shuffled order, one fault at a time.
+    Shuffled,
+    /// Touch the working set in page order (like `spindrift-client fetch`).
+    Sequential,
+    /// Touch nothing: wait for the push to bring the working set (needs --push).
+    Passive,
 }
 
 /// One simulated scenario: one server, N receivers, seeded faulty links.
@@ -65,6 +76,30 @@ pub struct SimArgs {
     /// Sender pacing as a fraction of the server's rate, in [0, 1] (0: unpaced).
     #[arg(long, default_value = "0.9", value_parser = args::unit)]
     pub pacing: f64,
+    /// Receivers whose daemon takes datagrams off its socket slowly (the first N).
+    #[arg(long, default_value = "0")]
+    pub slow_receivers: u32,
+    /// The rate a slow receiver takes datagrams at, Gbit/s.
+    #[arg(long, default_value = "1", value_parser = args::positive)]
+    pub slow_rate: f64,
+    /// A slow receiver's socket buffer, KiB (a datagram arriving when it is full is dropped).
+    #[arg(long, default_value = "256", value_parser = args::positive)]
+    pub slow_queue_kib: f64,
+    /// Turn push flow control off (to measure what it saves).
+    #[arg(long)]
+    pub no_flow_control: bool,
+    /// The receivers' window, stream positions (default: the receiver's own).
+    #[arg(long)]
+    pub window: Option<u32>,
+    /// What each receiver's vCPU does.
+    #[arg(long, value_enum, default_value = "shuffled")]
+    pub workload: WorkloadArg,
+    /// The last N receivers fall silent (everything they send is lost) after --silent-after-ms.
+    #[arg(long, default_value = "0")]
+    pub silent_receivers: u32,
+    /// When the silent receivers fall silent, ms into the run.
+    #[arg(long, default_value = "0", value_parser = args::non_negative)]
+    pub silent_after_ms: f64,
     /// Queue size of every link, KiB.
     #[arg(long, default_value = "4096", value_parser = args::positive)]
     pub queue_kib: f64,
@@ -146,6 +181,18 @@ impl SimArgs {
                 PushArg::Hints => Push::Hints,
                 PushArg::All => Push::HintsThenAll,
             },
+            slow_receivers: self.slow_receivers,
+            slow_rate_bps: gbps(self.slow_rate),
+            slow_queue_bytes: (self.slow_queue_kib * 1024.0) as u64,
+            flow_control: !self.no_flow_control,
+            window: self.window,
+            workload: match self.workload {
+                WorkloadArg::Shuffled => Workload::Shuffled,
+                WorkloadArg::Sequential => Workload::Sequential,
+                WorkloadArg::Passive => Workload::Passive,
+            },
+            silent_receivers: self.silent_receivers,
+            silent_after: micros(self.silent_after_ms * 1e3),
             think_time: micros(self.think_us),
             stagger: micros(self.stagger_us),
             time_limit: Duration::from_secs_f64(self.time_limit_s),
@@ -240,9 +287,10 @@ pub fn summary(r: &SimReport) -> String {
         (
             "server tx",
             format!(
-                "{} packets, {} bytes: data {}, repair {} ({} proactive), control {}",
+                "{} packets, {} bytes ({:.3} x image): data {}, repair {} ({} proactive), control {}",
                 r.server_tx_packets,
                 r.server_tx_bytes,
+                r.tx_per_image,
                 r.data_packets,
                 r.repairs_sent,
                 r.proactive_repairs,
@@ -263,12 +311,14 @@ pub fn summary(r: &SimReport) -> String {
         (
             "pages sent",
             format!(
-                "{} ({} zero, {} compressed); {} requested, {} deduplicated",
+                "{} ({} zero, {} compressed, {} pushed); {} requested, {} deduplicated; push held by the window {} times",
                 r.sender.pages_sent,
                 r.sender.zero_pages_sent,
                 r.sender.compressed_pages_sent,
+                r.sender.pages_pushed,
                 r.sender.pages_requested,
-                r.pages_deduplicated
+                r.pages_deduplicated,
+                r.sender.push_window_stalls
             ),
         ),
         (
@@ -295,7 +345,8 @@ pub fn summary(r: &SimReport) -> String {
         (
             "network",
             format!(
-                "downlinks lost {} / corrupted {} / duplicated {} / reordered {}; uplinks lost {}; queue drops {}",
+                "downlinks lost {} / corrupted {} / duplicated {} / reordered {}; uplinks lost {}; queue drops {}; \
+                 slow-socket overruns {}",
                 r.network.downlink_faults.lost,
                 r.network.downlink_faults.corrupted,
                 r.network.downlink_faults.duplicated,
@@ -304,7 +355,8 @@ pub fn summary(r: &SimReport) -> String {
                 r.network.server_egress.dropped
                     + r.network.downlink_queue.dropped
                     + r.network.server_ingress.dropped
-                    + r.network.uplink_queues.dropped
+                    + r.network.uplink_queues.dropped,
+                r.network.slow_sockets.dropped
             ),
         ),
     ];

@@ -70,3 +70,25 @@ fn bad_flags_give_a_clear_error() {
         assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
     }
 }
+
+#[test]
+fn push_compares_flow_control_on_and_off() {
+    let out = bench(&["push", "--pages", "256", "--jobs", "1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(rows.len(), 18, "6 scenarios x (clean, flow control on, off)");
+    for r in rows.iter().filter(|r| r["flow_control"] == true) {
+        assert_eq!(r["report"]["all_bit_exact"], true, "{}", r["scenario"]);
+        assert_eq!(r["report"]["network"]["slow_sockets"]["dropped"], 0, "{}: overrun", r["scenario"]);
+    }
+}
+
+#[test]
+fn vs_udpcast_checks_its_arguments_first() {
+    let out = bench(&["vs-udpcast", "--hosts", "0"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--hosts 0 is out of range"));
+}

@@ -28,10 +28,13 @@ fn staggered_receivers_join_late_and_still_get_everything() {
 }
 
 #[test]
-fn unpaced_push_overflows_the_egress_queue_and_recovers() {
-    let c = SimConfig { push: Push::HintsThenAll, pacing: 0.0, loss: 0.01, ..base(1) };
-    let r = check("push all, unpaced", &c);
+fn unpaced_push_overflows_the_egress_queue_without_flow_control_and_recovers() {
+    let c = SimConfig { push: Push::HintsThenAll, pacing: 0.0, loss: 0.01, flow_control: false, ..base(1) };
+    let r = check("push all, unpaced, no flow control", &c);
     assert!(r.network.server_egress.dropped > 0, "an unpaced push of the whole image should congest the egress");
+    // The window bounds what is in flight, so the same push fits the queue.
+    let r = check("push all, unpaced", &SimConfig { flow_control: true, ..c });
+    assert_eq!(r.network.server_egress.dropped, 0, "the push window let the egress queue overflow");
 }
 
 #[test]

@@ -40,6 +40,9 @@ pub enum ConfigError {
     /// Both of two exclusive settings were given, or neither.
     #[error("exactly one of --key-file and --key-hex is required ({0})")]
     Key(&'static str),
+    /// Both `--image` and `--image-socket` were given.
+    #[error("give one of --image and --image-socket ({0})")]
+    Image(&'static str),
     /// `--key-hex` is not 64 hex digits.
     #[error("--key-hex must be 64 hex digits (32 bytes), got {0} characters or a non-hex digit")]
     KeyHex(usize),
@@ -63,6 +66,14 @@ pub enum ConfigError {
         /// Why it was refused.
         why: String,
     },
+    /// Guest memory given to the server in a program has a length it cannot serve.
+    #[error("guest memory of {len} bytes {why}")]
+    MemoryLength {
+        /// Its length in bytes.
+        len: u64,
+        /// Why it was refused.
+        why: String,
+    },
     /// The `--config` file is not valid TOML or has an unknown key.
     #[error("--config {path}: {message}")]
     Toml {
@@ -79,8 +90,12 @@ pub enum ConfigError {
 #[command(name = "spindrift-server", version, about = "Multicasts a frozen VM memory image to spindrift host daemons")]
 pub struct Args {
     /// The memory image: guest memory as one flat file (Firecracker snapshot layout), a multiple of 4096 bytes.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "image_socket")]
     pub image: Option<PathBuf>,
+    /// Instead of --image: listen on this Unix socket for a local VMM that hands over guest memory
+    /// as a sealed memfd (SCM_RIGHTS) with a JSON header; serve it, then exit.
+    #[arg(long, value_name = "PATH")]
+    pub image_socket: Option<PathBuf>,
     /// IPv4 address of the interface to serve on: requests arrive there, multicast leaves through it.
     #[arg(long, value_name = "IPV4")]
     pub iface: Option<String>,
@@ -99,7 +114,9 @@ pub struct Args {
     /// The session key as 64 hex digits.
     #[arg(long, value_name = "64HEX")]
     pub key_hex: Option<String>,
-    /// Server incarnation, must grow on every restart [default: current unix time in seconds].
+    /// Server incarnation, must grow on every restart of a session [default: quarter-seconds since
+    /// 2024-01-01 UTC, taken after waiting for the next quarter-second so that a restarted server
+    /// always has a larger one].
     #[arg(long, value_name = "N")]
     pub epoch: Option<u32>,
     /// Pacing rate, e.g. 800mbit, 1gbit, 500kbit (default: unpaced).
@@ -118,10 +135,19 @@ pub struct Args {
     /// requested pages [default: all].
     #[arg(long, value_name = "all|none")]
     pub push: Option<String>,
+    /// Start the push once this many hosts are live (e.g. the hosts of a fork plan), so none of
+    /// them joins a push already under way [default: 1].
+    #[arg(long, value_name = "N")]
+    pub min_receivers: Option<u32>,
+    /// Push flow control: `on` keeps the push within the slowest live receiver's window
+    /// (PROTOCOL.md section 11); `off` only paces it, for measurements [default: on].
+    #[arg(long, value_name = "on|off")]
+    pub flow_control: Option<String>,
     /// End the session and exit after this many seconds.
     #[arg(long, value_name = "N")]
     pub duration_s: Option<u64>,
-    /// Write the final sender statistics as JSON to this file on exit.
+    /// Write the sender statistics as JSON to this file, about once a second and on exit (each
+    /// time atomically: a new file renamed over the old one).
     #[arg(long, value_name = "PATH")]
     pub stats_json: Option<PathBuf>,
     /// TOML file with the same keys as the flags (flags override it).
@@ -134,6 +160,7 @@ pub struct Args {
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 struct FileConfig {
     image: Option<PathBuf>,
+    image_socket: Option<PathBuf>,
     iface: Option<String>,
     group: Option<String>,
     port: Option<u16>,
@@ -146,6 +173,8 @@ struct FileConfig {
     zstd_level: Option<i32>,
     encrypt: Option<bool>,
     push: Option<String>,
+    min_receivers: Option<u32>,
+    flow_control: Option<String>,
     duration_s: Option<u64>,
     stats_json: Option<PathBuf>,
 }
@@ -159,13 +188,27 @@ pub enum Push {
     None,
 }
 
-/// A checked server configuration.
+/// Where the image to serve comes from (the command line's choice; a program that embeds the
+/// server passes its memory to [`crate::serve_source`] instead).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageInput {
+    /// A flat image file (`--image`), checked at configuration time.
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Its pages (from its length when the configuration was checked).
+        pages: u32,
+    },
+    /// A Unix socket a local VMM hands a memfd over (`--image-socket`); see [`crate::handover`].
+    Socket(PathBuf),
+}
+
+/// A checked server configuration. Build it from the command line with [`ServerConfig::from_args`]
+/// or in a program with [`ServerConfig::new`] and the `with_*` methods.
 #[derive(Clone)]
 pub struct ServerConfig {
-    /// The image file.
-    pub image: PathBuf,
-    /// Pages in the image (checked against the file's length when it is mapped).
-    pub page_count: u32,
+    /// The image to serve, for [`crate::serve`] (None when the program passes its own source).
+    pub image: Option<ImageInput>,
     /// The interface address.
     pub iface: Ipv4Addr,
     /// The multicast group.
@@ -176,7 +219,7 @@ pub struct ServerConfig {
     pub session: u64,
     /// The session key.
     pub key: [u8; 32],
-    /// The server's epoch.
+    /// The server's epoch (must grow on every restart of the session).
     pub epoch: u32,
     /// Pacing rate in bytes per second.
     pub rate_bytes_per_sec: Option<u64>,
@@ -188,9 +231,13 @@ pub struct ServerConfig {
     pub encrypt: bool,
     /// Background push.
     pub push: Push,
+    /// The push starts once this many hosts are live.
+    pub min_receivers: u32,
+    /// Keep the push within the slowest live receiver's window (off only for measurements).
+    pub flow_control: bool,
     /// Run time limit.
     pub duration: Option<Duration>,
-    /// Where to write the final stats.
+    /// Where to write the stats (about once a second and at exit).
     pub stats_json: Option<PathBuf>,
 }
 
@@ -198,7 +245,6 @@ impl std::fmt::Debug for ServerConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ServerConfig")
             .field("image", &self.image)
-            .field("page_count", &self.page_count)
             .field("iface", &self.iface)
             .field("group", &self.group)
             .field("port", &self.port)
@@ -210,6 +256,8 @@ impl std::fmt::Debug for ServerConfig {
             .field("zstd_level", &self.zstd_level)
             .field("encrypt", &self.encrypt)
             .field("push", &self.push)
+            .field("min_receivers", &self.min_receivers)
+            .field("flow_control", &self.flow_control)
             .field("duration", &self.duration)
             .field("stats_json", &self.stats_json)
             .finish()
@@ -217,6 +265,125 @@ impl std::fmt::Debug for ServerConfig {
 }
 
 impl ServerConfig {
+    /// A configuration with the defaults (MTU 1500, zstd level 1, unpaced, push all, flow control on,
+    /// no time limit, epoch [`epoch_now`]), after checking the addresses: `iface` a unicast address,
+    /// `group` in 239.0.0.0/8, `port` non-zero.
+    ///
+    /// The epoch must be larger than any this session used before: [`epoch_now`] is, unless the
+    /// session's previous server started within the same quarter-second; a program that may restart
+    /// a session that fast sets [`ServerConfig::with_epoch`] (e.g. to [`restart_safe_epoch`]).
+    pub fn new(
+        iface: Ipv4Addr,
+        group: Ipv4Addr,
+        port: u16,
+        session: u64,
+        key: [u8; 32],
+    ) -> Result<ServerConfig, ConfigError> {
+        check_iface(iface, &iface.to_string())?;
+        check_group(group, &group.to_string())?;
+        if port == 0 {
+            return Err(invalid("--port", "0", "is not a usable port (hosts must know it)"));
+        }
+        Ok(ServerConfig {
+            image: None,
+            iface,
+            group,
+            port,
+            session,
+            key,
+            epoch: epoch_now(),
+            rate_bytes_per_sec: None,
+            max_datagram: (DEFAULT_MTU - IP_UDP_HEADERS) as usize,
+            zstd_level: Some(1),
+            encrypt: false,
+            push: Push::All,
+            min_receivers: 1,
+            flow_control: true,
+            duration: None,
+            stats_json: None,
+        })
+    }
+
+    /// Sets the epoch (not 0: receivers use 0 before they learn the epoch).
+    pub fn with_epoch(mut self, epoch: u32) -> Result<ServerConfig, ConfigError> {
+        if epoch == 0 {
+            return Err(invalid("--epoch", "0", "is reserved (receivers use 0 before they learn the epoch)"));
+        }
+        self.epoch = epoch;
+        Ok(self)
+    }
+
+    /// Sets the pacing rate in bytes per second (None: unpaced).
+    pub fn with_rate(mut self, bytes_per_sec: Option<u64>) -> Result<ServerConfig, ConfigError> {
+        if bytes_per_sec == Some(0) {
+            return Err(invalid("--rate", "0", "must be positive"));
+        }
+        self.rate_bytes_per_sec = bytes_per_sec;
+        Ok(self)
+    }
+
+    /// Sets the link MTU (datagrams are at most `mtu - 28` bytes).
+    pub fn with_mtu(mut self, mtu: u32) -> Result<ServerConfig, ConfigError> {
+        self.max_datagram = mtu_to_datagram(mtu)?;
+        Ok(self)
+    }
+
+    /// Sets the zstd level (None or Some(0): pages go raw).
+    pub fn with_zstd_level(mut self, level: Option<i32>) -> Result<ServerConfig, ConfigError> {
+        self.zstd_level = match level {
+            None | Some(0) => None,
+            Some(l @ 1..=22) => Some(l),
+            Some(l) => {
+                return Err(invalid("--zstd-level", &l.to_string(), "is outside 0..=22 (0 disables compression)"))
+            }
+        };
+        Ok(self)
+    }
+
+    /// Encrypts payloads (ChaCha20-Poly1305) rather than only authenticating them.
+    pub fn with_encrypt(mut self, encrypt: bool) -> ServerConfig {
+        self.encrypt = encrypt;
+        self
+    }
+
+    /// Sets what is pushed in the background ([`crate::ServeOptions::push`] can replace it with hints).
+    pub fn with_push(mut self, push: Push) -> ServerConfig {
+        self.push = push;
+        self
+    }
+
+    /// Starts the push once `n` hosts are live (at least 1).
+    pub fn with_min_receivers(mut self, n: u32) -> ServerConfig {
+        self.min_receivers = n.max(1);
+        self
+    }
+
+    /// Turns push flow control on (the default) or off (for measurements only).
+    pub fn with_flow_control(mut self, on: bool) -> ServerConfig {
+        self.flow_control = on;
+        self
+    }
+
+    /// Ends the session after `duration` (None: runs until stopped).
+    pub fn with_duration(mut self, duration: Option<Duration>) -> ServerConfig {
+        self.duration = duration;
+        self
+    }
+
+    /// Writes the statistics to `path` about once a second and at exit (None: no file).
+    pub fn with_stats_json(mut self, path: Option<PathBuf>) -> ServerConfig {
+        self.stats_json = path;
+        self
+    }
+
+    /// Pages of the `--image` file, when the image is a file.
+    pub fn image_pages(&self) -> Option<u32> {
+        match &self.image {
+            Some(ImageInput::File { pages, .. }) => Some(*pages),
+            _ => None,
+        }
+    }
+
     /// Checks `args` (merged over the `--config` file, if any) and reads the key and the image's length.
     pub fn from_args(args: &Args) -> Result<ServerConfig, ConfigError> {
         let file = match &args.config {
@@ -229,15 +396,26 @@ impl ServerConfig {
         } else {
             (file.key_file, file.key_hex)
         };
-        let image = args.image.clone().or(file.image).ok_or(ConfigError::Missing("--image"))?;
+        // So is the image: a flag replaces the file's image setting.
+        let (image, image_socket) = if args.image.is_some() || args.image_socket.is_some() {
+            (args.image.clone(), args.image_socket.clone())
+        } else {
+            (file.image, file.image_socket)
+        };
+        let image = match (image, image_socket) {
+            (Some(_), Some(_)) => return Err(ConfigError::Image("both were given")),
+            (None, None) => return Err(ConfigError::Missing("--image (or --image-socket)")),
+            (Some(path), None) => {
+                let pages = image_page_count(&path)?;
+                ImageInput::File { path, pages }
+            }
+            (None, Some(socket)) => ImageInput::Socket(socket),
+        };
         let iface = args.iface.clone().or(file.iface).ok_or(ConfigError::Missing("--iface"))?;
         let group = args.group.clone().or(file.group).ok_or(ConfigError::Missing("--group"))?;
         let iface = parse_iface(&iface)?;
         let group = parse_group(&group)?;
         let port = args.port.or(file.port).unwrap_or(DEFAULT_PORT);
-        if port == 0 {
-            return Err(invalid("--port", "0", "is not a usable port (hosts must know it)"));
-        }
         let session = args.session.or(file.session).unwrap_or(1);
         let key = match (key_file, key_hex) {
             (Some(_), Some(_)) => return Err(ConfigError::Key("both were given")),
@@ -245,66 +423,54 @@ impl ServerConfig {
             (Some(path), None) => read_key_file(&path)?,
             (None, Some(hex)) => parse_key_hex(&hex)?,
         };
-        let epoch = match args.epoch.or(file.epoch) {
-            Some(0) => {
-                return Err(invalid("--epoch", "0", "is reserved (receivers use 0 before they learn the epoch)"))
-            }
+        let mut c = ServerConfig::new(iface, group, port, session, key)?;
+        c.image = Some(image);
+        c = c.with_epoch(match args.epoch.or(file.epoch) {
             Some(e) => e,
-            None => default_epoch(),
-        };
-        let rate_bytes_per_sec = match args.rate.clone().or(file.rate) {
+            None => restart_safe_epoch(),
+        })?;
+        c = c.with_rate(match args.rate.clone().or(file.rate) {
             Some(r) => Some(parse_rate(&r)?),
             None => None,
-        };
-        let mtu = args.mtu.or(file.mtu).unwrap_or(DEFAULT_MTU);
-        let max_datagram = mtu_to_datagram(mtu)?;
-        let zstd_level = match args.zstd_level.or(file.zstd_level).unwrap_or(1) {
-            0 => None,
-            l @ 1..=22 => Some(l),
-            l => return Err(invalid("--zstd-level", &l.to_string(), "is outside 0..=22 (0 disables compression)")),
-        };
-        let encrypt = args.encrypt || file.encrypt.unwrap_or(false);
-        let push = match args.push.clone().or(file.push).as_deref() {
+        })?;
+        c = c.with_mtu(args.mtu.or(file.mtu).unwrap_or(DEFAULT_MTU))?;
+        c = c.with_zstd_level(Some(args.zstd_level.or(file.zstd_level).unwrap_or(1)))?;
+        c.encrypt = args.encrypt || file.encrypt.unwrap_or(false);
+        c.push = match args.push.clone().or(file.push).as_deref() {
             None | Some("all") => Push::All,
             Some("none") => Push::None,
             Some(other) => return Err(invalid("--push", other, "is not one of all, none")),
         };
-        let duration = match args.duration_s.or(file.duration_s) {
+        c.min_receivers = match args.min_receivers.or(file.min_receivers) {
+            Some(0) => return Err(invalid("--min-receivers", "0", "must be at least 1")),
+            n => n.unwrap_or(1),
+        };
+        c.flow_control = match args.flow_control.clone().or(file.flow_control).as_deref() {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(other) => return Err(invalid("--flow-control", other, "is not one of on, off")),
+        };
+        c.duration = match args.duration_s.or(file.duration_s) {
             Some(0) => return Err(invalid("--duration-s", "0", "must be positive")),
             d => d.map(Duration::from_secs),
         };
-        let stats_json = args.stats_json.clone().or(file.stats_json);
-        let page_count = image_page_count(&image)?;
-        Ok(ServerConfig {
-            image,
-            page_count,
-            iface,
-            group,
-            port,
-            session,
-            key,
-            epoch,
-            rate_bytes_per_sec,
-            max_datagram,
-            zstd_level,
-            encrypt,
-            push,
-            duration,
-            stats_json,
-        })
+        c.stats_json = args.stats_json.clone().or(file.stats_json);
+        Ok(c)
     }
 
-    /// The protocol sender's configuration.
-    pub fn sender_config(&self) -> SenderConfig {
+    /// The protocol sender's configuration (`push` replaces the configured push when given).
+    pub fn sender_config(&self, push: Option<PushPolicy>) -> SenderConfig {
         let mut sc = SenderConfig::new(SessionId(self.session), self.epoch, SessionKey(self.key), PAGE_SHIFT);
         sc.max_datagram = self.max_datagram;
         sc.encrypt = self.encrypt;
         sc.zstd_level = self.zstd_level;
         sc.rate_bytes_per_sec = self.rate_bytes_per_sec;
-        sc.push = match self.push {
+        sc.push = push.unwrap_or(match self.push {
             Push::All => PushPolicy::HintsThenAll(Vec::new()),
             Push::None => PushPolicy::None,
-        };
+        });
+        sc.flow_control = self.flow_control;
+        sc.min_receivers = self.min_receivers;
         sc.seed = u64::from(self.epoch) ^ self.session.rotate_left(32);
         sc
     }
@@ -324,7 +490,7 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
         .map_err(|e| ConfigError::Toml { path: path.display().to_string(), message: e.message().to_string() })?;
     // Paths in the file are relative to the file.
     let base = path.parent().unwrap_or(Path::new(""));
-    for p in [&mut file.image, &mut file.key_file, &mut file.stats_json].into_iter().flatten() {
+    for p in [&mut file.image, &mut file.image_socket, &mut file.key_file, &mut file.stats_json].into_iter().flatten() {
         if p.is_relative() {
             *p = base.join(&*p);
         }
@@ -335,19 +501,29 @@ fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
 /// Parses the interface address: a unicast IPv4 address.
 pub fn parse_iface(text: &str) -> Result<Ipv4Addr, ConfigError> {
     let ip: Ipv4Addr = text.trim().parse().map_err(|_| invalid("--iface", text, "is not an IPv4 address"))?;
+    check_iface(ip, text)?;
+    Ok(ip)
+}
+
+fn check_iface(ip: Ipv4Addr, text: &str) -> Result<(), ConfigError> {
     if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() {
         return Err(invalid("--iface", text, "is not a unicast interface address"));
     }
-    Ok(ip)
+    Ok(())
 }
 
 /// Parses the group: an IPv4 multicast address in 239.0.0.0/8 (administratively scoped).
 pub fn parse_group(text: &str) -> Result<Ipv4Addr, ConfigError> {
     let ip: Ipv4Addr = text.trim().parse().map_err(|_| invalid("--group", text, "is not an IPv4 address"))?;
+    check_group(ip, text)?;
+    Ok(ip)
+}
+
+fn check_group(ip: Ipv4Addr, text: &str) -> Result<(), ConfigError> {
     if ip.octets()[0] != 239 {
         return Err(invalid("--group", text, "is not a multicast address in 239.0.0.0/8"));
     }
-    Ok(ip)
+    Ok(())
 }
 
 /// Parses a rate such as `1gbit`, `800mbit`, `500kbit` or `1000000bit` into bytes per second.
@@ -419,17 +595,48 @@ pub fn image_page_count(path: &Path) -> Result<u32, ConfigError> {
 
 /// Pages in an image of `len` bytes, or why that length is refused.
 pub fn check_image_len(path: &Path, len: u64) -> Result<u32, ConfigError> {
-    let err = |why: String| ConfigError::ImageLength { path: path.display().to_string(), len, why };
-    if len == 0 {
-        return Err(err("is empty: the image has no pages".into()));
-    }
-    if !len.is_multiple_of(PAGE_SIZE as u64) {
-        return Err(err(format!("is not a multiple of the {PAGE_SIZE}-byte page size")));
-    }
-    u32::try_from(len / PAGE_SIZE as u64).map_err(|_| err("holds more than 2^32 - 1 pages".into()))
+    pages_for_len(len).map_err(|why| ConfigError::ImageLength { path: path.display().to_string(), len, why })
 }
 
-fn default_epoch() -> u32 {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| d.as_secs());
-    u32::try_from(secs).unwrap_or(u32::MAX).max(1)
+/// Pages in `len` bytes of image, or why that length cannot be served.
+pub fn pages_for_len(len: u64) -> Result<u32, String> {
+    if len == 0 {
+        return Err("is empty: the image has no pages".into());
+    }
+    if !len.is_multiple_of(PAGE_SIZE as u64) {
+        return Err(format!("is not a multiple of the {PAGE_SIZE}-byte page size"));
+    }
+    u32::try_from(len / PAGE_SIZE as u64).map_err(|_| "holds more than 2^32 - 1 pages".into())
+}
+
+/// Unix time of 2024-01-01T00:00:00Z, the origin of clock-derived epochs.
+pub const EPOCH_ORIGIN_UNIX_SECS: u64 = 1_704_067_200;
+/// Clock-derived epochs count this many ticks per second (u32 quarter-seconds last until 2058).
+pub const EPOCH_TICKS_PER_SEC: u64 = 4;
+
+/// The epoch the clock gives now: quarter-seconds since 2024-01-01 UTC (at least 1). A server
+/// restarted in a later quarter-second gets a larger epoch, which is what receivers require
+/// (PROTOCOL.md section 13.2: they follow a larger epoch and drop a smaller one as stale; an equal
+/// epoch from a restarted server would mix two streams).
+pub fn epoch_now() -> u32 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let ticks = since.as_millis().saturating_sub(u128::from(EPOCH_ORIGIN_UNIX_SECS) * 1000)
+        * u128::from(EPOCH_TICKS_PER_SEC)
+        / 1000;
+    u32::try_from(ticks).unwrap_or(u32::MAX).max(1)
+}
+
+/// An epoch no earlier server of this host can have used (with a clock that does not step back):
+/// waits for the next quarter-second tick (at most 250 ms) and returns it. A server that started
+/// before this call started in an earlier tick, so its [`epoch_now`] or its `restart_safe_epoch`
+/// was smaller.
+pub fn restart_safe_epoch() -> u32 {
+    let first = epoch_now();
+    loop {
+        let e = epoch_now();
+        if e > first {
+            return e;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }

@@ -1,22 +1,29 @@
 //! The event loop: moves bytes between the UDP socket and the protocol's sender, nothing more.
+//!
+//! [`serve_source`] is the library entry point: any [`PageSource`] (a mapped file, a memfd handed
+//! over by a local VMM, a forked VMM's own guest memory) is served under a [`ServerConfig`] until a
+//! stop flag is set, the configured duration passes or a [`ServeCommand::End`] arrives. [`serve`]
+//! is the command line's wrapper around it.
 
 use std::net::SocketAddrV4;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use netio::udp::{Bind, UdpConfig, UdpError, UdpIo};
 use netio::{Interest, IoError, PacketIo, RxBatch, TxBatch};
-use spindrift_protocol::sender::{Sender, SenderEvent, SenderStats};
-use spindrift_protocol::wire::{EndReason, MIN_DATAGRAM};
+use spindrift_protocol::sender::{PageSource, PushPolicy, Sender, SenderEvent, SenderStats};
+use spindrift_protocol::wire::{BlobKind, EndReason, Priority, MIN_DATAGRAM};
 use spindrift_protocol::Time;
 
-use crate::config::{ConfigError, ServerConfig};
+use crate::config::{ConfigError, ImageInput, ServerConfig, PAGE_SHIFT};
+use crate::handover::HandoverError;
 use crate::image::MmapImage;
 
 /// Datagrams per `recvmmsg`/`sendmmsg`.
 const BATCH: usize = 64;
-/// Longest sleep between looks at the clock and the stop flag.
+/// Longest sleep between looks at the clock, the stop flag and the command channel.
 const MAX_WAIT: Duration = Duration::from_millis(100);
 /// How often the one-line summary is logged.
 const SUMMARY_EVERY: Duration = Duration::from_secs(2);
@@ -25,6 +32,8 @@ const END_FLUSH_LIMIT: Duration = Duration::from_secs(2);
 /// Below this, a timer is waited for by yielding rather than sleeping (the socket wait has
 /// millisecond granularity and the pacer keeps no credit for late sends).
 const SPIN_BELOW: Duration = Duration::from_micros(200);
+/// The default interval of [`ServeOptions::stats_every`].
+pub const DEFAULT_STATS_EVERY: Duration = Duration::from_secs(1);
 
 /// What stopped the server.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +44,15 @@ pub enum ServerError {
     /// The protocol sender refused its configuration.
     #[error("{0}")]
     Sender(#[from] spindrift_protocol::sender::ConfigError),
+    /// The page source does not fit the server's page size.
+    #[error("the page source has {0} pages of another size than the server's 4096 bytes, or none")]
+    Source(u32),
+    /// No image was configured for [`serve`] (a program passes its source to [`serve_source`]).
+    #[error("no image to serve: give --image or --image-socket")]
+    NoImage,
+    /// The memory handover over the Unix socket failed.
+    #[error(transparent)]
+    Handover(#[from] HandoverError),
     /// The socket could not be opened.
     #[error("opening the UDP socket: {0}")]
     Open(#[from] UdpError),
@@ -58,91 +76,217 @@ impl ServerError {
     /// The process exit code for this error: 2 for configuration errors, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ServerError::Config(_) | ServerError::Sender(_) => 2,
+            ServerError::Config(_) | ServerError::Sender(_) | ServerError::NoImage => 2,
             _ => 1,
         }
     }
 }
 
-/// Serves `config` until `stop` is set (or `--duration-s` passes), then ends the session, flushes
-/// the End messages, writes `--stats-json` and returns the final counters.
+/// A command to a running server, sent over [`ServeOptions::commands`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServeCommand {
+    /// Adds a blob (a VM descriptor or a fork plan) to the stream, ahead of pages.
+    PublishBlob {
+        /// Descriptor or fork plan.
+        kind: BlobKind,
+        /// Its id (unique within the session; a blob's content never changes).
+        id: u32,
+        /// Its bytes (at most 16 MiB).
+        bytes: Vec<u8>,
+    },
+    /// Queues pages as if a host had asked for them (e.g. a local VMM's working-set hints).
+    EnqueuePages {
+        /// The pages (those past the image are ignored).
+        pages: Vec<u32>,
+        /// Their priority.
+        priority: Priority,
+    },
+    /// Ends the session (End goes out) and returns, like the stop flag.
+    End(EndReason),
+}
+
+/// A callback for sender events (see [`ServeOptions::on_event`]).
+pub type EventHook = Box<dyn FnMut(&SenderEvent) + Send>;
+/// A callback for the counters (see [`ServeOptions::on_stats`]).
+pub type StatsHook = Box<dyn FnMut(&SenderStats) + Send>;
+
+/// What a server does besides serving pages: blobs to publish first, the push, and where its
+/// events and counters go.
+pub struct ServeOptions {
+    /// Blobs published before anything else, in this order: (kind, id, bytes). A VM descriptor
+    /// also becomes the session's descriptor in Announce. They go out once the first host is heard
+    /// from and again for hosts that join after they went out.
+    pub blobs: Vec<(BlobKind, u32, Vec<u8>)>,
+    /// Replaces the configured push (e.g. `HintsThenAll(working_set)`); None keeps
+    /// [`ServerConfig::push`].
+    pub push: Option<PushPolicy>,
+    /// Called with every sender event (hosts joining and lost, clone reports), on the serving
+    /// thread; keep it short (send it on a channel or a pipe).
+    pub on_event: Option<EventHook>,
+    /// Called with the counters every [`ServeOptions::stats_every`] and once at the end.
+    pub on_stats: Option<StatsHook>,
+    /// How often the counters go to `on_stats` and the `--stats-json` file.
+    pub stats_every: Duration,
+    /// Commands for the running server (blobs published later, hints, end).
+    pub commands: Option<mpsc::Receiver<ServeCommand>>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            blobs: Vec::new(),
+            push: None,
+            on_event: None,
+            on_stats: None,
+            stats_every: DEFAULT_STATS_EVERY,
+            commands: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("blobs", &self.blobs.iter().map(|(k, id, b)| (k, id, b.len())).collect::<Vec<_>>())
+            .field("push", &self.push)
+            .field("on_event", &self.on_event.is_some())
+            .field("on_stats", &self.on_stats.is_some())
+            .field("stats_every", &self.stats_every)
+            .field("commands", &self.commands.is_some())
+            .finish()
+    }
+}
+
+/// Serves the image `config.image` names (an `--image` file, or the memory a local VMM hands over
+/// on `--image-socket`) until `stop` is set or `--duration-s` passes; see [`serve_source`]. Stopped
+/// while still waiting for a VMM, it returns empty statistics.
 pub fn serve(config: &ServerConfig, stop: &AtomicBool) -> Result<SenderStats, ServerError> {
-    let image = MmapImage::open(&config.image)?;
+    match &config.image {
+        None => Err(ServerError::NoImage),
+        Some(ImageInput::File { path, .. }) => {
+            let image = MmapImage::open(path)?;
+            serve_source(config, image, ServeOptions::default(), stop)
+        }
+        Some(ImageInput::Socket(path)) => {
+            let handed = match crate::handover::receive(path, config, stop) {
+                Ok(h) => h,
+                Err(HandoverError::Stopped(_)) => {
+                    tracing::info!("stopped before any VMM handed memory over");
+                    return Ok(SenderStats::default());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let (config, options) = handed.session(config)?;
+            serve_source(&config, handed.image, options, stop)
+        }
+    }
+}
+
+/// Serves `source` under `config` until `stop` is set, `config.duration` passes or a
+/// [`ServeCommand::End`] arrives; then ends the session, flushes the End messages, writes
+/// `config.stats_json` and returns the final counters.
+///
+/// `options.blobs` are published before the first page. The source must not change while it is
+/// served (a frozen snapshot, a paused VM's memory, a forked child's copy-on-write view).
+pub fn serve_source<S: PageSource>(
+    config: &ServerConfig,
+    source: S,
+    mut options: ServeOptions,
+    stop: &AtomicBool,
+) -> Result<SenderStats, ServerError> {
+    let pages = source.page_count();
+    if pages == 0 || source.page(0).len() != 1 << PAGE_SHIFT {
+        return Err(ServerError::Source(pages));
+    }
     let io = UdpIo::open(&UdpConfig::new(config.iface, config.port).bind(Bind::Interface).multicast_ttl(1))?;
-    let mut server = Server::new(config, image, io)?;
+    let mut sender = Sender::new(config.sender_config(options.push.take()), source, Time::ZERO)?;
+    for (kind, id, bytes) in std::mem::take(&mut options.blobs) {
+        sender.publish_blob(kind, id, bytes);
+    }
+    tracing::info!(
+        "serving {pages} pages on {}:{} to group {}:{}, session {}, epoch {}, max datagram {}, flow control {}",
+        config.iface,
+        io.local_addr().port(),
+        config.group,
+        config.port,
+        config.session,
+        config.epoch,
+        config.max_datagram,
+        if config.flow_control { "on" } else { "off" }
+    );
+    let mut server = Server {
+        sender,
+        group: SocketAddrV4::new(config.group, config.port),
+        rx: RxBatch::new(BATCH, config.max_datagram.max(MIN_DATAGRAM))?,
+        tx: TxBatch::new(BATCH, config.max_datagram)?,
+        io,
+        start: Instant::now(),
+        duration: config.duration,
+        options,
+        stats_json: config.stats_json.as_deref(),
+    };
     let result = server.run(stop);
     let stats = server.sender.stats().clone();
     tracing::info!("final: {}", summary(&stats));
+    if let Some(f) = server.options.on_stats.as_mut() {
+        f(&stats);
+    }
     if let Some(path) = &config.stats_json {
         write_stats(path, &stats)?;
     }
     result.map(|()| stats)
 }
 
-/// Writes `stats` as JSON to `path`.
+/// Writes `stats` as JSON to `path` atomically: to a temporary file beside it, renamed over it, so
+/// a reader never sees a partial file.
 pub fn write_stats(path: &Path, stats: &SenderStats) -> Result<(), ServerError> {
     let err = |source| ServerError::Stats { path: path.display().to_string(), source };
     let json = serde_json::to_vec_pretty(stats).map_err(|e| err(std::io::Error::other(e)))?;
-    std::fs::write(path, json).map_err(err)
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, json).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        std::fs::remove_file(&tmp).ok();
+        err(e)
+    })
 }
 
 /// The one-line summary of the counters.
 pub fn summary(s: &SenderStats) -> String {
     format!(
-        "tx {} pkts {} bytes (data {}, repair {}, control {}), pages sent {}, rx {} pkts, requests {}, naks {}, \
-         statuses {}, rejected {}, receivers live {}",
+        "tx {} pkts {} bytes (data {}, repair {}, control {}), pages sent {} (pushed {}), rx {} pkts, requests {}, \
+         naks {}, statuses {}, rejected {}, receivers live {}, push window-blocked {}",
         s.tx_packets,
         s.tx_bytes,
         s.data_packets,
         s.repair_packets,
         s.control_packets,
         s.pages_sent,
+        s.pages_pushed,
         s.rx_packets,
         s.requests,
         s.naks,
         s.statuses,
         s.rx_malformed + s.rx_unauthenticated + s.rx_stale,
-        s.receivers_live
+        s.receivers_live,
+        s.push_window_stalls
     )
 }
 
-struct Server {
-    sender: Sender<MmapImage>,
+struct Server<'a, S: PageSource> {
+    sender: Sender<S>,
     io: UdpIo,
     group: SocketAddrV4,
     rx: RxBatch,
     tx: TxBatch,
     start: Instant,
     duration: Option<Duration>,
+    options: ServeOptions,
+    stats_json: Option<&'a Path>,
 }
 
-impl Server {
-    fn new(config: &ServerConfig, image: MmapImage, io: UdpIo) -> Result<Server, ServerError> {
-        let start = Instant::now();
-        let pages = image.bytes().len() / crate::image::PAGE_SIZE;
-        let sender = Sender::new(config.sender_config(), image, Time::ZERO)?;
-        tracing::info!(
-            "serving {} ({pages} pages) on {}:{} to group {}:{}, session {}, epoch {}, max datagram {}",
-            config.image.display(),
-            config.iface,
-            io.local_addr().port(),
-            config.group,
-            config.port,
-            config.session,
-            config.epoch,
-            config.max_datagram
-        );
-        Ok(Server {
-            sender,
-            group: SocketAddrV4::new(config.group, config.port),
-            rx: RxBatch::new(BATCH, config.max_datagram.max(MIN_DATAGRAM))?,
-            tx: TxBatch::new(BATCH, config.max_datagram)?,
-            io,
-            start,
-            duration: config.duration,
-        })
-    }
-
+impl<S: PageSource> Server<'_, S> {
     fn now(&self) -> Time {
         Time::from_nanos(u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX))
     }
@@ -150,13 +294,20 @@ impl Server {
     fn run(&mut self, stop: &AtomicBool) -> Result<(), ServerError> {
         let mut ending: Option<Instant> = None;
         let mut next_summary = Instant::now() + SUMMARY_EVERY;
+        let mut next_stats = Instant::now() + self.options.stats_every;
         loop {
-            if ending.is_none()
-                && (stop.load(Ordering::Relaxed) || self.duration.is_some_and(|d| self.start.elapsed() >= d))
-            {
-                tracing::info!("stopping: ending the session");
-                self.sender.end(self.now(), EndReason::Shutdown);
-                ending = Some(Instant::now());
+            if ending.is_none() {
+                let reason = if stop.load(Ordering::Relaxed) || self.duration.is_some_and(|d| self.start.elapsed() >= d)
+                {
+                    Some(EndReason::Shutdown)
+                } else {
+                    self.commands()
+                };
+                if let Some(reason) = reason {
+                    tracing::info!("stopping: ending the session ({reason:?})");
+                    self.sender.end(self.now(), reason);
+                    ending = Some(Instant::now());
+                }
             }
             self.receive()?;
             let now = self.now();
@@ -165,7 +316,7 @@ impl Server {
             }
             let blocked = self.transmit()?;
             while let Some(ev) = self.sender.poll_event() {
-                match ev {
+                match &ev {
                     SenderEvent::ReceiverJoined(node) => tracing::info!("receiver {} joined", node.0),
                     SenderEvent::ReceiverLost(node) => tracing::info!("receiver {} lost", node.0),
                     SenderEvent::CloneReport { node, fork, clone, status, result } => tracing::info!(
@@ -174,10 +325,17 @@ impl Server {
                         result.len()
                     ),
                 }
+                if let Some(f) = self.options.on_event.as_mut() {
+                    f(&ev);
+                }
             }
             if Instant::now() >= next_summary {
                 next_summary += SUMMARY_EVERY;
                 tracing::info!("{}", summary(self.sender.stats()));
+            }
+            if Instant::now() >= next_stats {
+                next_stats = Instant::now() + self.options.stats_every;
+                self.report_stats();
             }
             if let Some(since) = ending {
                 let flushed = self.sender.poll_timeout().is_none() && self.tx.is_sent();
@@ -186,6 +344,34 @@ impl Server {
                 }
             }
             self.sleep(blocked)?;
+        }
+    }
+
+    /// Applies the commands waiting; returns the end reason if one asked to end.
+    fn commands(&mut self) -> Option<EndReason> {
+        let rx = self.options.commands.as_ref()?;
+        let mut end = None;
+        while let Ok(cmd) = rx.try_recv() {
+            match cmd {
+                ServeCommand::PublishBlob { kind, id, bytes } => self.sender.publish_blob(kind, id, bytes),
+                ServeCommand::EnqueuePages { pages, priority } => self.sender.enqueue_pages(&pages, priority),
+                ServeCommand::End(reason) => end = Some(reason),
+            }
+        }
+        end
+    }
+
+    /// Hands the counters to `on_stats` and the stats file (a failed write is logged, not fatal:
+    /// the file is written once more at exit, and that failure is returned).
+    fn report_stats(&mut self) {
+        let stats = self.sender.stats();
+        if let Some(f) = self.options.on_stats.as_mut() {
+            f(stats);
+        }
+        if let Some(path) = self.stats_json {
+            if let Err(e) = write_stats(path, stats) {
+                tracing::warn!("{e}");
+            }
         }
     }
 

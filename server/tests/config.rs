@@ -61,7 +61,7 @@ fn good_flags_give_the_expected_config() {
         "7",
     ])
     .expect("valid flags");
-    assert_eq!(c.page_count, 3);
+    assert_eq!(c.image_pages(), Some(3));
     assert_eq!(c.port, 7700);
     assert_eq!(c.session, 42);
     assert_eq!(c.epoch, 7);
@@ -73,11 +73,19 @@ fn good_flags_give_the_expected_config() {
     assert!(c.encrypt);
     assert_eq!(c.push, Push::All);
 
-    // Defaults: port 7700, session 1, epoch = now (so a restart gets a larger one), mtu 1500, zstd 1.
+    // Defaults: port 7700, session 1, epoch from the clock (a restart gets a larger one), mtu 1500,
+    // zstd 1, flow control on.
+    let before = spindrift_server::epoch_now();
     let c = parse(&["--image", img, "--iface", "198.18.0.1", "--group", "239.1.2.3", "--key-hex", KEY])
         .expect("valid flags");
     assert_eq!((c.port, c.session, c.max_datagram, c.zstd_level), (7700, 1, 1472, Some(1)));
-    assert!(c.epoch > 1_700_000_000, "default epoch {} is not the unix time", c.epoch);
+    assert!(c.flow_control);
+    // Quarter-seconds since 2024: over 2^27 by now, and strictly after any server started before.
+    assert!(c.epoch > 1 << 27, "default epoch {} is not from the clock", c.epoch);
+    assert!(c.epoch > before, "default epoch {} is not past the epoch {before} of a server started before", c.epoch);
+    let again = parse(&["--image", img, "--iface", "198.18.0.1", "--group", "239.1.2.3", "--key-hex", KEY])
+        .expect("valid flags");
+    assert!(again.epoch > c.epoch, "a restart got epoch {} after {}", again.epoch, c.epoch);
     assert_eq!(c.rate_bytes_per_sec, None);
     std::fs::remove_dir_all(dir).ok();
 }
@@ -133,6 +141,9 @@ fn bad_values_are_refused_with_clear_messages() {
     check(&["--key-hex", KEY, "--zstd-level", "23"], "--zstd-level 23 is outside 0..=22");
     check(&["--key-hex", KEY, "--epoch", "0"], "--epoch 0 is reserved");
     check(&["--key-hex", KEY, "--push", "some"], "--push some is not one of all, none");
+    check(&["--key-hex", KEY, "--flow-control", "maybe"], "--flow-control maybe is not one of on, off");
+    let both = Args::try_parse_from(["spindrift-server", "--image", img, "--image-socket", "/tmp/x.sock"]);
+    assert!(both.expect_err("both images").to_string().contains("cannot be used with"));
     check(&["--key-hex", KEY, "--rate", "fast"], "--rate fast is not a rate");
 
     let short_key = dir.join("short.key");
@@ -159,7 +170,7 @@ fn bad_values_are_refused_with_clear_messages() {
     let e = err(&["--image", "/nonexistent/image", "--iface", "198.18.0.1", "--group", "239.1.2.3", "--key-hex", KEY]);
     assert!(e.starts_with("--image /nonexistent/image: "), "{e}");
     let e = err(&["--iface", "198.18.0.1", "--group", "239.1.2.3", "--key-hex", KEY]);
-    assert!(e.contains("--image is required"), "{e}");
+    assert!(e.contains("--image (or --image-socket) is required"), "{e}");
     std::fs::remove_dir_all(dir).ok();
 }
 
@@ -177,7 +188,7 @@ fn toml_file_sets_the_same_keys_and_flags_override_it() {
     .expect("write config");
     let cfg_s = cfg.to_str().expect("utf-8");
     let c = parse(&["--config", cfg_s]).expect("config file");
-    assert_eq!(c.page_count, 8);
+    assert_eq!(c.image_pages(), Some(8));
     assert_eq!(c.group.to_string(), "239.9.9.9");
     assert_eq!(c.port, 7800);
     assert_eq!(c.key, [9u8; 32]);

@@ -201,7 +201,7 @@ fn run_lab(test: &str, extra: &[&str]) {
     flags.extend(extra.iter().map(|s| s.to_string()));
     let args = Args::try_parse_from(flags).expect("flags");
     let config = ServerConfig::from_args(&args).expect("config");
-    let pages = config.page_count;
+    let pages = config.image_pages().expect("an image file");
     let key = config.key;
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();

@@ -53,7 +53,11 @@ pub struct ReceiverConfig {
     pub stream_start: Option<u64>,
     /// The server is declared gone when silent this long while faults wait.
     pub server_timeout: Duration,
-    /// How many stream packets beyond the contiguous point the receiver can buffer.
+    /// How many stream positions beyond the highest it has seen the receiver can take: what its
+    /// socket receive buffer holds, with room left for the repairs and control among them. Its
+    /// Status window (PROTOCOL.md section 11) is this plus the positions it holds in incomplete
+    /// blocks, so the server's push never runs further ahead of what it has read. At least
+    /// [`MIN_WINDOW`].
     pub window: u32,
     /// Seed for the receiver's randomness (NAK backoff).
     pub seed: u64,
@@ -77,7 +81,7 @@ impl ReceiverConfig {
             rtt_hint: Duration::from_micros(200),
             stream_start: None,
             server_timeout: Duration::from_secs(3),
-            window: 4096,
+            window: DEFAULT_WINDOW,
             seed: u64::from(node.0),
             first_packet_number: 0,
         }
@@ -173,6 +177,21 @@ pub struct Receiver {
     nak_backoff: Duration,
     status_at: Time,
     status_interval: Duration,
+    /// Flow-control feedback: a Status is wanted soon (push progress, the stream starting, the
+    /// server idle after new push data), no sooner than `progress_gap` after the last one.
+    status_due: bool,
+    last_status_at: Option<Time>,
+    /// Received Through as of the last Status sent.
+    last_status_rt: u64,
+    /// Push data arrived since the last Status: progress reports are for the push only (demand
+    /// answers are not window-limited, so reporting their progress would be wasted traffic).
+    push_since_status: bool,
+    /// Push data has arrived in this epoch: Heartbeats (the server idle, perhaps because the push
+    /// waits for our window after a lost Status) are answered with a Status.
+    push_seen: bool,
+    /// No Data has arrived yet in this epoch: the server may not have heard our first Status (it
+    /// does not push to hosts it has not heard from), so Status repeats with a doubling interval.
+    join_retry: Option<Duration>,
     /// When the server was last heard from, or when the first fault began waiting.
     last_heard: Option<Time>,
     server_lost: bool,
@@ -193,6 +212,24 @@ struct PendingReport {
 
 const BITS: usize = 64;
 
+/// The smallest window a receiver reports (PROTOCOL.md section 11): two full FEC blocks.
+pub const MIN_WINDOW: u32 = 128;
+/// The default window: 1024 positions, 1.4 MiB of 1472-byte datagrams, well within the 8 MiB socket
+/// buffers the host daemon asks for.
+pub const DEFAULT_WINDOW: u32 = 1024;
+/// A progress Status goes out when Received Through has moved this fraction of the window since the
+/// last Status (Aeron's receiver sends a status message at a quarter of its window).
+const PROGRESS_FRACTION: u64 = 4;
+/// Progress Status messages are at least this fraction of the status interval apart (1 ms in
+/// groups of up to 128 receivers, 8 ms at 1024: a bound on status traffic in large groups) ...
+const PROGRESS_GAP_DIVISOR: u32 = 256;
+/// ... and at least this far apart.
+const MIN_PROGRESS_GAP: Duration = Duration::from_micros(500);
+/// The positions a receiver holds beyond Received Through (incomplete blocks waiting for repair)
+/// count in its window up to this many windows: losses then do not close the window while their
+/// repair is on its way, yet a receiver stuck on one hole stops the push after a bounded run.
+const HOLE_ALLOWANCE: u64 = 3;
+
 impl Receiver {
     /// A receiver for one session.
     pub fn new(config: ReceiverConfig, now: Time) -> Result<Receiver, ConfigError> {
@@ -204,6 +241,12 @@ impl Receiver {
         }
         if config.page_count == 0 {
             return Err(ConfigError::Invalid("the image has no pages".into()));
+        }
+        if config.window < MIN_WINDOW {
+            return Err(ConfigError::Invalid(format!(
+                "window {} is below the minimum of {MIN_WINDOW} stream positions",
+                config.window
+            )));
         }
         let decompressor =
             zstd::bulk::Decompressor::new().map_err(|e| ConfigError::Invalid(format!("zstd decompressor: {e}")))?;
@@ -236,6 +279,13 @@ impl Receiver {
             nak_backoff: config.rtt_hint / 2,
             status_at,
             status_interval,
+            // A receiver that follows the stream from the start says so at once.
+            status_due: config.stream_start.is_some(),
+            last_status_at: None,
+            last_status_rt: 0,
+            push_since_status: false,
+            push_seen: false,
+            join_retry: Some(Duration::ZERO),
             last_heard: None,
             server_lost: false,
             ended: false,
@@ -318,6 +368,20 @@ impl Receiver {
         self.learn_epoch(header.epoch);
         self.last_heard = Some(now);
         self.server_lost = false;
+        let started = self.stream.start() != wire::NO_STREAM;
+        self.take_message(now, msg, body, sink);
+        if !started && self.stream.start() != wire::NO_STREAM {
+            // The stream just started for us: say so at once, so the server counts us in its
+            // window (and sends blobs and the push) without waiting for the periodic Status.
+            self.status_due = true;
+        }
+        let progress = self.stream.received_through().saturating_sub(self.last_status_rt);
+        if self.push_since_status && progress >= u64::from(self.config.window) / PROGRESS_FRACTION {
+            self.status_due = true;
+        }
+    }
+
+    fn take_message(&mut self, now: Time, msg: Message<'_>, body: &[u8], sink: &mut dyn PageSink) {
         match msg {
             Message::Data(d) => {
                 self.stats.data_packets += 1;
@@ -341,6 +405,12 @@ impl Receiver {
                 }
             }
             Message::Heartbeat(h) => {
+                if self.push_seen && self.pages_cached < self.config.page_count {
+                    // The server is idle during a push: perhaps the push waits for our window
+                    // (our last progress Status may have been lost). Tell it where we are.
+                    // Heartbeats back off exponentially while the server idles, and so do these.
+                    self.status_due = true;
+                }
                 self.status_interval = Duration::from_millis(u64::from(h.status_interval_ms.max(10)));
                 self.nak_backoff = Duration::from_micros(u64::from(h.nak_backoff_us));
                 self.stream.begin(h.next_seq);
@@ -400,6 +470,10 @@ impl Receiver {
                 self.pending_nak = None;
                 self.advertised.clear();
                 self.nak_at = None;
+                self.last_status_rt = 0;
+                self.push_since_status = false;
+                self.push_seen = false;
+                self.join_retry = Some(Duration::ZERO);
                 self.wants.rerequest_all();
                 self.keys.retain(|&k, _| k >= epoch);
                 self.events.push_back(ReceiverEvent::ServerRestarted { epoch });
@@ -409,6 +483,11 @@ impl Receiver {
     }
 
     fn take_data(&mut self, now: Time, d: &Data<'_>, body: &[u8], sink: &mut dyn PageSink) {
+        self.join_retry = None;
+        if d.flags & wire::DATA_PUSH != 0 {
+            self.push_since_status = true;
+            self.push_seen = true;
+        }
         let before = self.stream.highest();
         let last = d.flags & wire::DATA_LAST_IN_BLOCK != 0;
         if self.stream.take_data(d.seq, d.block, d.index, last, body) == Taken::Duplicate {
@@ -677,22 +756,50 @@ impl Receiver {
             let (fork, clone, status, result) = (r.fork, r.clone, r.status, r.result.clone());
             return self.seal(Message::Report(wire::Report { fork, clone, status, result: &result }), buf);
         }
-        if now >= self.status_at && self.stream.start() != wire::NO_STREAM {
+        let due = now >= self.status_at || self.status_due && self.progress_status_at().is_none_or(|t| now >= t);
+        if due && self.stream.start() != wire::NO_STREAM {
             self.status_at = now + self.status_interval;
+            if let Some(retry) = self.join_retry {
+                let retry = (retry * 2).max(self.rtt() * 4).max(self.progress_gap()).min(self.status_interval);
+                self.status_at = now + retry;
+                self.join_retry = Some(retry);
+            }
+            self.status_due = false;
+            self.last_status_at = Some(now);
+            self.last_status_rt = self.stream.received_through();
+            self.push_since_status = false;
             self.stats.statuses += 1;
-            let backlog = self.stream.highest() - self.stream.received_through();
             let msg = Message::Status(wire::Status {
                 stream_start: self.stream.start(),
                 received_through: self.stream.received_through(),
                 highest_seen: self.stream.highest(),
                 loss_ppm: self.stream.loss_ppm(),
-                window: self.config.window.saturating_sub(u32::try_from(backlog).unwrap_or(u32::MAX)),
+                window: self.window(),
                 pages_cached: self.pages_cached,
                 flags: 0,
             });
             return self.seal(msg, buf);
         }
         None
+    }
+
+    /// The window to report: `config.window` positions beyond what this receiver has seen (its
+    /// socket buffer holds that many), plus the positions it has seen but holds incomplete beyond
+    /// Received Through, up to [`HOLE_ALLOWANCE`] windows of them.
+    fn window(&self) -> u32 {
+        let w = u64::from(self.config.window);
+        let holes = self.stream.highest().saturating_sub(self.stream.received_through()).min(w * HOLE_ALLOWANCE);
+        u32::try_from(w + holes).unwrap_or(u32::MAX)
+    }
+
+    /// The least time between two Status messages sent for flow control (progress, start, idle).
+    fn progress_gap(&self) -> Duration {
+        (self.status_interval / PROGRESS_GAP_DIVISOR).max(MIN_PROGRESS_GAP)
+    }
+
+    /// When a wanted flow-control Status may go (None: at once).
+    fn progress_status_at(&self) -> Option<Time> {
+        self.last_status_at.map(|t| t + self.progress_gap())
     }
 
     /// When [`Receiver::handle_timeout`] (or [`Receiver::poll_transmit`]) must next be called.
@@ -708,6 +815,9 @@ impl Receiver {
         earliest(self.reports.iter().map(|r| r.next_at).min());
         if self.stream.start() != wire::NO_STREAM && !self.ended {
             earliest(Some(self.status_at));
+            if self.status_due {
+                earliest(Some(self.progress_status_at().unwrap_or(self.now)));
+            }
         }
         if self.wants.has_fault() && !self.server_lost {
             earliest(self.last_heard.map(|h| h + self.config.server_timeout));

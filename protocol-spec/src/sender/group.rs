@@ -2,6 +2,7 @@
 //! rates call for.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use crate::replay::ReplayWindow;
 use crate::wire::{NodeId, NO_STREAM};
@@ -13,9 +14,46 @@ pub(super) struct Member {
     pub last_heard: Time,
     pub loss_ppm: Option<u32>,
     pub stream_start: u64,
+    /// Flow control: the receiver's Received Through (the sender's next position when it joined,
+    /// until its first Status) and its window (None until its first Status).
     pub received_through: u64,
-    pub window: u32,
+    pub window: Option<u32>,
+    /// When its last Status came (when it joined, before its first).
+    pub reported_at: Time,
+    /// Its last Status said it holds every page: the push cannot help it, so it does not hold the
+    /// push back.
+    pub complete: bool,
     pub replay: ReplayWindow,
+}
+
+impl Member {
+    /// Where the push must stop for this member, if it counts (see [`Group::push_limit`]).
+    fn limit(&self, now: Time, p: &FlowParams) -> Option<u64> {
+        (now < self.reported_at + p.timeout && !self.complete).then(|| {
+            self.received_through.saturating_add(u64::from(self.window.unwrap_or(p.initial_window).max(p.min_window)))
+        })
+    }
+}
+
+/// How members count in the push window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct FlowParams {
+    /// A member whose last Status is older stops counting.
+    pub timeout: Duration,
+    /// The window of a member that has not reported one.
+    pub initial_window: u32,
+    /// Smaller reported windows count as this.
+    pub min_window: u32,
+}
+
+/// The push limit as last computed: valid until a member that counted stops counting, and kept up
+/// to date by Status messages, so that the per-datagram check costs O(1), not O(receivers).
+#[derive(Debug, Clone, Copy)]
+struct LimitCache {
+    params: FlowParams,
+    limit: u64,
+    argmin: Option<NodeId>,
+    valid_until: Time,
 }
 
 /// The live receivers.
@@ -25,11 +63,13 @@ pub(super) struct Group {
     /// Cached loss histogram: (loss rate, receivers at that rate); rebuilt when reports change.
     histogram: Vec<(f64, u32)>,
     dirty: bool,
+    limit: std::cell::Cell<Option<LimitCache>>,
 }
 
 impl Group {
-    /// The member for `node`, created if new; the bool says whether it was new.
-    pub fn touch(&mut self, node: NodeId, now: Time) -> (&mut Member, bool) {
+    /// The member for `node`, created if new (with `next_seq` as its position until it reports
+    /// one); the bool says whether it was new.
+    pub fn touch(&mut self, node: NodeId, now: Time, next_seq: u64) -> (&mut Member, bool) {
         let mut joined = false;
         let m = self.members.entry(node).or_insert_with(|| {
             joined = true;
@@ -37,15 +77,54 @@ impl Group {
                 last_heard: now,
                 loss_ppm: None,
                 stream_start: NO_STREAM,
-                received_through: 0,
-                window: u32::MAX,
+                received_through: next_seq,
+                window: None,
+                reported_at: now,
+                complete: false,
                 replay: ReplayWindow::default(),
             }
         });
         if joined {
             self.dirty = true;
+            if let Some(mut c) = self.limit.get() {
+                if let Some(l) = m.limit(now, &c.params) {
+                    if c.argmin.is_none() || l < c.limit {
+                        (c.limit, c.argmin) = (l, Some(node));
+                    }
+                    c.valid_until = c.valid_until.min(m.reported_at + c.params.timeout);
+                    self.limit.set(Some(c));
+                }
+            }
         }
         (m, joined)
+    }
+
+    /// Takes a Status from `node`: positions only move forward (a reordered older Status changes
+    /// nothing).
+    pub fn status(&mut self, node: NodeId, now: Time, received_through: u64, window: u32, complete: bool) {
+        let Some(m) = self.members.get_mut(&node) else { return };
+        m.received_through = m.received_through.max(received_through);
+        m.window = Some(window);
+        m.reported_at = now;
+        m.complete = complete;
+        if let Some(mut c) = self.limit.get() {
+            match m.limit(now, &c.params) {
+                Some(l) if c.argmin.is_none() || l < c.limit => {
+                    (c.limit, c.argmin) = (l, Some(node));
+                    self.limit.set(Some(c));
+                }
+                // The member that set the limit moved on (or stopped counting): look again.
+                _ if c.argmin == Some(node) => self.limit.set(None),
+                _ => {}
+            }
+        }
+    }
+
+    /// Forgets the cached push limit if `node` set it.
+    fn forget_limit_of(&self, node: NodeId) {
+        if self.limit.get().is_some_and(|c| c.argmin == Some(node)) {
+            self.limit.set(None);
+        }
     }
 
     /// Records a loss report.
@@ -64,6 +143,7 @@ impl Group {
     pub fn remove(&mut self, node: NodeId) -> bool {
         let gone = self.members.remove(&node).is_some();
         self.dirty |= gone;
+        self.forget_limit_of(node);
         gone
     }
 
@@ -74,6 +154,7 @@ impl Group {
         gone.sort();
         for n in &gone {
             self.members.remove(n);
+            self.forget_limit_of(*n);
         }
         self.dirty |= !gone.is_empty();
         gone
@@ -89,10 +170,43 @@ impl Group {
         self.members.len()
     }
 
-    /// How far the push stream may run: the smallest `received_through + window` over members,
-    /// and nowhere while no receiver is live (a push to nobody would be sent again on demand).
-    pub fn push_limit(&self) -> u64 {
-        self.members.values().map(|m| m.received_through.saturating_add(u64::from(m.window))).min().unwrap_or(0)
+    /// True when no receiver is live.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// How far the push stream may run (PROTOCOL.md section 11): the smallest
+    /// `received_through + window` over the members that reported within `p.timeout` and still lack
+    /// pages (a member that has not reported yet counts with `p.initial_window` from where it may
+    /// still be reading when it joined; windows below `p.min_window` count as `p.min_window`).
+    /// Nowhere (0) while no member counts: a push to nobody would be sent again on demand.
+    pub fn push_limit(&self, now: Time, p: FlowParams) -> u64 {
+        if let Some(c) = self.limit.get() {
+            if c.params == p && now < c.valid_until {
+                return c.limit;
+            }
+        }
+        let mut c = LimitCache { params: p, limit: u64::MAX, argmin: None, valid_until: Time::from_nanos(u64::MAX) };
+        for (&node, m) in &self.members {
+            if let Some(l) = m.limit(now, &p) {
+                if l < c.limit || (l == c.limit && c.argmin.is_some_and(|a| node < a)) {
+                    (c.limit, c.argmin) = (l, Some(node));
+                }
+                c.valid_until = c.valid_until.min(m.reported_at + p.timeout);
+            }
+        }
+        if c.argmin.is_none() {
+            c.limit = 0;
+        }
+        self.limit.set(Some(c));
+        c.limit
+    }
+
+    /// When the next member that counts in the push window stops counting (its last Status gets
+    /// older than the timeout), if any counts.
+    pub fn next_flow_expiry(&self, now: Time, p: FlowParams) -> Option<Time> {
+        self.push_limit(now, p);
+        self.limit.get().filter(|c| c.argmin.is_some()).map(|c| c.valid_until)
     }
 
     /// Parity packets to add to a closing block of `k` sources so that the expected number of
@@ -159,12 +273,61 @@ mod tests {
         assert!(binomial_tail(10, 0.1, 10) < 1e-12);
     }
 
+    const SEC: Duration = Duration::from_secs(1);
+    const P: FlowParams = FlowParams { timeout: SEC, initial_window: 256, min_window: 128 };
+
+    /// The limit, cached and from scratch (they must agree).
+    fn limit(g: &Group, now: Time) -> u64 {
+        let cached = g.push_limit(now, P);
+        g.limit.set(None);
+        assert_eq!(cached, g.push_limit(now, P), "the cached push limit is stale");
+        cached
+    }
+
     #[test]
     fn nothing_is_pushed_before_a_receiver_joins() {
         let mut g = Group::default();
-        assert_eq!(g.push_limit(), 0);
-        g.touch(NodeId(1), Time::ZERO);
-        assert_eq!(g.push_limit(), u64::from(u32::MAX), "a new member has not reported a window yet");
+        assert_eq!(limit(&g, Time::ZERO), 0);
+        g.touch(NodeId(1), Time::ZERO, 1000);
+        assert_eq!(limit(&g, Time::ZERO), 1256, "a new member counts with the initial window");
+    }
+
+    #[test]
+    fn the_slowest_reporting_member_sets_the_limit_and_a_silent_one_stops_counting() {
+        let mut g = Group::default();
+        let t = |ms: u64| Time::from_nanos(ms * 1_000_000);
+        let status = |g: &mut Group, node: u32, at: u64, rt: u64, window: u32, complete: bool| {
+            g.touch(NodeId(node), t(at), 0);
+            g.status(NodeId(node), t(at), rt, window, complete);
+        };
+        g.push_limit(t(0), P);
+        for (node, rt) in [(1, 5000), (2, 3000), (3, 9000)] {
+            status(&mut g, node, 0, rt, 1024, false);
+        }
+        assert_eq!(limit(&g, t(10)), 4024);
+        // A reordered, older Status does not move a member back.
+        status(&mut g, 2, 20, 2000, 1024, false);
+        assert_eq!(limit(&g, t(20)), 4024);
+        // A tiny window counts as the minimum.
+        status(&mut g, 2, 30, 3000, 1, false);
+        assert_eq!(limit(&g, t(30)), 3128);
+        // Node 2 falls silent: after the timeout the others set the limit.
+        for node in [1, 3] {
+            status(&mut g, node, 900, 8000, 1024, false);
+        }
+        // The cached expiry may be early (a wake-up that finds nothing to do), never late.
+        assert!(g.next_flow_expiry(t(900), P).is_some_and(|e| e <= t(1030)));
+        g.limit.set(None);
+        assert_eq!(g.next_flow_expiry(t(900), P), Some(t(1030)));
+        assert_eq!(limit(&g, t(1031)), 9024);
+        // A member that holds every page does not hold the push back.
+        status(&mut g, 1, 1000, 8000, 1024, true);
+        assert_eq!(limit(&g, t(1031)), 10024);
+        // The slowest moves on: the next one sets the limit (the cache follows).
+        status(&mut g, 3, 1040, 12000, 1024, false);
+        assert_eq!(limit(&g, t(1041)), 13024);
+        // Everyone silent: nothing is pushed.
+        assert_eq!(limit(&g, t(5000)), 0);
     }
 
     #[test]
@@ -173,10 +336,10 @@ mod tests {
         let mut large = Group::default();
         for i in 1..=1024u32 {
             if i == 1 {
-                small.touch(NodeId(i), Time::ZERO);
+                small.touch(NodeId(i), Time::ZERO, 0);
                 small.report_loss(NodeId(i), 10_000);
             }
-            large.touch(NodeId(i), Time::ZERO);
+            large.touch(NodeId(i), Time::ZERO, 0);
             large.report_loss(NodeId(i), 10_000);
         }
         let p1 = small.proactive_parity(32, 0.01, 0.25);

@@ -11,8 +11,9 @@ pub(super) struct Block {
     pub id: u32,
     pub first_seq: u64,
     pub bodies: Vec<Vec<u8>>,
-    /// When each parity counter was queued (indices wrap modulo the parity total).
-    pub parity_log: Vec<Time>,
+    /// When each parity counter was queued (indices wrap modulo the parity total), and the stream
+    /// position it followed (the sender's next position then).
+    pub parity_log: Vec<(Time, u64)>,
     bytes: usize,
 }
 

@@ -14,13 +14,14 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::receiver::MIN_WINDOW;
 use crate::wire::{
     self, Announce, BlobKind, Data, EndReason, Header, Heartbeat, Items, Keys, Message, NodeId, Priority, RecordWriter,
     Repair, ReportKey, SessionId, SessionKey, DATA_FIXED_LEN, DATA_LAST_IN_BLOCK, DATA_PUSH, HEADER_LEN, NO_BLOCK,
     NO_STREAM, RECORD_HEADER_LEN, STATUS_LEAVING, TAG_LEN,
 };
 use crate::Time;
-use group::Group;
+use group::{FlowParams, Group};
 use history::History;
 use queue::PageQueue;
 
@@ -59,6 +60,10 @@ pub struct SenderConfig {
     pub max_datagram: usize,
     /// Largest FEC block, in source packets (1..=64).
     pub max_block: u8,
+    /// Largest FEC block of pushed pages only (1..=64): longer blocks need less parity for the same
+    /// losses (the unluckiest receiver's share of a block shrinks), and the push does not wait for
+    /// a block to fill. Announce carries the larger of the two.
+    pub push_max_block: u8,
     /// Encrypt page payloads (ChaCha20-Poly1305) rather than only authenticate them.
     pub encrypt: bool,
     /// zstd level for pages (None: send pages raw). A page is sent compressed only when that saves bytes.
@@ -73,11 +78,28 @@ pub struct SenderConfig {
     pub repair_history_bytes: usize,
     /// A receiver silent for this long is dropped from the group.
     pub receiver_timeout: Duration,
+    /// Keep the push within the slowest live receiver's window (PROTOCOL.md section 11). Off, the
+    /// push is only paced: for measurements of what flow control saves.
+    pub flow_control: bool,
+    /// The window, in stream positions, assumed for a receiver that has not reported one yet.
+    pub initial_window: u32,
+    /// The push starts once this many receivers are live (like udp-sender's `--min-receivers`):
+    /// set it to the hosts a fork plan names, so that none of them joins a push already under way
+    /// (the server cannot hold the push for a host it has not heard from).
+    pub min_receivers: u32,
+    /// A receiver whose last Status is older than this (and than four status intervals) no longer
+    /// holds back the push, though it stays in the group until `receiver_timeout`.
+    pub flow_timeout: Duration,
     /// Loss rate assumed for a receiver that has not reported one.
     pub assumed_loss: f64,
     /// Proactive parity is sized so that the expected number of receivers that must still NAK a block
     /// stays below this.
     pub target_nakers_per_block: f64,
+    /// For blocks of pushed pages only, the target above is raised to this fraction of the live
+    /// receivers: the push is background traffic, so a NAK round trip costs no vCPU anything, and
+    /// parity sent on NAK follows the receivers' actual losses where proactive parity must cover the
+    /// unluckiest receiver's. 0 treats push blocks like any other.
+    pub push_nakers_fraction: f64,
     /// Seed for the sender's randomness.
     pub seed: u64,
 }
@@ -92,6 +114,7 @@ impl SenderConfig {
             page_shift,
             max_datagram: 1472,
             max_block: 32,
+            push_max_block: 64,
             encrypt: false,
             zstd_level: Some(1),
             rate_bytes_per_sec: None,
@@ -99,8 +122,13 @@ impl SenderConfig {
             push: PushPolicy::None,
             repair_history_bytes: 64 << 20,
             receiver_timeout: Duration::from_secs(5),
+            flow_control: true,
+            initial_window: MIN_WINDOW,
+            min_receivers: 1,
+            flow_timeout: Duration::from_secs(1),
             assumed_loss: 0.01,
             target_nakers_per_block: 0.25,
+            push_nakers_fraction: 0.5,
             seed: 0,
         }
     }
@@ -181,6 +209,10 @@ pub struct SenderStats {
     pub zero_pages_sent: u64,
     /// Of which compressed.
     pub compressed_pages_sent: u64,
+    /// Of which pushed (not asked for).
+    pub pages_pushed: u64,
+    /// Times the push had pages left but the window of the slowest live receiver held it back.
+    pub push_window_stalls: u64,
     /// Received datagrams dropped as malformed (bad length, magic, version, type, fields).
     pub rx_malformed: u64,
     /// Received datagrams dropped because authentication failed.
@@ -215,11 +247,24 @@ pub struct Sender<S: PageSource> {
     block_id: u32,
     block_first: u64,
     block_bodies: Vec<Vec<u8>>,
+    /// Whether every packet of the open block so far is pushed (its parity may then wait for NAKs).
+    block_push_only: bool,
     history: History,
     /// Per page: the block it was last sent in, or NO_BLOCK.
     page_block: Vec<u32>,
     queue: PageQueue,
+    /// Every blob published, for receivers that join after it went out.
+    published: Vec<Published>,
+    /// Blobs to send (indices into `published`), the first possibly under way.
     blobs: VecDeque<BlobOut>,
+    /// The id of the session's descriptor blob, for Announce (0: none).
+    descriptor: u32,
+    /// The push had pages left but the window held it back, at the last look.
+    push_blocked: bool,
+    /// `min_receivers` were live once: the push may run.
+    push_started: bool,
+    /// The latest time given to any input.
+    now: Time,
     current: Option<Encoding>,
     /// Parity to send: (block, parity counter).
     repairs: VecDeque<(u32, u32)>,
@@ -240,23 +285,35 @@ pub struct Sender<S: PageSource> {
     rng: ChaCha8Rng,
 }
 
-/// A blob being sent.
-struct BlobOut {
+/// A blob published in the session.
+struct Published {
     kind: BlobKind,
     id: u32,
     bytes: Vec<u8>,
+    /// The position of its first fragment in its latest transmission (None: not sent yet).
+    sent_from: Option<u64>,
+}
+
+/// A blob being sent: which one, and how far.
+struct BlobOut {
+    index: usize,
     offset: usize,
 }
 
 /// A page's encoding being cut into fragments.
 struct Encoding {
     page: u32,
+    /// Pushed, not asked for.
+    push: bool,
     zstd: bool,
     bytes: Vec<u8>,
     offset: usize,
 }
 
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
+/// Parity sent after a position a receiver has not seen counts as on its way to it for at most
+/// this long (then it was lost, or the receiver is stuck).
+const PARITY_FLIGHT_LIMIT: Duration = Duration::from_millis(250);
 const MAX_HEARTBEAT_GAP: Duration = Duration::from_secs(1);
 const MAX_PAGES_PER_REQUEST: usize = 4096;
 /// How much longer a Repair body is than the longest Data body of its block, at most: the symbol
@@ -278,8 +335,11 @@ impl<S: PageSource> Sender<S> {
                 wire::MAX_DATAGRAM
             ));
         }
-        if !(1..=64).contains(&config.max_block) {
-            return bad(format!("max_block {} is outside 1..=64", config.max_block));
+        if !(1..=64).contains(&config.max_block) || !(1..=64).contains(&config.push_max_block) {
+            return bad(format!(
+                "max_block {} and push_max_block {} must be within 1..=64",
+                config.max_block, config.push_max_block
+            ));
         }
         if !(0.0..1.0).contains(&config.assumed_loss) || config.target_nakers_per_block <= 0.0 {
             return bad("assumed_loss must be in [0, 1) and target_nakers_per_block positive".into());
@@ -313,10 +373,16 @@ impl<S: PageSource> Sender<S> {
             block_id: 0,
             block_first: 0,
             block_bodies: Vec::new(),
+            block_push_only: true,
             history: History::new(config.repair_history_bytes),
             page_block: vec![NO_BLOCK; page_count as usize],
             queue: PageQueue::new(page_count, &config.push),
+            published: Vec::new(),
             blobs: VecDeque::new(),
+            descriptor: 0,
+            push_blocked: false,
+            push_started: false,
+            now,
             current: None,
             repairs: VecDeque::new(),
             group: Group::default(),
@@ -341,6 +407,7 @@ impl<S: PageSource> Sender<S> {
     /// Takes a datagram a receiver sent. Malformed, unauthenticated and stale datagrams are counted
     /// in [`SenderStats`] and otherwise ignored.
     pub fn handle_datagram(&mut self, now: Time, datagram: &mut [u8]) {
+        self.now = self.now.max(now);
         self.stats.rx_packets += 1;
         self.stats.rx_bytes += datagram.len() as u64;
         let header = match wire::peek_header(datagram) {
@@ -388,7 +455,14 @@ impl<S: PageSource> Sender<S> {
             return;
         }
         let node = header.node;
-        let (member, joined) = self.group.touch(node, now);
+        // Until its first Status, a new member counts in the push window from the least position it
+        // may still be reading: its NAK's Highest Seen, its Request's Stream Start.
+        let from = match &msg {
+            Message::Nak(n) => n.highest_seen.min(self.next_seq),
+            Message::Request(r) if r.stream_start != NO_STREAM => r.stream_start.min(self.next_seq),
+            _ => self.next_seq,
+        };
+        let (member, joined) = self.group.touch(node, now, from);
         if !member.replay.accept(header.packet_number) {
             self.stats.rx_stale += 1;
             return;
@@ -401,21 +475,24 @@ impl<S: PageSource> Sender<S> {
             Message::Request(r) => {
                 self.stats.requests += 1;
                 member.stream_start = r.stream_start;
+                self.blobs_for(r.stream_start);
                 self.group.report_loss(node, r.loss_ppm);
                 self.handle_request(r.stream_start, r.runs);
             }
             Message::Nak(n) => {
                 self.stats.naks += 1;
                 member.stream_start = n.stream_start;
+                self.blobs_for(n.stream_start);
                 self.group.report_loss(node, n.loss_ppm);
-                self.handle_nak(now, n.entries);
+                self.handle_nak(now, n.highest_seen, n.entries);
             }
             Message::Status(s) => {
                 self.stats.statuses += 1;
                 member.stream_start = s.stream_start;
-                member.received_through = s.received_through;
-                member.window = s.window;
+                let complete = s.pages_cached >= self.page_block.len() as u32;
+                self.group.status(node, now, s.received_through, s.window, complete);
                 self.group.report_loss(node, s.loss_ppm);
+                self.blobs_for(s.stream_start);
                 if s.flags & STATUS_LEAVING != 0 && self.group.remove(node) {
                     self.events.push_back(SenderEvent::ReceiverLost(node));
                 }
@@ -438,6 +515,10 @@ impl<S: PageSource> Sender<S> {
             _ => {}
         }
         self.stats.receivers_live = self.group.len() as u64;
+        if !self.push_started && self.group.len() >= self.config.min_receivers.max(1) as usize {
+            self.push_started = true;
+            tracing::debug!("{} receivers live: the push may start", self.group.len());
+        }
     }
 
     /// The first stream position of the block page `page` was last sent in, if the page went out
@@ -482,7 +563,7 @@ impl<S: PageSource> Sender<S> {
         }
     }
 
-    fn handle_nak(&mut self, now: Time, entries: Items<'_, wire::NakEntry>) {
+    fn handle_nak(&mut self, now: Time, highest_seen: u64, entries: Items<'_, wire::NakEntry>) {
         for entry in entries.iter() {
             let Ok(e) = entry else {
                 self.stats.rx_malformed += 1;
@@ -496,10 +577,16 @@ impl<S: PageSource> Sender<S> {
                 }
                 for (block, missing) in blocks {
                     // The receiver knows nothing of the block, so it saw none of its parity.
-                    self.queue_parity(now, block, missing as u32, None);
+                    self.queue_parity(now, block, missing as u32, None, Some(highest_seen));
                 }
             } else if self.history.contains(e.block) {
-                self.queue_parity(now, e.block, u32::from(e.needed), Some(u32::from(e.parity_seen)));
+                self.queue_parity(
+                    now,
+                    e.block,
+                    u32::from(e.needed),
+                    Some(u32::from(e.parity_seen)),
+                    Some(highest_seen),
+                );
             } else if e.block < self.block_id {
                 self.stats.repairs_expired += 1;
             }
@@ -507,25 +594,41 @@ impl<S: PageSource> Sender<S> {
     }
 
     /// Queues parity for `block` so that a receiver needing `needed` more symbols, having seen
-    /// parity below `parity_seen`, gets them. Parity it has not seen that went out within the last
-    /// two round trips is still on its way and counts; older parity it has not seen was lost.
-    /// This is what makes NAKs that cross repairs in flight cost nothing extra, and NAKs from many
-    /// receivers for one block answered once.
-    fn queue_parity(&mut self, now: Time, block: u32, needed: u32, parity_seen: Option<u32>) {
+    /// parity below `parity_seen` and stream positions below `highest_seen`, gets them. Parity it
+    /// has not seen is still on its way, and counts, if it went out within the last two round trips,
+    /// or after a position the receiver has not seen yet (the stream is FIFO: a receiver whose
+    /// socket holds a backlog sees that parity after the backlog); other parity it has not seen
+    /// was lost. This is what makes NAKs that cross repairs in flight cost nothing extra, from
+    /// nearby and from slow, deeply queued receivers alike, and NAKs from many receivers for one
+    /// block answered once.
+    fn queue_parity(
+        &mut self,
+        now: Time,
+        block: u32,
+        needed: u32,
+        parity_seen: Option<u32>,
+        highest_seen: Option<u64>,
+    ) {
         let window = self.config.rtt_hint * 2;
+        let next_seq = self.next_seq;
         let Some(b) = self.history.get_mut(block) else { return };
         let from = parity_seen.map_or(0, |s| s as usize).min(b.parity_log.len());
-        let in_flight = b.parity_log[from..].iter().filter(|&&t| t + window > now).count() as u32;
+        let on_its_way = |&(t, stamp): &(Time, u64)| {
+            t + window > now || highest_seen.is_some_and(|h| stamp > h && t + PARITY_FLIGHT_LIMIT > now)
+        };
+        let in_flight = b.parity_log[from..].iter().filter(|e| on_its_way(e)).count() as u32;
         let cap = 2 * b.k() as u32 + 2;
         let send = needed.saturating_sub(in_flight).min(cap);
         for _ in 0..send {
             self.repairs.push_back((block, b.parity_log.len() as u32));
-            b.parity_log.push(now);
+            // Repairs go out before any new Data, so `next_seq` is the position they follow.
+            b.parity_log.push((now, next_seq));
         }
     }
 
     /// Runs the timers due at `now`.
     pub fn handle_timeout(&mut self, now: Time) {
+        self.now = self.now.max(now);
         if now.as_nanos() > self.config.receiver_timeout.as_nanos() as u64 {
             let deadline = Time::from_nanos(now.as_nanos() - self.config.receiver_timeout.as_nanos() as u64);
             for node in self.group.expire(deadline) {
@@ -540,12 +643,62 @@ impl<S: PageSource> Sender<S> {
         }
     }
 
+    /// How long a receiver's last Status keeps it in the push window: the configured flow timeout,
+    /// and at least four of the status intervals the heartbeats announce.
+    fn flow_timeout(&self) -> Duration {
+        let interval = Duration::from_millis(u64::from(self.status_interval_ms()));
+        self.config.flow_timeout.max(interval * 4)
+    }
+
+    /// How far the push may run now (PROTOCOL.md section 11); nowhere while no receiver is live.
+    fn push_limit(&self) -> u64 {
+        if !self.push_started {
+            return 0;
+        }
+        if !self.config.flow_control {
+            return if self.group.is_empty() { 0 } else { u64::MAX };
+        }
+        self.group.push_limit(self.now, self.flow_params())
+    }
+
+    fn flow_params(&self) -> FlowParams {
+        FlowParams { timeout: self.flow_timeout(), initial_window: self.config.initial_window, min_window: MIN_WINDOW }
+    }
+
     fn push_allowed(&self) -> bool {
-        self.queue.has_push() && self.next_seq < self.group.push_limit()
+        self.queue.has_push() && self.next_seq < self.push_limit()
     }
 
     fn has_data(&self) -> bool {
-        self.current.is_some() || !self.blobs.is_empty() || self.queue.has_requested() || self.push_allowed()
+        self.current.is_some()
+            || (!self.blobs.is_empty() && !self.group.is_empty())
+            || self.queue.has_requested()
+            || self.push_allowed()
+    }
+
+    /// Counts the moments the window starts holding the push back.
+    fn note_push_window(&mut self) {
+        let blocked = self.push_started && self.queue.has_push() && !self.group.is_empty() && !self.push_allowed();
+        if blocked && !self.push_blocked {
+            self.stats.push_window_stalls += 1;
+        }
+        self.push_blocked = blocked;
+    }
+
+    /// Queues again every blob a receiver whose stream starts at `stream_start` cannot get from its
+    /// last transmission (it went out before that receiver followed the stream).
+    fn blobs_for(&mut self, stream_start: u64) {
+        if stream_start == NO_STREAM {
+            return;
+        }
+        for (index, blob) in self.published.iter_mut().enumerate() {
+            let missed = blob.sent_from.is_some_and(|from| from < stream_start);
+            if missed && !self.blobs.iter().any(|b| b.index == index) {
+                tracing::debug!("blob {} goes again for a receiver that joined after it went out", blob.id);
+                blob.sent_from = None;
+                self.blobs.push_back(BlobOut { index, offset: 0 });
+            }
+        }
     }
 
     /// Writes the next datagram to send into `buf` (at least `max_datagram` bytes), or returns None
@@ -556,6 +709,8 @@ impl<S: PageSource> Sender<S> {
             return None;
         }
         let buf = &mut buf[..self.config.max_datagram];
+        self.now = self.now.max(now);
+        self.note_push_window();
         if self.config.rate_bytes_per_sec.is_some() && now < self.pace_at {
             return None;
         }
@@ -586,11 +741,11 @@ impl<S: PageSource> Sender<S> {
             self.stats.control_packets += 1;
             let msg = Message::Announce(Announce {
                 page_shift: self.config.page_shift,
-                max_block: self.config.max_block,
+                max_block: self.config.max_block.max(self.config.push_max_block),
                 max_datagram: self.config.max_datagram as u16,
                 page_count: self.page_block.len() as u32,
                 next_seq: self.next_seq,
-                descriptor: 0,
+                descriptor: self.descriptor,
             });
             if let Some(len) = self.seal(msg, buf) {
                 return Some(len);
@@ -652,6 +807,12 @@ impl<S: PageSource> Sender<S> {
         self.seal(msg, buf)
     }
 
+    /// The status interval the heartbeats announce: 250 ms, or 2 ms per receiver in large groups
+    /// (at most 500 Status per second in all).
+    fn status_interval_ms(&self) -> u32 {
+        (2 * self.group.len() as u32).max(250)
+    }
+
     fn heartbeat(&self) -> Heartbeat {
         let receivers = self.group.len() as u32;
         let log2 = 32 - (receivers + 1).leading_zeros();
@@ -660,7 +821,7 @@ impl<S: PageSource> Sender<S> {
             next_seq: self.next_seq,
             repairable_from: self.history.repairable_from(self.next_seq),
             receivers,
-            status_interval_ms: (2 * receivers).max(250),
+            status_interval_ms: self.status_interval_ms(),
             nak_backoff_us: (rtt_us * log2.max(1) / 2).max(50),
         }
     }
@@ -712,10 +873,12 @@ impl<S: PageSource> Sender<S> {
         let room = self.config.max_datagram - HEADER_LEN - TAG_LEN - REPAIR_OVERHEAD;
         let mut body = std::mem::take(&mut self.body);
         let mut push = false;
+        let mut demand = false;
         let records_len = {
             let mut w = RecordWriter::new(&mut body[DATA_FIXED_LEN..room]);
             loop {
                 if let Some(enc) = &mut self.current {
+                    demand |= !enc.push;
                     let n = w.push_page(
                         enc.page,
                         enc.zstd,
@@ -733,27 +896,36 @@ impl<S: PageSource> Sender<S> {
                 if w.room() < 64 {
                     break;
                 }
-                if let Some(blob) = self.blobs.front_mut() {
+                if let Some(out) = self.blobs.front_mut().filter(|_| !self.group.is_empty()) {
+                    demand = true;
+                    let blob = &mut self.published[out.index];
+                    if out.offset == 0 {
+                        blob.sent_from = Some(self.next_seq);
+                    }
                     let n = w.push_blob(
                         blob.kind,
                         blob.id,
                         blob.bytes.len() as u32,
-                        blob.offset as u32,
-                        &blob.bytes[blob.offset..],
+                        out.offset as u32,
+                        &blob.bytes[out.offset..],
                     );
-                    blob.offset += n;
-                    if blob.offset >= blob.bytes.len() {
+                    out.offset += n;
+                    if out.offset >= blob.bytes.len() {
                         self.blobs.pop_front();
                     }
                     continue;
                 }
+                let mut pushed = false;
                 let page = if let Some((page, _)) = self.queue.pop_requested() {
+                    demand = true;
                     page
                 } else if self.push_allowed() {
                     let page_block = &self.page_block;
                     match self.queue.pop_push(|p| page_block[p as usize] != NO_BLOCK) {
                         Some(p) => {
                             push = true;
+                            pushed = true;
+                            self.stats.pages_pushed += 1;
                             p
                         }
                         None => break,
@@ -779,7 +951,7 @@ impl<S: PageSource> Sender<S> {
                     }
                     None => (false, data.to_vec()),
                 };
-                self.current = Some(Encoding { page, zstd, bytes, offset: 0 });
+                self.current = Some(Encoding { page, push: pushed, zstd, bytes, offset: 0 });
             }
             w.len()
         };
@@ -789,8 +961,13 @@ impl<S: PageSource> Sender<S> {
         }
         debug_assert!(records_len + DATA_FIXED_LEN <= room && RECORD_HEADER_LEN > 0);
         let index = self.block_bodies.len() as u8;
-        let last = usize::from(index) + 1 >= usize::from(self.config.max_block) || !self.has_data();
         let seq = self.next_seq;
+        // The block closes when full or when nothing more may follow it now (the queue drained, or
+        // the push window closes at the next position): its parity goes out at once.
+        self.next_seq += 1;
+        self.block_push_only &= !demand;
+        let max_block = if self.block_push_only { self.config.push_max_block } else { self.config.max_block };
+        let last = usize::from(index) + 1 >= usize::from(max_block) || !self.has_data();
         let flags = if last { DATA_LAST_IN_BLOCK } else { 0 } | if push { DATA_PUSH } else { 0 };
         let msg = Message::Data(Data {
             seq,
@@ -807,7 +984,6 @@ impl<S: PageSource> Sender<S> {
             tracing::error!("re-encoding a data body failed: {e}");
         }
         self.body = body;
-        self.next_seq += 1;
         self.stats.data_packets += 1;
         self.block_bodies.push(kept);
         if last {
@@ -823,10 +999,14 @@ impl<S: PageSource> Sender<S> {
         self.history.push(id, self.block_first, bodies);
         self.block_id += 1;
         self.block_first = self.next_seq;
-        let p = self.group.proactive_parity(k, self.config.assumed_loss, self.config.target_nakers_per_block);
+        let mut target = self.config.target_nakers_per_block;
+        if std::mem::replace(&mut self.block_push_only, true) {
+            target = target.max(self.config.push_nakers_fraction * self.group.len() as f64);
+        }
+        let p = self.group.proactive_parity(k, self.config.assumed_loss, target);
         if p > 0 {
             self.stats.proactive_repairs += p as u64;
-            self.queue_parity(now, id, p as u32, Some(0));
+            self.queue_parity(now, id, p as u32, Some(0), None);
         }
     }
 
@@ -850,7 +1030,15 @@ impl<S: PageSource> Sender<S> {
             // Paced: nothing goes out before the pacer allows it.
             t = t.max(self.pace_at);
         }
-        let expiry = self.group.oldest_heard().map(|h| h + self.config.receiver_timeout);
+        let mut expiry = self.group.oldest_heard().map(|h| h + self.config.receiver_timeout);
+        if self.push_blocked {
+            // A silent receiver that holds the push back stops counting at its flow timeout.
+            let flow = self.group.next_flow_expiry(self.now, self.flow_params());
+            expiry = match (expiry, flow) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
         Some(expiry.map_or(t, |e| e.min(t)))
     }
 
@@ -859,9 +1047,15 @@ impl<S: PageSource> Sender<S> {
         self.events.pop_front()
     }
 
-    /// Adds a blob (a VM descriptor or fork plan) to the reliable stream, ahead of pages.
+    /// Adds a blob (a VM descriptor or fork plan) to the reliable stream, ahead of pages. It goes
+    /// out once a receiver is live, and again for receivers that start following the stream after
+    /// it went out. A descriptor becomes the session's descriptor in Announce.
     pub fn publish_blob(&mut self, kind: BlobKind, id: u32, bytes: Vec<u8>) {
-        self.blobs.push_back(BlobOut { kind, id, bytes, offset: 0 });
+        if kind == BlobKind::Descriptor {
+            self.descriptor = id;
+        }
+        self.blobs.push_back(BlobOut { index: self.published.len(), offset: 0 });
+        self.published.push(Published { kind, id, bytes, sent_from: None });
     }
 
     /// Asks for pages as if a receiver that never saw the stream had requested them (e.g. a local

@@ -54,6 +54,20 @@ pub enum Push {
     HintsThenAll,
 }
 
+/// What each receiver's vCPU does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// Touches the working set in its own shuffled order, blocking on each missing page (one vCPU).
+    #[default]
+    Shuffled,
+    /// Touches the working set in page order (like `spindrift-client fetch`, with one fault at a time).
+    Sequential,
+    /// Touches nothing: waits until the push has brought every working-set page (like a udpcast
+    /// receiver). Only meaningful with a push policy.
+    Passive,
+}
+
 /// One simulated scenario.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimConfig {
@@ -87,6 +101,25 @@ pub struct SimConfig {
     pub queue_bytes: u64,
     /// The sender paces at this fraction of the server's line rate (0: unpaced).
     pub pacing: f64,
+    /// The first `slow_receivers` receivers take datagrams off their socket at only `slow_rate_bps`
+    /// and hold at most `slow_queue_bytes` waiting (a small socket buffer behind a busy daemon):
+    /// what arrives while it is full is dropped, as an overrun socket drops it.
+    pub slow_receivers: u32,
+    /// The rate of a slow receiver, bits per second.
+    pub slow_rate_bps: u64,
+    /// The socket buffer of a slow receiver, bytes.
+    pub slow_queue_bytes: u64,
+    /// Push flow control (the window of PROTOCOL.md section 11); off only to measure what it saves.
+    pub flow_control: bool,
+    /// Each receiver's window, stream positions (None: the receiver's default).
+    pub window: Option<u32>,
+    /// What each receiver's vCPU does.
+    pub workload: Workload,
+    /// The last `silent_receivers` receivers fall silent `silent_after` into the run: everything
+    /// they send from then on is lost (a host that hung or lost its uplink). They need not finish.
+    pub silent_receivers: u32,
+    /// When the silent receivers fall silent.
+    pub silent_after: Duration,
     /// The seed every random choice derives from.
     pub seed: u64,
     /// Largest datagram (UDP payload) the server sends.
@@ -131,6 +164,14 @@ impl Default for SimConfig {
             host_rate_bps: 10_000_000_000,
             queue_bytes: 4 << 20,
             pacing: 0.9,
+            slow_receivers: 0,
+            slow_rate_bps: 1_000_000_000,
+            slow_queue_bytes: 256 << 10,
+            flow_control: true,
+            window: None,
+            workload: Workload::Shuffled,
+            silent_receivers: 0,
+            silent_after: Duration::ZERO,
             seed: 1,
             max_datagram: 1472,
             read_ahead: None,
@@ -210,6 +251,24 @@ impl SimConfig {
         }
         if self.server_rate_bps < 1_000_000 || self.host_rate_bps < 1_000_000 {
             return bad("rate", self.server_rate_bps.min(self.host_rate_bps), "must be at least 1 Mbit/s");
+        }
+        if self.slow_receivers > self.receivers {
+            return bad("slow_receivers", self.slow_receivers, "must be at most the number of receivers");
+        }
+        if self.slow_receivers > 0 && self.slow_rate_bps < 1_000_000 {
+            return bad("slow_rate_bps", self.slow_rate_bps, "must be at least 1 Mbit/s");
+        }
+        if self.slow_receivers > 0 && self.slow_queue_bytes < self.max_datagram as u64 + link::WIRE_OVERHEAD as u64 {
+            return bad("slow_queue_bytes", self.slow_queue_bytes, "must hold at least one datagram");
+        }
+        if self.silent_receivers >= self.receivers {
+            return bad("silent_receivers", self.silent_receivers, "must leave at least one receiver that speaks");
+        }
+        if self.window == Some(0) {
+            return bad("window", 0, "must be positive");
+        }
+        if self.workload == Workload::Passive && self.push == Push::None {
+            return bad("workload", "passive", "needs a push policy (passive receivers ask for nothing)");
         }
         if !(crate::wire::MIN_DATAGRAM..=crate::wire::MAX_DATAGRAM).contains(&self.max_datagram) {
             return bad("max_datagram", self.max_datagram, "must be in 1232..=8972");

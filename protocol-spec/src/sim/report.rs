@@ -71,6 +71,8 @@ pub struct NetworkReport {
     pub server_ingress: PipeStats,
     /// The receivers' uplink queues, summed.
     pub uplink_queues: PipeStats,
+    /// The slow receivers' sockets, summed (`dropped`: datagrams lost to overrun).
+    pub slow_sockets: PipeStats,
     /// Faults injected on downlinks, summed over receivers.
     pub downlink_faults: FaultStats,
     /// Faults injected on uplinks, summed over receivers.
@@ -136,6 +138,22 @@ pub struct Settings {
     pub host_rate_bps: u64,
     /// Sender pacing, fraction of the server rate (0: unpaced).
     pub pacing: f64,
+    /// Receivers with a slow socket.
+    pub slow_receivers: u32,
+    /// Their rate, bit/s.
+    pub slow_rate_bps: u64,
+    /// Their socket buffer, bytes.
+    pub slow_queue_bytes: u64,
+    /// Push flow control on.
+    pub flow_control: bool,
+    /// Receivers' window (None: default).
+    pub window: Option<u32>,
+    /// What the receivers' vCPUs do.
+    pub workload: super::Workload,
+    /// Receivers that fall silent.
+    pub silent_receivers: u32,
+    /// When, ms.
+    pub silent_after_ms: f64,
     /// Largest datagram.
     pub max_datagram: usize,
     /// Receivers' read-ahead (None: default).
@@ -192,6 +210,8 @@ pub struct SimReport {
     pub unfinished: Vec<Stuck>,
     /// Bytes the server sent (datagram payloads).
     pub server_tx_bytes: u64,
+    /// `server_tx_bytes` over the image's size (pages × 4096): 1.0 is one raw copy of the image.
+    pub tx_per_image: f64,
     /// Datagrams the server sent.
     pub server_tx_packets: u64,
     /// Datagrams the server received.

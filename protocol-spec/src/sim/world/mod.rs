@@ -17,8 +17,8 @@ use super::report::SimReport;
 use super::rng::{self, Domain};
 use super::sink::VerifyingSink;
 use super::workload::{self, WorkingSet};
-use super::{Push, SimConfig, SimError};
-use crate::receiver::{Receiver, ReceiverConfig, ReceiverEvent};
+use super::{Push, SimConfig, SimError, Workload};
+use crate::receiver::{Receiver, ReceiverConfig, ReceiverEvent, MIN_WINDOW};
 use crate::sender::{PushPolicy, Sender, SenderConfig, SenderEvent};
 use crate::wire::{Keys, NodeId, SessionId, SessionKey, MAX_DATAGRAM};
 use crate::Time;
@@ -77,7 +77,11 @@ struct Node {
     downlink: Faults,
     uplink: Faults,
     uplink_pipe: Pipe,
+    /// A slow receiver's socket: datagrams wait here until its daemon takes them.
+    socket: Option<Pipe>,
     timer: Option<Time>,
+    /// From this time on, everything it sends is lost.
+    silent_from: Option<Time>,
     order: Vec<u32>,
     next: usize,
     blocked: Option<(u32, Time)>,
@@ -135,6 +139,11 @@ impl World {
             (cfg.pacing > 0.0).then(|| ((cfg.server_rate_bps as f64 * cfg.pacing) / 8.0).max(1.0) as u64);
         sc.rtt_hint = rtt;
         sc.seed = rng::value(seed, Domain::Protocol, 0);
+        sc.flow_control = cfg.flow_control;
+        // Receivers that start together are the hosts of one fork plan: the push waits for them all.
+        if cfg.stagger.is_zero() {
+            sc.min_receivers = cfg.receivers;
+        }
         sc.push = match cfg.push {
             Push::None => PushPolicy::None,
             Push::Hints => PushPolicy::Hints(ws.pages().to_vec()),
@@ -167,6 +176,19 @@ impl World {
             rc.rtt_hint = rtt;
             rc.stream_start = (start == Time::ZERO).then_some(0);
             rc.seed = rng::value(seed, Domain::Protocol, u64::from(node.0));
+            if let Some(w) = cfg.window {
+                rc.window = w;
+            }
+            if i < cfg.slow_receivers {
+                // A host sizes its window to its socket buffer, as a daemon does (three quarters of
+                // it: repairs and control share the buffer).
+                let fit = cfg.slow_queue_bytes * 3 / 4 / (cfg.max_datagram + super::link::WIRE_OVERHEAD) as u64;
+                rc.window = rc.window.min(u32::try_from(fit).unwrap_or(u32::MAX)).max(MIN_WINDOW);
+            }
+            let order = match cfg.workload {
+                Workload::Shuffled => ws.order_for(seed, i),
+                Workload::Sequential | Workload::Passive => ws.pages().to_vec(),
+            };
             nodes.push(Node {
                 config: Some(rc),
                 receiver: None,
@@ -174,8 +196,10 @@ impl World {
                 downlink: Faults::new(faults, rng::stream(seed, Domain::Downlink, u64::from(i)), slot),
                 uplink: Faults::new(faults, rng::stream(seed, Domain::Uplink, u64::from(i)), slot),
                 uplink_pipe: Pipe::new(Some(cfg.host_rate_bps), cfg.queue_bytes),
+                socket: (i < cfg.slow_receivers).then(|| Pipe::new(Some(cfg.slow_rate_bps), cfg.slow_queue_bytes)),
                 timer: None,
-                order: ws.order_for(seed, i),
+                silent_from: (i >= cfg.receivers - cfg.silent_receivers).then(|| Time::ZERO + cfg.silent_after),
+                order,
                 next: 0,
                 blocked: None,
                 done: None,
@@ -226,7 +250,7 @@ impl World {
     /// Runs until every receiver is done or a limit is hit; `started` is when the run was set up.
     pub(super) fn run(mut self, started: Instant) -> Result<SimReport, SimError> {
         let limit = Time::ZERO + self.cfg.time_limit;
-        let total = self.cfg.receivers;
+        let total = self.cfg.receivers - self.cfg.silent_receivers;
         let mut same_instant = 0u64;
         let mut instant_kinds = [0u64; 8];
         while self.finished < total && self.stop.is_none() {
@@ -352,16 +376,24 @@ impl World {
                     tracing::trace!(target: "spindrift_sim", t_us = us_t(self.now), node = i + 1, msg = %msg_type(pkt), "downlink lost");
                 }
                 Fate::Deliver { extra, corruption, duplicate } => {
-                    if extra == 0 {
-                        self.deliver(i, pkt, corruption);
-                    } else {
-                        tracing::trace!(target: "spindrift_sim", t_us = us_t(self.now), node = i + 1, msg = %msg_type(pkt), extra_ns = extra, "downlink delays");
-                        let at = self.now + Duration::from_nanos(extra);
-                        self.queue.push(at, Ev::ToReceiver { rx: i as u32, pkt: pkt.clone(), corruption });
-                    }
-                    if let Some((extra, corruption)) = duplicate {
-                        let at = self.now + Duration::from_nanos(extra);
-                        self.queue.push(at, Ev::ToReceiver { rx: i as u32, pkt: pkt.clone(), corruption });
+                    let copies = std::iter::once((extra, corruption)).chain(duplicate);
+                    for (extra, corruption) in copies {
+                        let mut at = self.now + Duration::from_nanos(extra);
+                        if let Some(socket) = self.nodes[i].socket.as_mut() {
+                            match socket.send(at, len) {
+                                Some(t) => at = t,
+                                None => {
+                                    tracing::trace!(target: "spindrift_sim", t_us = us_t(self.now), node = i + 1, msg = %msg_type(pkt), "socket overrun");
+                                    continue;
+                                }
+                            }
+                        }
+                        if at == self.now {
+                            self.deliver(i, pkt, corruption);
+                        } else {
+                            tracing::trace!(target: "spindrift_sim", t_us = us_t(self.now), node = i + 1, msg = %msg_type(pkt), at_us = us_t(at), "downlink delays");
+                            self.queue.push(at, Ev::ToReceiver { rx: i as u32, pkt: pkt.clone(), corruption });
+                        }
                     }
                 }
             }
@@ -433,6 +465,9 @@ impl World {
                 break;
             }
             tracing::trace!(target: "spindrift_sim", t_us = us_t(now), node = i + 1, len, msg = %msg_type(&self.txbuf[..len]), "receiver sends");
+            if node.silent_from.is_some_and(|t| now >= t) {
+                continue;
+            }
             let Some(out) = node.uplink_pipe.send(now, len) else { continue };
             let Fate::Deliver { extra, corruption, duplicate } = node.uplink.fate(out, len) else {
                 tracing::trace!(target: "spindrift_sim", node = i + 1, "uplink lost it");
@@ -464,9 +499,23 @@ impl World {
         }
     }
 
-    /// If receiver `i`'s vCPU waits for a page that has now arrived, it resumes.
+    /// If receiver `i`'s vCPU waits for a page that has now arrived, it resumes; a passive receiver
+    /// is done once every page of its working set arrived.
     fn check_unblock(&mut self, i: usize) {
         let node = &mut self.nodes[i];
+        if self.cfg.workload == Workload::Passive {
+            if node.done.is_none() && node.receiver.is_some() {
+                while node.order.get(node.next).is_some_and(|&p| node.sink.has(p)) {
+                    node.next += 1;
+                }
+                if node.next == node.order.len() {
+                    node.done = Some(self.now);
+                    self.finished += u32::from(node.silent_from.is_none());
+                    self.last_finish = self.last_finish.max(self.now);
+                }
+            }
+            return;
+        }
         if let Some((page, since)) = node.blocked {
             if node.sink.has(page) {
                 let waited = self.now.saturating_since(since);
@@ -482,6 +531,11 @@ impl World {
     /// Receiver `i`'s vCPU touches pages until one is missing, it must think, or it is done.
     fn step(&mut self, i: usize) {
         let now = self.now;
+        if self.cfg.workload == Workload::Passive {
+            self.drive_receiver(i);
+            self.check_unblock(i);
+            return;
+        }
         loop {
             let node = &mut self.nodes[i];
             if node.blocked.is_some() || node.done.is_some() {
@@ -489,7 +543,7 @@ impl World {
             }
             let Some(&page) = node.order.get(node.next) else {
                 node.done = Some(now);
-                self.finished += 1;
+                self.finished += u32::from(node.silent_from.is_none());
                 self.last_finish = self.last_finish.max(now);
                 break;
             };

@@ -4,9 +4,11 @@ use std::time::Duration;
 
 use super::{ms, us, World};
 use crate::receiver::ReceiverStats;
+use crate::sim::content::PAGE_SIZE;
 use crate::sim::link::{FaultStats, PipeStats};
 use crate::sim::report::{self, EventCounts, NetworkReport, Percentiles, Settings, SimReport, Stuck};
 use crate::sim::sink::SinkStats;
+use crate::sim::Workload;
 
 impl World {
     pub(super) fn report(&self, real: Duration) -> SimReport {
@@ -17,6 +19,7 @@ impl World {
         let mut down = FaultStats::default();
         let mut up = FaultStats::default();
         let mut uplink_queues = PipeStats::default();
+        let mut sockets = PipeStats::default();
         let mut completion = Vec::new();
         let mut missing = 0u64;
         let mut stuck = Vec::new();
@@ -37,12 +40,17 @@ impl World {
             down.add(node.downlink.stats());
             up.add(node.uplink.stats());
             report::add_pipe_stats(&mut uplink_queues, node.uplink_pipe.stats());
+            if let Some(socket) = &node.socket {
+                report::add_pipe_stats(&mut sockets, socket.stats());
+            }
             if let Some(t) = node.done {
                 completion.push(t.as_nanos());
             }
-            missing += node.order[..node.next].iter().filter(|&&p| !node.sink.has(p)).count() as u64;
+            if cfg.workload != Workload::Passive {
+                missing += node.order[..node.next].iter().filter(|&&p| !node.sink.has(p)).count() as u64;
+            }
         }
-        let completed = self.finished == cfg.receivers && self.stop.is_none();
+        let completed = self.finished == cfg.receivers - cfg.silent_receivers && self.stop.is_none();
         let all_bit_exact = completed && sinks.mismatches == 0 && self.phantom_hits == 0 && missing == 0;
         let end = if completed { self.last_finish } else { self.now };
         SimReport {
@@ -63,6 +71,7 @@ impl World {
             missing_pages: missing,
             unfinished: stuck,
             server_tx_bytes: sender.tx_bytes,
+            tx_per_image: sender.tx_bytes as f64 / (f64::from(cfg.pages) * PAGE_SIZE as f64),
             server_tx_packets: sender.tx_packets,
             server_rx_packets: sender.rx_packets,
             naks_sent: receiver.naks,
@@ -101,6 +110,7 @@ impl World {
                 downlink_queue: *self.downlink.stats(),
                 server_ingress: *self.ingress.stats(),
                 uplink_queues,
+                slow_sockets: sockets,
                 downlink_faults: down,
                 uplink_faults: up,
             },
@@ -114,6 +124,14 @@ impl World {
                 server_rate_bps: cfg.server_rate_bps,
                 host_rate_bps: cfg.host_rate_bps,
                 pacing: cfg.pacing,
+                slow_receivers: cfg.slow_receivers,
+                slow_rate_bps: cfg.slow_rate_bps,
+                slow_queue_bytes: cfg.slow_queue_bytes,
+                flow_control: cfg.flow_control,
+                window: cfg.window,
+                workload: cfg.workload,
+                silent_receivers: cfg.silent_receivers,
+                silent_after_ms: cfg.silent_after.as_secs_f64() * 1e3,
                 max_datagram: cfg.max_datagram,
                 read_ahead: cfg.read_ahead,
                 encrypt: cfg.encrypt,
