@@ -27,13 +27,17 @@
 //! vCPU's access into SIGBUS for the VMM) instead of waiting forever. On kernels without
 //! `UFFDIO_POISON` the clone is killed through its pidfd instead. Dropping a server poisons the faults
 //! still waiting; a clone whose server is gone for good should be killed by the glue.
+//!
+//! Latency: a [`FaultObserver`] set with [`FaultServer::set_observer`] hears of every fault answered
+//! with the page's bytes: the time from reading the fault to installing its page, and whether the
+//! fault had to wait for the cache (a network fetch) or was a cache hit.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::bitmap::Bitmap;
 use crate::cache::{PageCache, CACHE_PAGE_SIZE};
@@ -159,6 +163,13 @@ pub enum FaultError {
     },
 }
 
+/// Hears how long each fault took to answer (see the module docs). Called on the server's thread.
+pub trait FaultObserver: Send + Sync + std::fmt::Debug {
+    /// A fault was answered with its page: `latency` from reading the fault to installing the page;
+    /// `fetched` when it waited for the cache (the page came over the network), else a cache hit.
+    fn fault_served(&self, latency: Duration, fetched: bool);
+}
+
 /// State shared with [`ServerHandle`]s.
 #[derive(Debug)]
 struct Shared {
@@ -229,8 +240,8 @@ pub struct FaultServer {
     installed: Bitmap,
     /// Cache pages the clone dropped with madvise: served as zero from now on.
     discarded: Bitmap,
-    /// Fault addresses (aligned to their region's page) not answered yet.
-    waiting: BTreeSet<u64>,
+    /// Fault addresses (aligned to their region's page) not answered yet, with when they were read.
+    waiting: BTreeMap<u64, Instant>,
     /// The waiting faults that wait for the cache.
     parked: BTreeSet<u64>,
     /// Cache pages reported missing and not seen present since.
@@ -241,6 +252,7 @@ pub struct FaultServer {
     events: Vec<Event>,
     huge_zero: Vec<u8>,
     stats: ServerStats,
+    observer: Option<Arc<dyn FaultObserver>>,
 }
 
 impl FaultServer {
@@ -279,7 +291,7 @@ impl FaultServer {
             liveness: Liveness::Unwatched,
             installed: Bitmap::new(pages),
             discarded: Bitmap::new(pages),
-            waiting: BTreeSet::new(),
+            waiting: BTreeMap::new(),
             parked: BTreeSet::new(),
             requested: BTreeSet::new(),
             retry_soon: false,
@@ -288,6 +300,7 @@ impl FaultServer {
             events: Vec::with_capacity(64),
             huge_zero: Vec::new(),
             stats: ServerStats::default(),
+            observer: None,
         })
     }
 
@@ -304,6 +317,11 @@ impl FaultServer {
             server.liveness = Liveness::Pidfd(pidfd);
         }
         Ok(server)
+    }
+
+    /// Reports every answered fault's latency to `observer`.
+    pub fn set_observer(&mut self, observer: Arc<dyn FaultObserver>) {
+        self.observer = Some(observer);
     }
 
     /// Replaces the liveness watch.
@@ -466,6 +484,7 @@ impl FaultServer {
             }
         }
         self.stats.events += events.len() as u64;
+        let read_at = Instant::now();
         for event in events.drain(..) {
             match event {
                 Event::PageFault { addr, .. } => {
@@ -474,7 +493,7 @@ impl FaultServer {
                         Some(r) => addr - (addr - r.base_host_virt_addr) % r.page_size,
                         None => addr - addr % PAGE_4K,
                     };
-                    self.waiting.insert(aligned);
+                    self.waiting.entry(aligned).or_insert(read_at);
                 }
                 Event::Remove { start, end } => self.on_remove(start, end),
                 Event::Unmap { start, end } => {
@@ -523,31 +542,34 @@ impl FaultServer {
     /// Waiting faults in `[start, end)` lost their mapping: wake them (they fault again and the kernel
     /// deals with the now-unmapped address) and forget them.
     fn drop_waiting(&mut self, start: u64, end: u64) {
-        let gone: Vec<u64> = self.waiting.range(start..end).copied().collect();
+        let gone: Vec<u64> = self.waiting.range(start..end).map(|(&a, _)| a).collect();
         for addr in gone {
-            self.resolved(addr);
+            self.resolved(addr, false);
             let _ = self.uffd.wake(addr, PAGE_4K);
         }
     }
 
     fn serve_waiting(&mut self, missing: &mut Vec<u64>) -> Result<(), FaultError> {
         self.retry_soon = false;
-        let addrs: Vec<u64> = self.waiting.iter().copied().collect();
+        let addrs: Vec<u64> = self.waiting.keys().copied().collect();
         let mut covered_until = 0;
+        let mut covered_by_fill = false;
         for addr in addrs {
             if addr < covered_until {
                 // Installed and woken by the run of an earlier fault.
-                self.resolved(addr);
+                self.resolved(addr, covered_by_fill);
                 continue;
             }
+            let poisoned = self.stats.poisoned;
             match self.serve(addr, missing)? {
                 Served::Done { until } => {
-                    self.resolved(addr);
+                    covered_by_fill = self.stats.poisoned == poisoned && self.failing.is_none();
+                    self.resolved(addr, covered_by_fill);
                     covered_until = until;
                 }
                 Served::Parked => {}
                 Served::Retry => self.retry_soon = true,
-                Served::Dropped => self.resolved(addr),
+                Served::Dropped => self.resolved(addr, false),
                 Served::Gone => {
                     self.stopped = Some(StopReason::CloneExited);
                     return Ok(());
@@ -557,9 +579,13 @@ impl FaultServer {
         Ok(())
     }
 
-    fn resolved(&mut self, addr: u64) {
-        self.waiting.remove(&addr);
-        self.parked.remove(&addr);
+    /// Forgets a waiting fault; `installed` when its page went in (its latency is reported).
+    fn resolved(&mut self, addr: u64, installed: bool) {
+        let read_at = self.waiting.remove(&addr);
+        let fetched = self.parked.remove(&addr);
+        if let (true, Some(observer), Some(read_at)) = (installed, &self.observer, read_at) {
+            observer.fault_served(read_at.elapsed(), fetched);
+        }
     }
 
     fn serve(&mut self, addr: u64, missing: &mut Vec<u64>) -> Result<Served, FaultError> {

@@ -5,8 +5,10 @@
 //! * Firecracker's: a bare JSON array of regions,
 //!   `[{"base_host_virt_addr": u64, "size": u64, "offset": u64, "page_size": u64}, ...]`
 //!   (older Firecracker sends `"page_size_kib"` instead of `"page_size"`; both are read).
-//! * spindrift's: an object, `{"regions": [...], "clone_id": u64, "session": "...", "snapshot": "..."}`
-//!   (all but `regions` optional; unknown fields are ignored for forward compatibility).
+//! * spindrift's: an object,
+//!   `{"regions": [...], "clone_id": u64, "session": "...", "snapshot": "...", "fork": u32}`
+//!   (all but `regions` optional; unknown fields are ignored for forward compatibility). `session` is
+//!   the protocol session id in decimal; `fork` and `clone_id` key the clone's reports.
 //!
 //! The message is one JSON value; it may span several reads (the fd rides on the first) and anything
 //! after it is ignored. The receiver bounds size ([`MAX_HANDOFF_BYTES`]) and time.
@@ -52,6 +54,9 @@ pub struct HandoffMessage {
     /// Which snapshot image (page cache) serves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot: Option<String>,
+    /// The fork (of the session's fork plans) this clone was started for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork: Option<u32>,
 }
 
 /// Which shape the message had.

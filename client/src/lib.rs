@@ -4,7 +4,8 @@
 //! keeps one [`cache::PageCache`] per snapshot image, shared by all clones of it on the host, and runs
 //! one [`fault_server::FaultServer`] per clone that answers page faults from the cache with batched
 //! `UFFDIO_COPY`/`UFFDIO_ZEROPAGE`, reports pages the cache lacks, and installs them when they arrive.
-//! No networking and no protocol here: the glue feeds the cache.
+//! The fault server itself knows nothing of the network: [`daemon`] is the glue that feeds the cache
+//! from the multicast sessions (`spindrift-client daemon`).
 //!
 //! ```text
 //!  VMM ──(unix socket: uffd + JSON regions)──> recv_uffd ──> FaultServer::from_handoff(uffd, handoff, cache)
@@ -24,25 +25,30 @@
 //!   keeps the handoff connection open and must exit when it hangs up. It must not just close its
 //!   userfaultfd: a released userfaultfd turns every missing page into a silent zero page.
 //!
-//! [`session`] is the network side: a multicast session's receiver event loop that fills a cache
-//! (and `spindrift-client fetch` pulls a whole image with it).
+//! [`session`] is a single multicast session's receiver event loop that fills a cache
+//! (`spindrift-client fetch` pulls a whole image with it). [`daemon`] is the host daemon: it follows
+//! every session announced on its group, serves clones' faults over the network, starts the clones of
+//! fork plans and reports their results. [`touch`] is a test process that maps a snapshot lazily
+//! through the daemon and verifies the pages it touches (`spindrift-client touch`).
 //!
 //! Modules: [`uffd`] (the syscall wrapper), [`region`] and [`region_map`] (what memory maps where),
 //! [`handoff`] (both sides of the socket), [`cache`], [`waker`], [`liveness`], [`fault_server`].
 
 mod bitmap;
 pub mod cache;
+pub mod daemon;
 pub mod fault_server;
 pub mod handoff;
 pub mod liveness;
 pub mod region;
 pub mod region_map;
 pub mod session;
+pub mod touch;
 pub mod uffd;
 pub mod waker;
 
 pub use cache::{Inserted, PageCache, PageState, CACHE_PAGE_SIZE};
-pub use fault_server::{FaultServer, ServerConfig, ServerHandle, ServerStats, Status, StopReason};
+pub use fault_server::{FaultObserver, FaultServer, ServerConfig, ServerHandle, ServerStats, Status, StopReason};
 pub use handoff::{recv_uffd, recv_uffd_timeout, send_handoff, send_uffd, Handoff, HandoffFormat, HandoffMessage};
 pub use liveness::Liveness;
 pub use region::{Region, PAGE_2M, PAGE_4K};

@@ -278,9 +278,11 @@ impl SessionConfig {
 }
 
 /// Stores the receiver's pages into the page cache.
-struct CacheSink<'a> {
-    cache: &'a PageCache,
-    errors: u64,
+pub(crate) struct CacheSink<'a> {
+    /// The cache to fill.
+    pub(crate) cache: &'a PageCache,
+    /// Pages the cache refused (logged).
+    pub(crate) errors: u64,
 }
 
 impl PageSink for CacheSink<'_> {

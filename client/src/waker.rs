@@ -47,12 +47,16 @@ impl Waker {
 
     /// Clears the signal (owner side); returns whether it was set. Call before re-checking state, so a
     /// wake that races with the check signals again.
+    ///
+    /// The eventfd is drained *before* the flag is cleared: the other order loses a wake that lands
+    /// between the two (its write would be drained while the flag stays set, so no later wake would
+    /// write again and the owner would sleep forever). In this order a wake that lands in between finds
+    /// the flag still set and writes nothing, but the owner re-checks state after `take` and sees it.
     pub fn take(&self) -> bool {
-        let was = self.signalled.swap(false, Ordering::AcqRel);
         let mut buf = [0u8; 8];
         // EAGAIN (nothing to read) is the normal case for a spurious poll wake-up.
         let _ = (&self.efd).read(&mut buf);
-        was
+        self.signalled.swap(false, Ordering::AcqRel)
     }
 }
 

@@ -62,8 +62,13 @@ fn send_uffd_speaks_firecracker_and_send_handoff_speaks_spindrift() {
     let (_fd, handoff) = recv_uffd(&daemon).unwrap();
     assert_eq!((handoff.format, handoff.message.regions.clone()), (HandoffFormat::Firecracker, regions.clone()));
 
-    let message =
-        HandoffMessage { regions, clone_id: Some(42), session: Some("s-1".into()), snapshot: Some("img".into()) };
+    let message = HandoffMessage {
+        regions,
+        clone_id: Some(42),
+        session: Some("s-1".into()),
+        snapshot: Some("img".into()),
+        fork: None,
+    };
     let (vmm, daemon) = pair();
     send_handoff(&vmm, uffd.as_fd(), &message).unwrap();
     let (_fd, handoff) = recv_uffd(&daemon).unwrap();

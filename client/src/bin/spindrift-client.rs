@@ -1,16 +1,22 @@
-//! `spindrift-client`: the host daemon. `fetch` pulls a whole image through a multicast session.
+//! `spindrift-client`: the host daemon (`daemon`), a whole-image multicast download (`fetch`), and a
+//! test process that stands in for a clone (`touch`).
 
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use spindrift_client::daemon::{DaemonConfig, DaemonError};
 use spindrift_client::session::{
     default_node, pages_for_bytes, parse_key_hex, read_key_file, Session, SessionConfig, SessionError, DEFAULT_PORT,
 };
+use spindrift_client::touch::{self, Order, Pattern, TouchConfig, TouchError};
 use spindrift_client::CACHE_PAGE_SIZE;
+use spindrift_protocol::wire::SessionKey;
 
 /// spindrift host daemon.
 #[derive(Parser, Debug)]
@@ -24,6 +30,94 @@ struct Cli {
 enum Command {
     /// Pull a whole image from a memory server's multicast session into a file.
     Fetch(FetchArgs),
+    /// Run the host daemon: follow the group's sessions and serve clones' page faults.
+    Daemon(DaemonArgs),
+    /// Test process: map a snapshot lazily through the daemon, touch pages in order, verify them.
+    Touch(TouchArgs),
+}
+
+#[derive(Args, Debug)]
+struct DaemonArgs {
+    /// This host's interface IPv4 address (the group is joined there).
+    #[arg(long)]
+    iface: Ipv4Addr,
+    /// The multicast group (239.0.0.0/8).
+    #[arg(long)]
+    group: Ipv4Addr,
+    /// The UDP port of the group and the servers.
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    port: u16,
+    /// The group key: 64 hex digits (session keys are derived from it and the session id).
+    #[arg(long, conflicts_with = "key_file", required_unless_present = "key_file")]
+    key_hex: Option<String>,
+    /// The group key: a file of 32 raw bytes.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// The Unix socket clones hand their userfaultfd to.
+    #[arg(long)]
+    socket: PathBuf,
+    /// This host's node id (non-zero; default: the interface address as a number).
+    #[arg(long)]
+    node: Option<u32>,
+    /// Where descriptors, clone outputs and logs go [default: <tmp>/spindrift-client-<iface>].
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
+    /// The program fork plans start clones with [default: spindrift-vmm next to this program, else on PATH].
+    #[arg(long)]
+    clone_exe: Option<PathBuf>,
+    /// Rewrite this JSON file with the daemon's stats about once a second (and at exit).
+    #[arg(long)]
+    stats_json: Option<PathBuf>,
+    /// Declare a server lost after this many silent seconds while pages are wanted.
+    #[arg(long, default_value_t = 10.0)]
+    server_timeout_s: f64,
+    /// Pages read ahead after each faulting page.
+    #[arg(long, default_value_t = 16)]
+    read_ahead: u16,
+    /// Most sessions followed at once.
+    #[arg(long, default_value_t = 8)]
+    max_sessions: usize,
+    /// How long a handoff waits for its session to be announced, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    session_wait_s: f64,
+}
+
+#[derive(Args, Debug)]
+struct TouchArgs {
+    /// The daemon's clone socket.
+    #[arg(long)]
+    daemon_socket: PathBuf,
+    /// The session id (decimal).
+    #[arg(long)]
+    session: String,
+    /// Image size in bytes (a multiple of 4096).
+    #[arg(long)]
+    image_bytes: u64,
+    /// Touch the pages listed in this file (one page number per line), in order.
+    #[arg(long, conflicts_with = "pattern", required_unless_present = "pattern")]
+    trace: Option<PathBuf>,
+    /// Touch a generated pattern: random, sequential or runs.
+    #[arg(long)]
+    pattern: Option<Pattern>,
+    /// Fraction of the image's pages the pattern touches.
+    #[arg(long, default_value_t = 0.1)]
+    fraction: f64,
+    /// Seed of the pattern.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The image file each touched page is compared with.
+    #[arg(long)]
+    verify: PathBuf,
+    /// The clone id to hand over (default: the process id).
+    #[arg(long)]
+    clone_id: Option<u64>,
+    /// Hand over in Firecracker's format (bare region array, no session): the daemon serves it from
+    /// the only session it knows.
+    #[arg(long)]
+    firecracker: bool,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -117,15 +211,38 @@ enum CliError {
     /// The JSON summary could not be written.
     #[error("writing the JSON summary: {0}")]
     Json(#[from] serde_json::Error),
+    /// The daemon failed.
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    /// The touch run failed.
+    #[error(transparent)]
+    Touch(#[from] TouchError),
+    /// Pages differed from the image.
+    #[error("{0} touched pages differ from the image")]
+    TouchMismatch(u64),
+    /// The signal handler could not be installed.
+    #[error("installing the SIGINT/SIGTERM handler: {0}")]
+    Signal(#[from] ctrlc::Error),
+    /// A duration flag out of range.
+    #[error("{flag} {value} is not a usable number of seconds")]
+    BadSeconds {
+        /// The flag.
+        flag: &'static str,
+        /// Its value.
+        value: f64,
+    },
 }
 
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Fetch(args) => fetch(args),
+        Command::Daemon(args) => daemon(args),
+        Command::Touch(args) => touch_run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -136,12 +253,73 @@ fn main() -> ExitCode {
     }
 }
 
-fn fetch(args: FetchArgs) -> Result<(), CliError> {
-    let key = match (&args.key_hex, &args.key_file) {
+fn key_from(key_hex: &Option<String>, key_file: &Option<PathBuf>) -> Result<SessionKey, CliError> {
+    Ok(match (key_hex, key_file) {
         (Some(hex), _) => parse_key_hex(hex)?,
         (None, Some(path)) => read_key_file(path)?,
         (None, None) => return Err(SessionError::BadKeyHex("give --key-hex or --key-file".into()).into()),
+    })
+}
+
+fn seconds(flag: &'static str, value: f64) -> Result<Duration, CliError> {
+    Duration::try_from_secs_f64(value).ok().filter(|d| !d.is_zero()).ok_or(CliError::BadSeconds { flag, value })
+}
+
+fn daemon(args: DaemonArgs) -> Result<(), CliError> {
+    let key = key_from(&args.key_hex, &args.key_file)?;
+    let mut config = DaemonConfig::new(args.iface, args.group, key, args.socket);
+    config.port = args.port;
+    config.node = args.node.unwrap_or_else(|| default_node(args.iface));
+    if let Some(dir) = args.run_dir {
+        config.run_dir = dir;
+    }
+    if let Some(exe) = args.clone_exe {
+        config.clone_exe = exe;
+    }
+    config.stats_json = args.stats_json;
+    config.server_timeout = seconds("--server-timeout-s", args.server_timeout_s)?;
+    config.session_wait = seconds("--session-wait-s", args.session_wait_s)?;
+    config.read_ahead = args.read_ahead;
+    config.max_sessions = args.max_sessions;
+    config.validate()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
+    spindrift_client::daemon::run(&config, &stop)?;
+    Ok(())
+}
+
+fn touch_run(args: TouchArgs) -> Result<(), CliError> {
+    touch::report_sigbus();
+    let order = match (args.trace, args.pattern) {
+        (Some(path), _) => Order::Trace(path),
+        (None, Some(pattern)) => Order::Pattern { pattern, fraction: args.fraction, seed: args.seed },
+        (None, None) => return Err(TouchError::Invalid("give --trace or --pattern".into()).into()),
     };
+    let config = TouchConfig {
+        daemon_socket: args.daemon_socket,
+        session: args.session,
+        image_bytes: args.image_bytes,
+        order,
+        verify: args.verify,
+        clone_id: args.clone_id,
+        fork: None,
+        report: None,
+        firecracker_format: args.firecracker,
+    };
+    let report = touch::run(&config)?;
+    eprintln!("{}", touch::summary(&report));
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    if report.mismatches > 0 {
+        return Err(CliError::TouchMismatch(report.mismatches));
+    }
+    Ok(())
+}
+
+fn fetch(args: FetchArgs) -> Result<(), CliError> {
+    let key = key_from(&args.key_hex, &args.key_file)?;
     let pages = match (args.pages, args.image_bytes) {
         (Some(0), _) => return Err(SessionError::NoPages.into()),
         (Some(p), _) => u32::try_from(p).map_err(|_| SessionError::TooManyPages(p))?,
