@@ -1,0 +1,578 @@
+//! The main job: a parent VM forked to clones on simulated hosts, with a summary.
+//!
+//! [`run`] builds a netlab lab (host 0 runs the parent VMM, whose fork-time copy serves memory; hosts
+//! 1..=N each run a host daemon), starts the parent with the parallel-job guest, which forks clones on
+//! every host, waits for the parent to check their results, and gathers the figures every process
+//! wrote: the parent's fork pause, each clone's start time, pages fetched against memory size, what
+//! the memory server sent, NAKs and repairs.
+
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use netlab::{Lab, LabConfig, LinkConditions, Loss};
+use serde::Serialize;
+use serde_json::Value;
+
+/// What the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// Hosts that run clones (the lab has one more: the parent's).
+    pub hosts: usize,
+    /// Clones in all, spread over the hosts.
+    pub clones: u32,
+    /// Random loss on every link, both directions (0..1).
+    pub loss: f64,
+    /// Guest memory, MiB.
+    pub mem_mib: u64,
+    /// Whole-run bound.
+    pub timeout: Duration,
+    /// Keep the run directory (logs, JSON files) instead of removing it.
+    pub keep: bool,
+    /// Hash guest memory at the fork and in every clone before its first instruction (every clone
+    /// then fetches all of memory).
+    pub verify_image: bool,
+}
+
+impl Default for DemoConfig {
+    fn default() -> Self {
+        DemoConfig {
+            hosts: 8,
+            clones: 8,
+            loss: 0.02,
+            mem_mib: 64,
+            timeout: Duration::from_secs(180),
+            keep: false,
+            verify_image: false,
+        }
+    }
+}
+
+/// Why the demo could not run or did not pass.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    /// Something the demo needs is missing on this machine.
+    #[error("the demo needs {0}")]
+    Missing(String),
+    /// A bad setting.
+    #[error("bad demo setting: {0}")]
+    Config(String),
+    /// The lab could not be built.
+    #[error("building the lab: {0}")]
+    Lab(#[from] netlab::LabError),
+    /// A host command could not be prepared.
+    #[error("host command: {0}")]
+    Host(#[from] netlab::HostError),
+    /// A file or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// A process did not finish in time.
+    #[error("{0} did not finish within {1:?}")]
+    Timeout(String, Duration),
+    /// A process wrote a result file the demo cannot read.
+    #[error("reading {path}: {reason}")]
+    BadResult {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
+    let what = what.into();
+    move |source| DemoError::Io { what, source }
+}
+
+/// One clone's figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct CloneFigures {
+    /// Its id.
+    pub clone: u64,
+    /// The host it ran on.
+    pub host: String,
+    /// Time from the parent's fork to the clone's first guest instruction, ms.
+    pub start_ms: Option<f64>,
+    /// Time from the parent's fork to the clone's exit, ms.
+    pub done_ms: Option<f64>,
+    /// Its reported status.
+    pub status: Option<u64>,
+    /// Its memory before the first instruction equalled the parent's at the fork (with `verify_image`).
+    pub image_matches: Option<bool>,
+    /// Faults that waited for the network (from its host daemon).
+    pub network_faults: Option<u64>,
+}
+
+/// What the demo measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct DemoReport {
+    /// The lab's name.
+    pub lab: String,
+    /// Hosts running clones.
+    pub hosts: usize,
+    /// Clones asked for.
+    pub clones: u32,
+    /// Link loss.
+    pub loss: f64,
+    /// Guest memory bytes.
+    pub memory_bytes: u64,
+    /// The parent's exit code (0: every clone's result checked out).
+    pub parent_exit: Option<i32>,
+    /// Clones whose results the parent checked and found right.
+    pub results_ok: Option<u64>,
+    /// How long the parent's vCPUs were paused for the fork, µs.
+    pub fork_pause_us: Option<f64>,
+    /// Descriptor size, bytes.
+    pub descriptor_bytes: Option<u64>,
+    /// Per clone.
+    pub clone_figures: Vec<CloneFigures>,
+    /// Pages received by all host daemons together.
+    pub pages_fetched: u64,
+    /// Pages of guest memory times hosts: what eager copying would move.
+    pub pages_eager: u64,
+    /// Bytes the memory server sent.
+    pub server_tx_bytes: Option<u64>,
+    /// NAKs the server received.
+    pub server_naks: Option<u64>,
+    /// Repair (parity) packets the server sent.
+    pub server_repairs: Option<u64>,
+    /// Requests the server received.
+    pub server_requests: Option<u64>,
+    /// Distinct page transmissions of the server (each serves every host that wants the page).
+    pub server_pages_sent: Option<u64>,
+    /// Clones whose memory matched the parent's at the fork (with `verify_image`).
+    pub images_match: Option<usize>,
+    /// Wall time of the whole run, s.
+    pub wall_s: f64,
+    /// Where the logs are (when kept).
+    pub run_dir: Option<String>,
+}
+
+/// Kills and reaps a child when dropped.
+struct Guard {
+    name: String,
+    child: Option<Child>,
+}
+
+impl Guard {
+    fn spawn(name: impl Into<String>, mut cmd: Command, log: &Path) -> Result<Guard, DemoError> {
+        let name = name.into();
+        let out = fs::File::create(log).map_err(io_err(format!("creating {}", log.display())))?;
+        let err = out.try_clone().map_err(io_err("duplicating a log file"))?;
+        let child =
+            cmd.stdin(Stdio::null()).stdout(out).stderr(err).spawn().map_err(io_err(format!("starting {name}")))?;
+        Ok(Guard { name, child: Some(child) })
+    }
+
+    fn wait_timeout(&mut self, limit: Duration) -> Result<ExitStatus, DemoError> {
+        let deadline = Instant::now() + limit;
+        let Some(child) = self.child.as_mut() else {
+            return Err(DemoError::Config(format!("{} was already reaped", self.name)));
+        };
+        loop {
+            if let Some(status) = child.try_wait().map_err(io_err(format!("waiting for {}", self.name)))? {
+                self.child = None;
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                return Err(DemoError::Timeout(self.name.clone(), limit));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    fn terminate(&mut self, grace: Duration) {
+        let Some(child) = self.child.as_mut() else { return };
+        if let Ok(pid) = i32::try_from(child.id()) {
+            // SAFETY: kill(2) with a pid of a child we have not reaped yet (so it cannot be reused).
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                self.child = None;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        self.child = None;
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Finds a binary built beside this one.
+fn sibling(name: &str) -> Result<PathBuf, DemoError> {
+    let me = std::env::current_exe().map_err(io_err("locating this executable"))?;
+    let path = me.with_file_name(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(DemoError::Missing(format!("{} (build every binary first: cargo build --release --bins)", path.display())))
+    }
+}
+
+/// Checks what the demo needs and says what is missing.
+fn preflight() -> Result<(), DemoError> {
+    netlab::check_prerequisites().map_err(|e| DemoError::Missing(format!("network namespaces: {e}")))?;
+    netlab::preflight::check_nft().map_err(|e| DemoError::Missing(format!("nftables for link loss: {e}")))?;
+    fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .map_err(|e| DemoError::Missing(format!("/dev/kvm read-write ({e})")))?;
+    Ok(())
+}
+
+fn random_key_hex() -> Result<String, DemoError> {
+    let mut key = [0u8; 32];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+        .map_err(io_err("reading /dev/urandom for a session key"))?;
+    Ok(key.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn read_json(path: &Path) -> Option<Value> {
+    let text = fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn num(v: &Value, pointer: &str) -> Option<f64> {
+    v.pointer(pointer).and_then(Value::as_f64)
+}
+
+/// Runs the demo. See the module docs.
+pub fn run(config: &DemoConfig) -> Result<DemoReport, DemoError> {
+    if config.hosts == 0 || config.clones == 0 || !(0.0..1.0).contains(&config.loss) || config.mem_mib == 0 {
+        return Err(DemoError::Config(format!(
+            "need at least one host and one clone, loss in [0, 1), memory > 0 (got {} hosts, {} clones, loss {}, {} MiB)",
+            config.hosts, config.clones, config.loss, config.mem_mib
+        )));
+    }
+    preflight()?;
+    let daemon_exe = sibling("spindrift-client")?;
+    let vmm_exe = std::env::current_exe().map_err(io_err("locating this executable"))?;
+    let started = Instant::now();
+    let loss = Loss::from_probability(config.loss).map_err(|e| DemoError::Config(e.to_string()))?;
+    let lab_name = netlab::unique_lab_name("demo");
+    let lab = Lab::create(
+        &LabConfig::new(lab_name.clone(), config.hosts + 1)
+            .conditions(LinkConditions::new().with_loss_rx(loss).with_loss_tx(loss)),
+    )?;
+    tracing::info!(
+        "lab {lab_name}: {} hosts, {:.1}% loss each way on every link",
+        config.hosts + 1,
+        config.loss * 100.0
+    );
+    let dir = std::env::temp_dir().join(format!("spindrift-{lab_name}"));
+    fs::create_dir_all(&dir).map_err(io_err(format!("creating {}", dir.display())))?;
+    let result = run_in_lab(config, &lab, &dir, &daemon_exe, &vmm_exe, started);
+    if !config.keep && result.is_ok() {
+        let _ = fs::remove_dir_all(&dir);
+    }
+    drop(lab);
+    result
+}
+
+fn run_in_lab(
+    config: &DemoConfig,
+    lab: &Lab,
+    dir: &Path,
+    daemon_exe: &Path,
+    vmm_exe: &Path,
+    started: Instant,
+) -> Result<DemoReport, DemoError> {
+    let key = random_key_hex()?;
+    let group = Ipv4Addr::new(239, 77, (lab.index() >> 8) as u8, lab.index() as u8);
+    let mut daemons = Vec::new();
+    let mut host_addrs = Vec::new();
+    for i in 1..=config.hosts {
+        let host = lab.host(i)?;
+        let hdir = dir.join(host.name());
+        fs::create_dir_all(&hdir).map_err(io_err(format!("creating {}", hdir.display())))?;
+        let mut cmd = host.command(daemon_exe)?;
+        cmd.arg("daemon")
+            .args(["--iface", &host.addr().to_string(), "--group", &group.to_string(), "--key-hex", &key])
+            .arg("--socket")
+            .arg(hdir.join("daemon.sock"))
+            .arg("--run-dir")
+            .arg(&hdir)
+            .arg("--clone-exe")
+            .arg(vmm_exe)
+            .arg("--stats-json")
+            .arg(hdir.join("daemon.json"));
+        daemons.push((
+            host.name().to_owned(),
+            hdir.clone(),
+            Guard::spawn(format!("host daemon on {}", host.name()), cmd, &hdir.join("daemon.log"))?,
+        ));
+        host_addrs.push(host.addr().to_string());
+    }
+    // The daemons are ready when their sockets exist.
+    let ready_by = Instant::now() + Duration::from_secs(10);
+    for (name, hdir, _) in &daemons {
+        while !hdir.join("daemon.sock").exists() {
+            if Instant::now() >= ready_by {
+                return Err(DemoError::Timeout(format!("the host daemon on {name} (socket)"), Duration::from_secs(10)));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    let parent_host = lab.host(0)?;
+    let parent_json = dir.join("parent.json");
+    let mut cmd = parent_host.command(vmm_exe)?;
+    cmd.args(["run", "--guest", "parallel", "--mem-mib", &config.mem_mib.to_string()])
+        .args(["--clones", &config.clones.to_string()])
+        .args(["--net-iface", &parent_host.addr().to_string(), "--group", &group.to_string(), "--key-hex", &key])
+        .args(["--hosts", &host_addrs.join(",")])
+        .arg("--out-json")
+        .arg(&parent_json);
+    if config.verify_image {
+        cmd.arg("--verify-image");
+    }
+    let mut parent = Guard::spawn("the parent VMM", cmd, &dir.join("parent.log"))?;
+    let status = parent.wait_timeout(config.timeout)?;
+    for (_, _, d) in &mut daemons {
+        d.terminate(Duration::from_secs(3));
+    }
+    let parent_out = read_json(&parent_json);
+    let t_fork = parent_out.as_ref().and_then(|p| num(p, "/fork_unix_us"));
+    let mut clone_figures = Vec::new();
+    let mut pages_fetched = 0u64;
+    for (name, hdir, _) in &daemons {
+        if let Some(stats) = read_json(&hdir.join("daemon.json")) {
+            pages_fetched += stats
+                .pointer("/sessions")
+                .and_then(Value::as_array)
+                .map(|s| s.iter().filter_map(|x| x.pointer("/pages_present").and_then(Value::as_u64)).sum::<u64>())
+                .unwrap_or(0);
+        }
+        for clone_json in glob_clone_files(hdir) {
+            let Some(c) = read_json(&clone_json) else { continue };
+            let ms = |p: &str| Some((num(&c, p)? - t_fork?) / 1000.0);
+            clone_figures.push(CloneFigures {
+                clone: c.pointer("/clone_id").and_then(Value::as_u64).unwrap_or(0),
+                host: name.clone(),
+                start_ms: ms("/first_run_unix_us"),
+                done_ms: ms("/exit_unix_us"),
+                status: c.pointer("/report/status").and_then(Value::as_u64),
+                image_matches: c.pointer("/image_matches").and_then(Value::as_bool),
+                network_faults: None,
+            });
+        }
+    }
+    for (_, hdir, _) in &daemons {
+        let Some(stats) = read_json(&hdir.join("daemon.json")) else { continue };
+        for c in stats.pointer("/clones").and_then(Value::as_array).into_iter().flatten() {
+            let id = c.pointer("/clone_id").and_then(Value::as_u64);
+            if let Some(f) = clone_figures.iter_mut().find(|f| Some(f.clone) == id) {
+                f.network_faults = c.pointer("/network_faults").and_then(Value::as_u64);
+            }
+        }
+    }
+    clone_figures.sort_by_key(|c| c.clone);
+    let p = parent_out.as_ref();
+    let server = |k: &str| p.and_then(|p| p.pointer(&format!("/server/{k}"))).and_then(Value::as_u64);
+    let memory_bytes = config.mem_mib << 20;
+    let images_match =
+        config.verify_image.then(|| clone_figures.iter().filter(|c| c.image_matches == Some(true)).count());
+    Ok(DemoReport {
+        lab: lab.name().to_owned(),
+        hosts: config.hosts,
+        clones: config.clones,
+        loss: config.loss,
+        memory_bytes,
+        parent_exit: status.code(),
+        results_ok: p.and_then(|p| p.pointer("/results_ok")).and_then(Value::as_u64),
+        fork_pause_us: p.and_then(|p| num(p, "/fork_pause_us")),
+        descriptor_bytes: p.and_then(|p| p.pointer("/descriptor_bytes")).and_then(Value::as_u64),
+        clone_figures,
+        pages_fetched,
+        pages_eager: (memory_bytes / 4096) * config.hosts as u64,
+        server_tx_bytes: server("tx_bytes"),
+        server_naks: server("naks"),
+        server_repairs: server("repair_packets"),
+        server_requests: server("requests"),
+        server_pages_sent: server("pages_sent"),
+        images_match,
+        wall_s: started.elapsed().as_secs_f64(),
+        run_dir: config.keep.then(|| dir.display().to_string()),
+    })
+}
+
+fn glob_clone_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(sessions) = fs::read_dir(dir) else { return out };
+    for s in sessions.flatten() {
+        let Ok(files) = fs::read_dir(s.path()) else { continue };
+        for f in files.flatten() {
+            let name = f.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("clone-") && name.ends_with(".json") {
+                out.push(f.path());
+            }
+        }
+    }
+    out
+}
+
+/// `spindrift-vmm demo`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Hosts that run clones (the lab gets one more, for the parent).
+    #[arg(long, default_value_t = 8)]
+    pub hosts: usize,
+    /// Clones in all, spread evenly over the hosts.
+    #[arg(long, default_value_t = 8)]
+    pub clones: u32,
+    /// Random loss on every link, each way (0..1).
+    #[arg(long, default_value_t = 0.02)]
+    pub loss: f64,
+    /// Guest memory, MiB (a multiple of 2); the parallel job's data set is half of it.
+    #[arg(long, default_value_t = 128)]
+    pub mem_mib: u64,
+    /// Whole-run bound, seconds.
+    #[arg(long, default_value_t = 180)]
+    pub timeout_s: u64,
+    /// Keep the run directory (logs and JSON of every process).
+    #[arg(long)]
+    pub keep: bool,
+    /// Check that every clone's memory at its first instruction equals the parent's at the fork (blake3
+    /// of all of memory; every clone then fetches all of it).
+    #[arg(long)]
+    pub verify_image: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `spindrift-vmm demo`: returns the exit code (0: every clone's result checked out).
+pub fn demo_cmd(args: &DemoArgs) -> i32 {
+    let config = DemoConfig {
+        hosts: args.hosts,
+        clones: args.clones,
+        loss: args.loss,
+        mem_mib: args.mem_mib,
+        timeout: Duration::from_secs(args.timeout_s),
+        keep: args.keep,
+        verify_image: args.verify_image,
+    };
+    if !args.json {
+        eprintln!(
+            "spindrift demo: a parent VM ({} MiB) forks {} clones onto {} hosts of a simulated cluster ({:.1}% loss per link) ...",
+            config.mem_mib,
+            config.clones,
+            config.hosts,
+            config.loss * 100.0
+        );
+    }
+    let report = match run(&config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("spindrift demo: {e}");
+            return 2;
+        }
+    };
+    let ok = report.parent_exit == Some(0) && report.results_ok == Some(u64::from(report.clones));
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        print_report(&report);
+    }
+    if ok {
+        0
+    } else {
+        1
+    }
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+fn print_report(r: &DemoReport) {
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    println!();
+    println!("clone  host   first instruction after fork   done after fork   status   pages from network   memory = parent's");
+    for c in &r.clone_figures {
+        let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} ms"));
+        println!(
+            "{:>5}  {:<5}  {:>29}   {:>15}   {:>6}   {:>18}   {}",
+            c.clone,
+            c.host,
+            ms(c.start_ms),
+            ms(c.done_ms),
+            opt(c.status),
+            opt(c.network_faults),
+            c.image_matches.map_or("not checked", |m| if m { "yes" } else { "NO" })
+        );
+    }
+    let starts: Vec<f64> = r.clone_figures.iter().filter_map(|c| c.start_ms).collect();
+    let all_running = starts.iter().copied().fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
+    println!();
+    println!(
+        "results checked by the parent   {} of {} correct (parent exit {})",
+        opt(r.results_ok),
+        r.clones,
+        opt(r.parent_exit)
+    );
+    println!("fork pause of the parent        {} µs", opt(r.fork_pause_us.map(|v| v as u64)));
+    println!(
+        "fork to every clone running     {}",
+        all_running.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} ms"))
+    );
+    println!(
+        "descriptor                      {} bytes ({:.0} KiB per GiB of guest memory)",
+        opt(r.descriptor_bytes),
+        r.descriptor_bytes.map_or(0.0, |d| d as f64 / 1024.0 / (r.memory_bytes as f64 / (1u64 << 30) as f64))
+    );
+    let pages = r.memory_bytes / 4096;
+    let faulted: u64 = r.clone_figures.iter().filter_map(|c| c.network_faults).sum();
+    println!(
+        "memory fetched                  {} of {} pages sent once by multicast ({:.1}% of guest memory); clones faulted {} pages \
+         to the network in all",
+        opt(r.server_pages_sent),
+        pages,
+        100.0 * r.server_pages_sent.unwrap_or(0) as f64 / pages.max(1) as f64,
+        faulted
+    );
+    println!(
+        "host page caches                {:.1} MiB in all, {:.1}% of copying the memory to every host",
+        mib(r.pages_fetched * 4096),
+        100.0 * r.pages_fetched as f64 / r.pages_eager.max(1) as f64
+    );
+    if let Some(n) = r.images_match {
+        println!(
+            "clone memory = parent's at fork {n} of {} clones (blake3 of all guest memory)",
+            r.clone_figures.len()
+        );
+    }
+    println!(
+        "memory server                   sent {} MiB; {} requests, {} NAKs, {} repair packets",
+        r.server_tx_bytes.map_or_else(|| "-".to_owned(), |b| format!("{:.1}", mib(b))),
+        opt(r.server_requests),
+        opt(r.server_naks),
+        opt(r.server_repairs)
+    );
+    println!("wall time                       {:.1} s (lab {})", r.wall_s, r.lab);
+    if let Some(d) = &r.run_dir {
+        println!("logs                            {d}");
+    }
+}

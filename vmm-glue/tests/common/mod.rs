@@ -1,0 +1,45 @@
+//! Shared test helpers: skip (or, with NETLAB_REQUIRE=1, fail) when KVM or userfaultfd is unavailable.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::time::Duration;
+
+/// Whether this machine can run the VMM tests; prints why not and returns false (or panics when
+/// `NETLAB_REQUIRE=1`).
+pub fn can_run(test: &str) -> bool {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let why = if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+        Some("/dev/kvm is not usable (not root, or no KVM)".to_string())
+    } else {
+        match spindrift_client::uffd::Uffd::create(0) {
+            Ok(_) => None,
+            Err(e) => Some(format!("userfaultfd unavailable: {e}")),
+        }
+    };
+    match why {
+        None => true,
+        Some(why) if std::env::var("NETLAB_REQUIRE").as_deref() == Ok("1") => {
+            panic!("{test}: required (NETLAB_REQUIRE=1) but {why}")
+        }
+        Some(why) => {
+            eprintln!("SKIPPED {test}: {why}");
+            false
+        }
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it takes longer than `limit` (the thread is left behind).
+pub fn bounded<T: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{what}: did not finish within {limit:?}"),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: panicked"),
+    }
+}

@@ -1,0 +1,96 @@
+//! The whole system in a netlab lab: a parent VM forks clones onto hosts whose daemons start clone VMMs,
+//! memory comes from the parent's fork-time image by multicast, and reports travel back to the parent's
+//! `JOIN`. Runs `spindrift-vmm demo` (the README's main job) and checks its JSON report.
+//!
+//! Needs root (namespaces), /dev/kvm and userfaultfd: skips with a message otherwise, or fails with
+//! `NETLAB_REQUIRE=1`. Needs the `spindrift-client` binary beside `spindrift-vmm` (a workspace build:
+//! `cargo test --workspace` or `cargo build --bins`).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+
+fn can_run_lab(test: &str) -> bool {
+    if !common::can_run(test) {
+        return false;
+    }
+    match netlab::check_prerequisites().and_then(|()| netlab::preflight::check_nft()) {
+        Ok(()) => true,
+        Err(e) if std::env::var("NETLAB_REQUIRE").as_deref() == Ok("1") => {
+            panic!("{test}: required (NETLAB_REQUIRE=1) but {e}")
+        }
+        Err(e) => {
+            eprintln!("SKIPPED {test}: {e}");
+            false
+        }
+    }
+}
+
+/// Runs the demo with `args` (bounded) and returns its JSON report.
+fn demo(args: &[&str]) -> Value {
+    let vmm = env!("CARGO_BIN_EXE_spindrift-vmm");
+    let client = std::path::Path::new(vmm).with_file_name("spindrift-client");
+    assert!(
+        client.is_file(),
+        "{} is missing: build every binary first (cargo build --bins, or run the workspace's tests)",
+        client.display()
+    );
+    let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+    let out = common::bounded(Duration::from_secs(240), "spindrift-vmm demo", move || {
+        Command::new(vmm).arg("demo").args(&args).args(["--json", "--timeout-s", "200"]).output().unwrap()
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {
+        panic!("demo printed no JSON ({e}); status {}; stderr:\n{}", out.status, String::from_utf8_lossy(&out.stderr))
+    });
+    assert!(
+        out.status.success(),
+        "demo failed ({}): {report:#}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    report
+}
+
+#[test]
+fn clones_on_three_hosts_compute_the_right_results_with_lossy_links() {
+    if !can_run_lab("clones_on_three_hosts_compute_the_right_results_with_lossy_links") {
+        return;
+    }
+    let r = demo(&["--hosts", "3", "--clones", "6", "--mem-mib", "32", "--loss", "0.02"]);
+    assert_eq!(r["parent_exit"], 0, "{r:#}");
+    assert_eq!(r["results_ok"], 6, "{r:#}");
+    let clones = r["clone_figures"].as_array().unwrap();
+    let mut ids: Vec<u64> = clones.iter().map(|c| c["clone"].as_u64().unwrap()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=6).collect::<Vec<u64>>(), "every clone id once: {r:#}");
+    for c in clones {
+        assert_eq!(c["status"], 0, "{c}");
+        assert!(c["start_ms"].as_f64().is_some_and(|ms| ms > 0.0), "clone start time: {c}");
+    }
+    // The descriptor is small: well under 1 MiB per GiB of guest memory.
+    let per_gib = r["descriptor_bytes"].as_f64().unwrap() / (r["memory_bytes"].as_f64().unwrap() / f64::from(1 << 30));
+    assert!(per_gib < f64::from(1 << 20), "descriptor {per_gib} bytes per GiB");
+    // Lazy: each clone reads a sixth of the data set, so the server sends well under all of memory.
+    let sent = r["server_pages_sent"].as_u64().unwrap();
+    let pages = r["memory_bytes"].as_u64().unwrap() / 4096;
+    assert!(sent > 0 && sent < pages, "server sent {sent} of {pages} pages");
+}
+
+#[test]
+fn every_clone_starts_from_the_parents_memory_at_the_fork() {
+    if !can_run_lab("every_clone_starts_from_the_parents_memory_at_the_fork") {
+        return;
+    }
+    // The parent overwrites its data set right after the fork; each clone hashes all of its memory
+    // (fetching every page over the network) before its first instruction and compares with the hash
+    // the parent took at the fork.
+    let r = demo(&["--hosts", "2", "--clones", "2", "--mem-mib", "16", "--loss", "0.02", "--verify-image"]);
+    assert_eq!(r["results_ok"], 2, "{r:#}");
+    assert_eq!(r["images_match"], 2, "{r:#}");
+}
