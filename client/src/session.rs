@@ -277,6 +277,29 @@ impl SessionConfig {
     }
 }
 
+/// Sends everything in `tx` (to `whom`, for the log), waiting up to 200 ms for socket space; what still
+/// does not fit is dropped and logged (the receiver's timers ask again, as after a loss). Clears `tx`.
+pub(crate) fn flush_batch(io: &mut UdpIo, tx: &mut TxBatch, whom: &str) -> Result<(), IoError> {
+    let deadline = Instant::now() + Duration::from_millis(200);
+    while !tx.is_sent() {
+        match io.send_batch(tx) {
+            Ok(_) => {}
+            // One datagram failed (and was dropped): the receiver's timers will ask again.
+            Err(e @ IoError::Send { .. }) => tracing::warn!("{e}"),
+            Err(e) => return Err(e),
+        }
+        if !tx.is_sent() {
+            if Instant::now() >= deadline {
+                tracing::warn!("socket full: dropping {} datagrams to {whom}", tx.pending());
+                break;
+            }
+            io.wait(Interest::WRITABLE, Some(Duration::from_millis(10)))?;
+        }
+    }
+    tx.clear();
+    Ok(())
+}
+
 /// Stores the receiver's pages into the page cache.
 pub(crate) struct CacheSink<'a> {
     /// The cache to fill.
@@ -514,24 +537,7 @@ impl Session {
     }
 
     fn flush(&mut self) -> Result<(), SessionError> {
-        let deadline = Instant::now() + Duration::from_millis(200);
-        while !self.tx.is_sent() {
-            match self.io.send_batch(&mut self.tx) {
-                Ok(_) => {}
-                // One datagram failed (and was dropped): the receiver's timers will ask again.
-                Err(e @ IoError::Send { .. }) => tracing::warn!("{e}"),
-                Err(e) => return Err(e.into()),
-            }
-            if !self.tx.is_sent() {
-                if Instant::now() >= deadline {
-                    tracing::warn!("socket full: dropping {} datagrams to the server", self.tx.pending());
-                    break;
-                }
-                self.io.wait(Interest::WRITABLE, Some(Duration::from_millis(10)))?;
-            }
-        }
-        self.tx.clear();
-        Ok(())
+        Ok(flush_batch(&mut self.io, &mut self.tx, "the server")?)
     }
 
     fn events(&mut self) -> Result<Option<Polled>, SessionError> {

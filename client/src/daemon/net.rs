@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver as ChannelRx, Sender as ChannelTx, TryRecvError};
 use netio::udp::{UdpConfig, UdpError, UdpIo};
-use netio::{Interest, IoError, PacketIo, RxBatch, TxBatch};
+use netio::{IoError, PacketIo, RxBatch, TxBatch};
 use spindrift_protocol::receiver::{Receiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
 use spindrift_protocol::wire::{
     self, Announce, BlobKind, Header, Keys, Message, MsgType, NodeId, SessionId, SessionKey, FLAG_ENCRYPTED,
@@ -35,7 +35,7 @@ use spindrift_protocol::Time;
 use super::registry::Registry;
 use super::stats::{DaemonStats, SessionSnapshot};
 use crate::cache::{PageCache, CACHE_PAGE_SIZE};
-use crate::session::{first_packet_number, CacheSink, PAGE_SHIFT};
+use crate::session::{first_packet_number, flush_batch, CacheSink, PAGE_SHIFT};
 use crate::waker::{Waker, WakerError};
 
 /// Datagrams per receive/send batch.
@@ -565,24 +565,7 @@ impl NetThread {
     }
 
     fn flush(&mut self) -> Result<(), NetError> {
-        let deadline = Instant::now() + Duration::from_millis(200);
-        while !self.tx.is_sent() {
-            match self.io.send_batch(&mut self.tx) {
-                Ok(_) => {}
-                // One datagram failed (and was dropped): the receiver's timers ask again.
-                Err(e @ IoError::Send { .. }) => tracing::warn!("{e}"),
-                Err(e) => return Err(e.into()),
-            }
-            if !self.tx.is_sent() {
-                if Instant::now() >= deadline {
-                    tracing::warn!("socket full: dropping {} datagrams to servers", self.tx.pending());
-                    break;
-                }
-                self.io.wait(Interest::WRITABLE, Some(Duration::from_millis(10)))?;
-            }
-        }
-        self.tx.clear();
-        Ok(())
+        Ok(flush_batch(&mut self.io, &mut self.tx, "servers")?)
     }
 
     /// Sleeps until a datagram or a command arrives, or the next receiver timer.
