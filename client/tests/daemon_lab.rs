@@ -500,7 +500,11 @@ fn a_server_killed_and_restarted_mid_transfer_is_resumed() {
     let daemons: Vec<Daemon> = (1..5).map(|i| s.daemon(i, 10, &[])).collect();
     let mut touches: Vec<Touch> =
         daemons.iter().enumerate().map(|(i, d)| s.touch(d, &format!("h{}", i + 1), "runs", 0.4, 5)).collect();
+    // Every host must have joined the first epoch, or it has no restart to show.
     wait_progress(&daemons[0], 300, deadline);
+    for d in &daemons {
+        wait_progress(d, 1, deadline);
+    }
     server.kill();
     let finished_early = touches.iter_mut().map(|t| t.proc.try_status()).filter(Option::is_some).count();
     eprintln!("server killed; {finished_early} touch processes had finished");
