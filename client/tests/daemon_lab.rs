@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::ExitStatusExt;
@@ -26,14 +26,12 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use netio::udp::{Bind, UdpConfig, UdpIo};
-use netio::{Interest, IoError, PacketIo, RxBatch, TxBatch};
 use netlab::{Host, Lab, LabConfig, LinkConditions, Loss};
 use serde_json::Value;
 use spindrift_client::touch::{self, Order, Pattern, TouchConfig};
-use spindrift_protocol::sender::{PageSource, Sender, SenderConfig, SenderEvent};
-use spindrift_protocol::wire::{self, BlobKind, ForkEntry, ForkPlan, NodeId, SessionId, SessionKey};
-use spindrift_protocol::Time;
+use spindrift_protocol::sender::SenderEvent;
+use spindrift_protocol::wire::{BlobKind, ForkEntry, ForkPlan, NodeId};
+use spindrift_server::{serve_source, MemoryImage, Push, ServeCommand, ServeOptions, ServerConfig};
 
 const PAGE: u64 = 4096;
 const GROUP: &str = "239.77.4.1";
@@ -62,10 +60,6 @@ fn lab_available(test: &str) -> bool {
             false
         }
     }
-}
-
-fn key() -> SessionKey {
-    SessionKey(spindrift_client::session::parse_key_hex(KEY_HEX).unwrap().0)
 }
 
 /// A scratch directory, removed when the test passes and kept (with the logs) when it fails.
@@ -595,91 +589,34 @@ fn clones_fail_within_the_server_timeout_when_the_server_is_gone_for_good() {
 
 // ---- Fork plans: an in-process server publishes a descriptor and a plan; clones report back. ----
 
-struct VecSource(Vec<u8>);
-
-impl PageSource for VecSource {
-    fn page_count(&self) -> u32 {
-        (self.0.len() as u64 / PAGE) as u32
-    }
-    fn page(&self, page: u32) -> &[u8] {
-        let start = page as usize * PAGE as usize;
-        &self.0[start..start + PAGE as usize]
-    }
-}
-
 /// What the minimal server collected.
 #[derive(Debug, Default)]
 struct Collected {
     reports: HashMap<(u32, u32), (u32, Vec<u8>)>,
 }
 
-/// A minimal server: the protocol's Sender behind a socket; publishes the blobs it is sent and
-/// collects clone reports, until `stop`.
+/// The memory server library in this process (no push): publishes the blobs it is sent and collects
+/// clone reports, until `stop`.
 fn minimal_server(
     addr: Ipv4Addr,
     image: Vec<u8>,
-    blobs: mpsc::Receiver<(BlobKind, u32, Vec<u8>)>,
+    commands: mpsc::Receiver<ServeCommand>,
     collected: Arc<Mutex<Collected>>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), String> {
-    let mut io = UdpIo::open(&UdpConfig::new(addr, PORT).bind(Bind::Interface)).map_err(|e| e.to_string())?;
-    let start = Instant::now();
-    let now = || Time::from_nanos(start.elapsed().as_nanos() as u64);
-    let mut sender = Sender::new(SenderConfig::new(SessionId(SESSION), 1, key(), 12), VecSource(image), now())
-        .map_err(|e| e.to_string())?;
-    let mut rx = RxBatch::new(64, wire::MAX_DATAGRAM).map_err(|e| e.to_string())?;
-    let mut tx = TxBatch::new(64, 1472).map_err(|e| e.to_string())?;
-    let group = SocketAddrV4::new(GROUP.parse().unwrap(), PORT);
-    while !stop.load(Ordering::Relaxed) {
-        while let Ok((kind, id, bytes)) = blobs.try_recv() {
-            sender.publish_blob(kind, id, bytes);
+    let key = spindrift_server::config::parse_key_hex(KEY_HEX).map_err(|e| e.to_string())?;
+    let config = ServerConfig::new(addr, GROUP.parse().unwrap(), PORT, SESSION, key)
+        .map_err(|e| e.to_string())?
+        .with_push(Push::None);
+    let on_event = move |event: &SenderEvent| {
+        if let SenderEvent::CloneReport { fork, clone, status, result, .. } = event {
+            collected.lock().unwrap().reports.insert((*fork, *clone), (*status, result.clone()));
         }
-        let t = now();
-        loop {
-            let n = io.recv_batch(&mut rx).map_err(|e| e.to_string())?;
-            for i in 0..n {
-                if let Some(p) = rx.payload_mut(i) {
-                    sender.handle_datagram(t, p);
-                }
-            }
-            if n < rx.capacity() {
-                break;
-            }
-        }
-        if sender.poll_timeout().is_some_and(|d| d <= t) {
-            sender.handle_timeout(t);
-        }
-        loop {
-            let queued =
-                tx.push_with(group, |buf| sender.poll_transmit(t, buf).map(|x| x.len)).map_err(|e| e.to_string())?;
-            if queued.is_none() || tx.is_full() {
-                while !tx.is_sent() {
-                    match io.send_batch(&mut tx) {
-                        Ok(_) | Err(IoError::Send { .. }) => {}
-                        Err(e) => return Err(e.to_string()),
-                    }
-                    if !tx.is_sent() {
-                        io.wait(Interest::WRITABLE, Some(Duration::from_millis(10))).map_err(|e| e.to_string())?;
-                    }
-                }
-                tx.clear();
-            }
-            if queued.is_none() {
-                break;
-            }
-        }
-        while let Some(event) = sender.poll_event() {
-            if let SenderEvent::CloneReport { fork, clone, status, result, .. } = event {
-                collected.lock().unwrap().reports.insert((fork, clone), (status, result));
-            }
-        }
-        let wait = sender.poll_timeout().map_or(Duration::from_millis(5), |d| d.saturating_since(now()));
-        let wait = wait.min(Duration::from_millis(5));
-        if !wait.is_zero() {
-            io.wait(Interest::READABLE, Some(wait)).map_err(|e| e.to_string())?;
-        }
-    }
-    Ok(())
+    };
+    let options =
+        ServeOptions { on_event: Some(Box::new(on_event)), commands: Some(commands), ..ServeOptions::default() };
+    let image = MemoryImage::new(&image).map_err(|e| e.to_string())?;
+    serve_source(&config, image, options, &stop).map(|_| ()).map_err(|e| e.to_string())
 }
 
 fn fake_clone_result(clone: u32) -> Vec<u8> {
@@ -786,8 +723,8 @@ fn a_fork_plan_starts_clones_that_verify_pages_and_report_back() {
             ForkEntry { node: node(2), first_clone: 2, clones: 1 },
         ],
     };
-    blob_tx.send((BlobKind::Descriptor, 1, DESCRIPTOR.to_vec())).unwrap();
-    blob_tx.send((BlobKind::Fork, 2, plan.encode())).unwrap();
+    blob_tx.send(ServeCommand::PublishBlob { kind: BlobKind::Descriptor, id: 1, bytes: DESCRIPTOR.to_vec() }).unwrap();
+    blob_tx.send(ServeCommand::PublishBlob { kind: BlobKind::Fork, id: 2, bytes: plan.encode() }).unwrap();
     loop {
         if collected.lock().unwrap().reports.len() >= 3 {
             break;
