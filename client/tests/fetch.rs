@@ -1,35 +1,21 @@
-//! Fetch mode over a real multicast session: a minimal server loop (the protocol's `Sender` behind a
-//! netio socket) on h0 of a netlab lab, three hosts fetching the whole image at once with 5% receive
+//! Fetch mode over a real multicast session: the memory server library (`serve_source`) on h0 of a netlab lab, three hosts fetching the whole image at once with 5% receive
 //! loss each. Needs root (network namespaces); skipped otherwise. Also checks flag validation.
 
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use netio::udp::{Bind, UdpConfig, UdpIo};
-use netio::{Interest, IoError, PacketIo, RxBatch, TxBatch};
 use netlab::{Lab, LabConfig, LinkConditions, Loss};
 use spindrift_client::session::{parse_key_hex, FetchReport, Session, SessionConfig, SessionError};
-use spindrift_protocol::sender::{PageSource, Sender, SenderConfig, SenderStats};
-use spindrift_protocol::wire::{self, SessionId, SessionKey};
-use spindrift_protocol::Time;
+use spindrift_protocol::sender::SenderStats;
+use spindrift_protocol::wire::SessionKey;
+use spindrift_server::{serve_source, MemoryImage, Push, ServeOptions, ServerConfig};
 
 const PAGE: usize = 4096;
 const GROUP: Ipv4Addr = Ipv4Addr::new(239, 77, 0, 1);
 const PORT: u16 = 7700;
 const SESSION: u64 = 1;
-
-struct VecSource(Vec<u8>);
-
-impl PageSource for VecSource {
-    fn page_count(&self) -> u32 {
-        (self.0.len() / PAGE) as u32
-    }
-    fn page(&self, page: u32) -> &[u8] {
-        &self.0[page as usize * PAGE..(page as usize + 1) * PAGE]
-    }
-}
 
 /// 16 MiB of mixed content: runs of zero pages, text-like pages, random pages.
 /// `bytes` of mixed content (zero, text-like and random pages), from the simulator's generator.
@@ -41,64 +27,12 @@ fn key() -> SessionKey {
     SessionKey([7; 32])
 }
 
-fn now(start: Instant) -> Time {
-    Time::from_nanos(start.elapsed().as_nanos() as u64)
-}
-
-/// A minimal server: the protocol's sender, requests in on `addr:PORT`, stream out to the group.
+/// The memory server library (no push): requests in on `addr:PORT`, stream out to the group.
 fn serve(addr: Ipv4Addr, image: Vec<u8>, stop: Arc<AtomicBool>) -> Result<SenderStats, String> {
-    let mut io = UdpIo::open(&UdpConfig::new(addr, PORT).bind(Bind::Interface)).map_err(|e| e.to_string())?;
-    let mut config = SenderConfig::new(SessionId(SESSION), 1, key(), 12);
-    config.max_datagram = 1472;
-    let start = Instant::now();
-    let mut sender = Sender::new(config, VecSource(image), now(start)).map_err(|e| e.to_string())?;
-    let mut rx = RxBatch::new(64, wire::MAX_DATAGRAM).map_err(|e| e.to_string())?;
-    let mut tx = TxBatch::new(64, 1472).map_err(|e| e.to_string())?;
-    let group = SocketAddrV4::new(GROUP, PORT);
-    while !stop.load(Ordering::Relaxed) {
-        let t = now(start);
-        loop {
-            let n = io.recv_batch(&mut rx).map_err(|e| e.to_string())?;
-            for i in 0..n {
-                if let Some(p) = rx.payload_mut(i) {
-                    sender.handle_datagram(t, p);
-                }
-            }
-            if n < rx.capacity() {
-                break;
-            }
-        }
-        if sender.poll_timeout().is_some_and(|d| d <= t) {
-            sender.handle_timeout(t);
-        }
-        loop {
-            let queued =
-                tx.push_with(group, |buf| sender.poll_transmit(t, buf).map(|x| x.len)).map_err(|e| e.to_string())?;
-            if queued.is_none() || tx.is_full() {
-                while !tx.is_sent() {
-                    match io.send_batch(&mut tx) {
-                        Ok(_) | Err(IoError::Send { .. }) => {}
-                        Err(e) => return Err(e.to_string()),
-                    }
-                    if !tx.is_sent() {
-                        io.wait(Interest::WRITABLE, Some(Duration::from_millis(10))).map_err(|e| e.to_string())?;
-                    }
-                }
-                tx.clear();
-            }
-            if queued.is_none() {
-                break;
-            }
-        }
-        while sender.poll_event().is_some() {}
-        let t = now(start);
-        let wait = sender.poll_timeout().map_or(Duration::from_millis(5), |d| d.saturating_since(t));
-        let wait = wait.min(Duration::from_millis(5));
-        if !wait.is_zero() {
-            io.wait(Interest::READABLE, Some(wait)).map_err(|e| e.to_string())?;
-        }
-    }
-    Ok(sender.stats().clone())
+    let config =
+        ServerConfig::new(addr, GROUP, PORT, SESSION, key().0).map_err(|e| e.to_string())?.with_push(Push::None);
+    let image = MemoryImage::new(&image).map_err(|e| e.to_string())?;
+    serve_source(&config, image, ServeOptions::default(), &stop).map_err(|e| e.to_string())
 }
 
 fn client_config(server: Ipv4Addr, iface: Ipv4Addr, pages: u32) -> SessionConfig {
