@@ -22,8 +22,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use netio::udp::{UdpConfig, UdpError, UdpIo};
-use netio::{Interest, IoError, PacketIo, RxBatch, TxBatch};
+use netio::udp::UdpConfig;
+use netio::{Interest, IoError, IoKind, PacketIo, RxBatch, TxBatch};
 use spindrift_protocol::receiver::{PageSink, Receiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
 use spindrift_protocol::wire::{self, NodeId, SessionId, SessionKey};
 use spindrift_protocol::Time;
@@ -98,7 +98,7 @@ pub enum SessionError {
     },
     /// The socket could not be opened.
     #[error("opening the session socket: {0}")]
-    Socket(#[from] UdpError),
+    Socket(#[from] netio::OpenError),
     /// A batch could not be allocated.
     #[error("allocating packet batches: {0}")]
     Batch(#[from] netio::BatchError),
@@ -215,6 +215,8 @@ pub struct SessionConfig {
     pub prefetch_all: bool,
     /// Fetch mode: give up after this long.
     pub timeout: Duration,
+    /// The packet I/O backend.
+    pub io: IoKind,
 }
 
 impl SessionConfig {
@@ -241,6 +243,7 @@ impl SessionConfig {
             window: 256,
             prefetch_all: false,
             timeout: Duration::from_secs(60),
+            io: IoKind::Udp,
         }
     }
 
@@ -279,7 +282,7 @@ impl SessionConfig {
 
 /// Sends everything in `tx` (to `whom`, for the log), waiting up to 200 ms for socket space; what still
 /// does not fit is dropped and logged (the receiver's timers ask again, as after a loss). Clears `tx`.
-pub(crate) fn flush_batch(io: &mut UdpIo, tx: &mut TxBatch, whom: &str) -> Result<(), IoError> {
+pub(crate) fn flush_batch(io: &mut dyn PacketIo, tx: &mut TxBatch, whom: &str) -> Result<(), IoError> {
     let deadline = Instant::now() + Duration::from_millis(200);
     while !tx.is_sent() {
         match io.send_batch(tx) {
@@ -369,7 +372,7 @@ pub enum Polled {
 pub struct Session {
     config: SessionConfig,
     receiver: Receiver,
-    io: UdpIo,
+    io: Box<dyn PacketIo + Send>,
     cache: Arc<PageCache>,
     rx: RxBatch,
     tx: TxBatch,
@@ -383,7 +386,7 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("config", &self.config)
-            .field("io", &self.io)
+            .field("io", &self.io.capabilities().summary())
             .field("present", &self.cache.present_count())
             .finish_non_exhaustive()
     }
@@ -397,7 +400,7 @@ impl Session {
         if cache.page_count() != u64::from(config.pages) {
             return Err(SessionError::CacheSize { cache: cache.page_count(), session: config.pages });
         }
-        let io = UdpIo::open(&UdpConfig::new(config.interface, config.port).join(config.group))?;
+        let io = netio::open(config.io, &UdpConfig::new(config.interface, config.port).join(config.group))?;
         let start = Instant::now();
         let mut rc = ReceiverConfig::new(
             SessionId(config.session),

@@ -66,18 +66,22 @@ impl AsFd for Waker {
     }
 }
 
-/// `poll(2)` on `fds` (`(fd, events)` pairs); fills `revents` and returns how many are ready. `None`
+/// `ppoll(2)` on `fds` (`(fd, events)` pairs); fills `revents` and returns how many are ready. `None`
 /// waits forever. `EINTR` counts as a time-out with nothing ready.
 pub(crate) fn poll(fds: &[(BorrowedFd<'_>, i16)], revents: &mut [i16], timeout: Option<Duration>) -> io::Result<usize> {
     let mut pfds: Vec<libc::pollfd> =
         fds.iter().map(|(fd, events)| libc::pollfd { fd: fd.as_raw_fd(), events: *events, revents: 0 }).collect();
-    let ms = match timeout {
-        None => -1,
-        Some(t) => t.as_millis().min(i32::MAX as u128 - 1) as i32 + i32::from(t.subsec_nanos() % 1_000_000 != 0),
-    };
+    // ppoll rather than poll: its timeout is a timespec, so the protocol's sub-millisecond timers
+    // (NAK back-off, pacing) are not rounded up to whole milliseconds.
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(t.subsec_nanos()),
+    });
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structs that the kernel only writes
-    // `revents` into; every fd in it is borrowed for the duration of the call.
-    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ms) };
+    // `revents` into; every fd in it is borrowed for the duration of the call; `ts_ptr` is null or
+    // points at `ts`, which outlives the call; a null signal mask leaves the mask unchanged.
+    let n = unsafe { libc::ppoll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, ts_ptr, std::ptr::null()) };
     if n < 0 {
         let err = io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EINTR) {

@@ -32,6 +32,22 @@ pub struct Capabilities {
 }
 
 impl Capabilities {
+    /// One line for logs and status files, e.g. `af_xdp, copy mode` or `udp, gso`: the backend
+    /// and, for AF_XDP, whether the driver runs it in zero-copy or copy mode.
+    pub fn summary(&self) -> String {
+        let mut s = String::from(self.backend);
+        if self.backend == "af_xdp" {
+            s.push_str(if self.zero_copy { ", zero-copy" } else { ", copy mode" });
+        }
+        if self.gso {
+            s.push_str(", gso");
+        }
+        if self.gro {
+            s.push_str(", gro");
+        }
+        s
+    }
+
     /// Capabilities of a backend named `backend` that moves datagrams of up to `max_datagram`
     /// bytes, `max_batch` at a time, with every optional feature off.
     pub const fn new(backend: &'static str, max_datagram: usize, max_batch: usize) -> Capabilities {
@@ -45,5 +61,22 @@ impl Capabilities {
             rx_destination: false,
             pollable: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_name_the_backend_and_the_copy_mode() {
+        let mut xdp = Capabilities::new("af_xdp", 1472, 64);
+        assert_eq!(xdp.summary(), "af_xdp, copy mode");
+        xdp.zero_copy = true;
+        assert_eq!(xdp.summary(), "af_xdp, zero-copy");
+        let mut udp = Capabilities::new("udp", 65507, 64);
+        assert_eq!(udp.summary(), "udp");
+        udp.gso = true;
+        assert_eq!(udp.summary(), "udp, gso");
     }
 }

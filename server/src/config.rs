@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use netio::IoKind;
 use spindrift_protocol::sender::{PushPolicy, SenderConfig};
 use spindrift_protocol::wire::{SessionId, SessionKey, MAX_DATAGRAM, MIN_DATAGRAM};
 
@@ -143,6 +144,12 @@ pub struct Args {
     /// (PROTOCOL.md section 11); `off` only paces it, for measurements [default: on].
     #[arg(long, value_name = "on|off")]
     pub flow_control: Option<String>,
+    /// Packet I/O backend: `udp` (kernel sockets), `xdp` (AF_XDP; fails if it cannot be used) or
+    /// `auto` (AF_XDP if it can be used here, else UDP with the reason logged). AF_XDP takes the
+    /// interface's XDP hook and every datagram to the port: one AF_XDP process per interface and
+    /// port [default: udp].
+    #[arg(long, value_name = "udp|xdp|auto")]
+    pub io: Option<String>,
     /// End the session and exit after this many seconds.
     #[arg(long, value_name = "N")]
     pub duration_s: Option<u64>,
@@ -175,6 +182,7 @@ struct FileConfig {
     push: Option<String>,
     min_receivers: Option<u32>,
     flow_control: Option<String>,
+    io: Option<String>,
     duration_s: Option<u64>,
     stats_json: Option<PathBuf>,
 }
@@ -235,6 +243,8 @@ pub struct ServerConfig {
     pub min_receivers: u32,
     /// Keep the push within the slowest live receiver's window (off only for measurements).
     pub flow_control: bool,
+    /// The packet I/O backend.
+    pub io: IoKind,
     /// Run time limit.
     pub duration: Option<Duration>,
     /// Where to write the stats (about once a second and at exit).
@@ -258,6 +268,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("push", &self.push)
             .field("min_receivers", &self.min_receivers)
             .field("flow_control", &self.flow_control)
+            .field("io", &self.io)
             .field("duration", &self.duration)
             .field("stats_json", &self.stats_json)
             .finish()
@@ -299,6 +310,7 @@ impl ServerConfig {
             push: Push::All,
             min_receivers: 1,
             flow_control: true,
+            io: IoKind::Udp,
             duration: None,
             stats_json: None,
         })
@@ -361,6 +373,12 @@ impl ServerConfig {
     /// Turns push flow control on (the default) or off (for measurements only).
     pub fn with_flow_control(mut self, on: bool) -> ServerConfig {
         self.flow_control = on;
+        self
+    }
+
+    /// The packet I/O backend (default [`IoKind::Udp`]).
+    pub fn with_io(mut self, io: IoKind) -> ServerConfig {
+        self.io = io;
         self
     }
 
@@ -449,6 +467,10 @@ impl ServerConfig {
             None | Some("on") => true,
             Some("off") => false,
             Some(other) => return Err(invalid("--flow-control", other, "is not one of on, off")),
+        };
+        c.io = match args.io.clone().or(file.io) {
+            None => IoKind::Udp,
+            Some(text) => text.parse().map_err(|_| invalid("--io", &text, "is not one of udp, xdp, auto"))?,
         };
         c.duration = match args.duration_s.or(file.duration_s) {
             Some(0) => return Err(invalid("--duration-s", "0", "must be positive")),

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use netio::udp::{Bind, UdpConfig, UdpError, UdpIo};
+use netio::udp::{Bind, UdpConfig};
 use netio::{Interest, IoError, PacketIo, RxBatch, TxBatch};
 use spindrift_protocol::sender::{PageSource, PushPolicy, Sender, SenderEvent, SenderStats};
 use spindrift_protocol::wire::{BlobKind, EndReason, Priority, MIN_DATAGRAM};
@@ -53,9 +53,9 @@ pub enum ServerError {
     /// The memory handover over the Unix socket failed.
     #[error(transparent)]
     Handover(#[from] HandoverError),
-    /// The socket could not be opened.
-    #[error("opening the UDP socket: {0}")]
-    Open(#[from] UdpError),
+    /// The packet I/O backend could not be opened.
+    #[error("opening the packet I/O backend: {0}")]
+    Open(#[from] netio::OpenError),
     /// The data path failed.
     #[error("{0}")]
     Io(#[from] IoError),
@@ -198,15 +198,17 @@ pub fn serve_source<S: PageSource>(
     if pages == 0 || source.page(0).len() != 1 << PAGE_SHIFT {
         return Err(ServerError::Source(pages));
     }
-    let io = UdpIo::open(&UdpConfig::new(config.iface, config.port).bind(Bind::Interface).multicast_ttl(1))?;
+    let udp = UdpConfig::new(config.iface, config.port).bind(Bind::Interface).multicast_ttl(1);
+    let io = netio::open(config.io, &udp)?;
     let mut sender = Sender::new(config.sender_config(options.push.take()), source, Time::ZERO)?;
     for (kind, id, bytes) in std::mem::take(&mut options.blobs) {
         sender.publish_blob(kind, id, bytes);
     }
     tracing::info!(
-        "serving {pages} pages on {}:{} to group {}:{}, session {}, epoch {}, max datagram {}, flow control {}",
+        "serving {pages} pages on {}:{} ({}) to group {}:{}, session {}, epoch {}, max datagram {}, flow control {}",
         config.iface,
         io.local_addr().port(),
+        io.capabilities().summary(),
         config.group,
         config.port,
         config.session,
@@ -276,7 +278,7 @@ pub fn summary(s: &SenderStats) -> String {
 
 struct Server<'a, S: PageSource> {
     sender: Sender<S>,
-    io: UdpIo,
+    io: Box<dyn PacketIo + Send>,
     group: SocketAddrV4,
     rx: RxBatch,
     tx: TxBatch,

@@ -80,6 +80,7 @@ fn good_flags_give_the_expected_config() {
         .expect("valid flags");
     assert_eq!((c.port, c.session, c.max_datagram, c.zstd_level), (7700, 1, 1472, Some(1)));
     assert!(c.flow_control);
+    assert_eq!(c.io, netio::IoKind::Udp, "UDP unless AF_XDP is asked for");
     // Quarter-seconds since 2024: over 2^27 by now, and strictly after any server started before.
     assert!(c.epoch > 1 << 27, "default epoch {} is not from the clock", c.epoch);
     assert!(c.epoch > before, "default epoch {} is not past the epoch {before} of a server started before", c.epoch);
@@ -142,6 +143,7 @@ fn bad_values_are_refused_with_clear_messages() {
     check(&["--key-hex", KEY, "--epoch", "0"], "--epoch 0 is reserved");
     check(&["--key-hex", KEY, "--push", "some"], "--push some is not one of all, none");
     check(&["--key-hex", KEY, "--flow-control", "maybe"], "--flow-control maybe is not one of on, off");
+    check(&["--key-hex", KEY, "--io", "dpdk"], "--io dpdk is not one of udp, xdp, auto");
     let both = Args::try_parse_from(["spindrift-server", "--image", img, "--image-socket", "/tmp/x.sock"]);
     assert!(both.expect_err("both images").to_string().contains("cannot be used with"));
     check(&["--key-hex", KEY, "--rate", "fast"], "--rate fast is not a rate");
@@ -183,7 +185,7 @@ fn toml_file_sets_the_same_keys_and_flags_override_it() {
     std::fs::write(
         &cfg,
         "image = \"image-32768.bin\"\niface = \"198.18.0.1\"\ngroup = \"239.9.9.9\"\nport = 7800\n\
-         key-file = \"k.key\"\nzstd-level = 3\nrate = \"100mbit\"\nencrypt = true\nduration-s = 5\n",
+         key-file = \"k.key\"\nzstd-level = 3\nrate = \"100mbit\"\nencrypt = true\nduration-s = 5\nio = \"xdp\"\n",
     )
     .expect("write config");
     let cfg_s = cfg.to_str().expect("utf-8");
@@ -196,6 +198,7 @@ fn toml_file_sets_the_same_keys_and_flags_override_it() {
     assert_eq!(c.rate_bytes_per_sec, Some(12_500_000));
     assert!(c.encrypt);
     assert_eq!(c.duration, Some(std::time::Duration::from_secs(5)));
+    assert_eq!(c.io, netio::IoKind::Xdp);
 
     // Flags override; a key flag replaces the file's key setting.
     let c = parse(&["--config", cfg_s, "--port", "7900", "--group", "239.1.1.1", "--key-hex", KEY]).expect("override");

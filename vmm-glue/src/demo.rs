@@ -34,6 +34,8 @@ pub struct DemoConfig {
     /// Hash guest memory at the fork and in every clone before its first instruction (every clone
     /// then fetches all of memory).
     pub verify_image: bool,
+    /// The packet I/O backend of the memory server and of every host daemon.
+    pub io: netio::IoKind,
 }
 
 impl Default for DemoConfig {
@@ -46,6 +48,7 @@ impl Default for DemoConfig {
             timeout: Duration::from_secs(180),
             keep: false,
             verify_image: false,
+            io: netio::IoKind::Udp,
         }
     }
 }
@@ -149,6 +152,10 @@ pub struct DemoReport {
     pub server_pages_sent: Option<u64>,
     /// Clones whose memory matched the parent's at the fork (with `verify_image`).
     pub images_match: Option<usize>,
+    /// The host daemons' packet I/O backend (e.g. `af_xdp, copy mode`).
+    pub io: Option<String>,
+    /// Per host daemon: its network faults' service latency (p50, p99), µs.
+    pub network_fault_us: Vec<(String, f64, f64)>,
     /// Wall time of the whole run, s.
     pub wall_s: f64,
     /// Where the logs are (when kept).
@@ -317,7 +324,8 @@ fn run_in_lab(
             .arg("--clone-exe")
             .arg(vmm_exe)
             .arg("--stats-json")
-            .arg(hdir.join("daemon.json"));
+            .arg(hdir.join("daemon.json"))
+            .args(["--io", &config.io.to_string()]);
         daemons.push((
             host.name().to_owned(),
             hdir.clone(),
@@ -342,6 +350,7 @@ fn run_in_lab(
         .args(["--clones", &config.clones.to_string()])
         .args(["--net-iface", &parent_host.addr().to_string(), "--group", &group.to_string(), "--key-hex", &key])
         .args(["--hosts", &host_addrs.join(",")])
+        .args(["--io", &config.io.to_string()])
         .arg("--out-json")
         .arg(&parent_json);
     if config.verify_image {
@@ -378,8 +387,14 @@ fn run_in_lab(
             });
         }
     }
-    for (_, hdir, _) in &daemons {
+    let mut io = None;
+    let mut network_fault_us = Vec::new();
+    for (name, hdir, _) in &daemons {
         let Some(stats) = read_json(&hdir.join("daemon.json")) else { continue };
+        io = io.or_else(|| stats.pointer("/io").and_then(Value::as_str).map(str::to_owned));
+        if let (Some(p50), Some(p99)) = (num(&stats, "/latency_us/network/p50"), num(&stats, "/latency_us/network/p99")) {
+            network_fault_us.push((name.clone(), p50, p99));
+        }
         for c in stats.pointer("/clones").and_then(Value::as_array).into_iter().flatten() {
             let id = c.pointer("/clone_id").and_then(Value::as_u64);
             if let Some(f) = clone_figures.iter_mut().find(|f| Some(f.clone) == id) {
@@ -412,6 +427,8 @@ fn run_in_lab(
         server_requests: server("requests"),
         server_pages_sent: server("pages_sent"),
         images_match,
+        io,
+        network_fault_us,
         wall_s: started.elapsed().as_secs_f64(),
         run_dir: config.keep.then(|| dir.display().to_string()),
     })
@@ -458,6 +475,10 @@ pub struct DemoArgs {
     /// of all of memory; every clone then fetches all of it).
     #[arg(long)]
     pub verify_image: bool,
+    /// Packet I/O of the memory server and the host daemons: udp, xdp (AF_XDP kernel bypass) or
+    /// auto (AF_XDP where it can be used, else UDP).
+    #[arg(long, default_value_t = netio::IoKind::Udp)]
+    pub io: netio::IoKind,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -473,6 +494,7 @@ pub fn demo_cmd(args: &DemoArgs) -> i32 {
         timeout: Duration::from_secs(args.timeout_s),
         keep: args.keep,
         verify_image: args.verify_image,
+        io: args.io,
     };
     if !args.json {
         eprintln!(
@@ -571,6 +593,19 @@ fn print_report(r: &DemoReport) {
         opt(r.server_naks),
         opt(r.server_repairs)
     );
+    if !r.network_fault_us.is_empty() {
+        let range = |f: fn(&(String, f64, f64)) -> f64| {
+            let v: Vec<f64> = r.network_fault_us.iter().map(f).collect();
+            let (lo, hi) = v.iter().fold((f64::MAX, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+            format!("{:.2}-{:.2} ms", lo / 1000.0, hi / 1000.0)
+        };
+        println!(
+            "network fault service           p50 {}, p99 {} over the hosts ({})",
+            range(|x| x.1),
+            range(|x| x.2),
+            r.io.as_deref().unwrap_or("-")
+        );
+    }
     println!("wall time                       {:.1} s (lab {})", r.wall_s, r.lab);
     if let Some(d) = &r.run_dir {
         println!("logs                            {d}");

@@ -50,6 +50,8 @@ pub struct NetForkConfig {
     pub hosts: Vec<Ipv4Addr>,
     /// Pacing rate of the memory server, bytes per second.
     pub rate_bytes_per_sec: Option<u64>,
+    /// The memory server's packet I/O backend.
+    pub io: netio::IoKind,
 }
 
 /// One line the child writes on the report pipe.
@@ -190,7 +192,8 @@ impl CloneHost for NetForkHost {
             ServerConfig::new(self.config.iface, self.config.group, self.config.port, session, self.config.key)
                 .and_then(|c| c.with_rate(self.config.rate_bytes_per_sec))
                 .map_err(|e| HostError::Other(format!("memory server settings: {e}")))?
-                .with_push(spindrift_server::Push::None);
+                .with_push(spindrift_server::Push::None)
+                .with_io(self.config.io);
         let (report_r, report_w) = pipe()?;
         let (control_r, control_w) = pipe()?;
         let (addr, len) = (memory.host_addr(), memory.size());
@@ -394,6 +397,9 @@ pub struct NetArgs {
     /// Pacing rate of the memory server, bytes per second.
     #[arg(long)]
     pub server_rate: Option<u64>,
+    /// The memory server's packet I/O backend: udp, xdp (AF_XDP) or auto.
+    #[arg(long, default_value_t = netio::IoKind::Udp)]
+    pub io: netio::IoKind,
 }
 
 impl NetArgs {
@@ -418,6 +424,7 @@ impl NetArgs {
             key,
             hosts: self.hosts.clone(),
             rate_bytes_per_sec: self.server_rate,
+            io: self.io,
         })
     }
 }

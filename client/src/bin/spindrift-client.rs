@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use netio::IoKind;
 use spindrift_client::daemon::{DaemonConfig, DaemonError};
 use spindrift_client::session::{
     default_node, pages_for_bytes, parse_key_hex, read_key_file, Session, SessionConfig, SessionError, DEFAULT_PORT,
@@ -77,6 +78,11 @@ struct DaemonArgs {
     /// Most sessions followed at once.
     #[arg(long, default_value_t = 8)]
     max_sessions: usize,
+    /// Packet I/O backend: udp (kernel sockets), xdp (AF_XDP kernel bypass; fails if it cannot be
+    /// used) or auto (AF_XDP if possible, else UDP with the reason logged). AF_XDP takes the
+    /// interface's XDP hook and every datagram to --port: one AF_XDP process per interface and port.
+    #[arg(long, default_value_t = IoKind::Udp)]
+    io: IoKind,
     /// How long a handoff waits for its session to be announced, seconds.
     #[arg(long, default_value_t = 10.0)]
     session_wait_s: f64,
@@ -170,6 +176,11 @@ struct FetchArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
+    /// Packet I/O backend: udp (kernel sockets), xdp (AF_XDP kernel bypass; fails if it cannot be
+    /// used) or auto (AF_XDP if possible, else UDP with the reason logged). AF_XDP takes the
+    /// interface's XDP hook and every datagram to --port: one AF_XDP process per interface and port.
+    #[arg(long, default_value_t = IoKind::Udp)]
+    io: IoKind,
     /// Compare the fetched image with this reference file.
     #[arg(long)]
     verify: Option<PathBuf>,
@@ -280,6 +291,7 @@ fn daemon(args: DaemonArgs) -> Result<(), CliError> {
     config.server_timeout = seconds("--server-timeout-s", args.server_timeout_s)?;
     config.session_wait = seconds("--session-wait-s", args.session_wait_s)?;
     config.read_ahead = args.read_ahead;
+    config.io = args.io;
     config.max_sessions = args.max_sessions;
     config.validate()?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -329,6 +341,7 @@ fn fetch(args: FetchArgs) -> Result<(), CliError> {
     let mut config = SessionConfig::new(args.server, args.iface, args.group, args.session, key, pages).port(args.port);
     config.node = args.node.unwrap_or_else(|| default_node(args.iface));
     config.read_ahead = args.read_ahead;
+    config.io = args.io;
     config.window = args.window;
     config.prefetch_all = args.prefetch_all;
     config.timeout = Duration::from_secs(args.timeout_s);

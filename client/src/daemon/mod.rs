@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use netio::IoKind;
 use spindrift_protocol::wire::SessionKey;
 
 pub use clones::CloneError;
@@ -75,6 +76,8 @@ pub struct DaemonConfig {
     pub session_wait: Duration,
     /// How often the summary line is logged.
     pub summary_every: Duration,
+    /// The packet I/O backend.
+    pub io: IoKind,
 }
 
 impl DaemonConfig {
@@ -97,6 +100,7 @@ impl DaemonConfig {
             max_sessions: 8,
             session_wait: Duration::from_secs(10),
             summary_every: Duration::from_secs(5),
+            io: IoKind::Udp,
         }
     }
 
@@ -196,6 +200,7 @@ pub fn run(config: &DaemonConfig, stop: &AtomicBool) -> Result<DaemonReport, Dae
         read_ahead: config.read_ahead,
         server_timeout: config.server_timeout,
         max_sessions: config.max_sessions,
+        io: config.io,
     };
     let (net_thread, net) = net::NetThread::open(settings, registry.clone(), stats.clone(), blob_tx, halt.clone())?;
     let listener = clones::Listener::bind(&config.socket)?;

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver as ChannelRx, Sender as ChannelTx, TryRecvError};
-use netio::udp::{UdpConfig, UdpError, UdpIo};
-use netio::{IoError, PacketIo, RxBatch, TxBatch};
+use netio::udp::UdpConfig;
+use netio::{IoError, IoKind, PacketIo, RxBatch, TxBatch};
 use spindrift_protocol::receiver::{Receiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
 use spindrift_protocol::wire::{
     self, Announce, BlobKind, Header, Keys, Message, MsgType, NodeId, SessionId, SessionKey, FLAG_ENCRYPTED,
@@ -51,7 +51,7 @@ const REFUSED_KEPT: usize = 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     /// The socket could not be opened or joined to the group.
-    #[error("opening the daemon's UDP socket on {interface} port {port} (group {group}): {source}")]
+    #[error("opening the daemon's packet I/O on {interface} port {port} (group {group}): {source}")]
     Socket {
         /// The interface.
         interface: Ipv4Addr,
@@ -60,7 +60,7 @@ pub enum NetError {
         /// The group.
         group: Ipv4Addr,
         /// The cause.
-        source: UdpError,
+        source: netio::OpenError,
     },
     /// Packet batches could not be allocated.
     #[error("allocating packet batches: {0}")]
@@ -146,6 +146,7 @@ pub(crate) struct NetSettings {
     pub(crate) read_ahead: u16,
     pub(crate) server_timeout: Duration,
     pub(crate) max_sessions: usize,
+    pub(crate) io: IoKind,
 }
 
 /// One followed session.
@@ -443,7 +444,7 @@ impl Sessions {
 
 /// The network thread's state. See the module docs.
 pub(crate) struct NetThread {
-    io: UdpIo,
+    io: Box<dyn PacketIo + Send>,
     rx: RxBatch,
     tx: TxBatch,
     sessions: Sessions,
@@ -463,10 +464,15 @@ impl NetThread {
         blobs: ChannelTx<BlobEvent>,
         stop: Arc<AtomicBool>,
     ) -> Result<(NetThread, NetHandle), NetError> {
-        let io =
-            UdpIo::open(&UdpConfig::new(settings.interface, settings.port).join(settings.group)).map_err(|source| {
-                NetError::Socket { interface: settings.interface, port: settings.port, group: settings.group, source }
-            })?;
+        let udp = UdpConfig::new(settings.interface, settings.port).join(settings.group);
+        let io = netio::open(settings.io, &udp).map_err(|source| NetError::Socket {
+            interface: settings.interface,
+            port: settings.port,
+            group: settings.group,
+            source,
+        })?;
+        stats.set_io(io.capabilities().summary());
+        tracing::info!(io = %io.capabilities().summary(), "packet I/O open");
         let waker = Arc::new(Waker::new()?);
         let (tx, commands) = crossbeam_channel::unbounded();
         let thread = NetThread {

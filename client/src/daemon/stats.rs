@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -145,6 +145,7 @@ struct Histograms {
 pub(crate) struct DaemonStats {
     pub(crate) counters: Counters,
     node: u32,
+    io: OnceLock<String>,
     started: Instant,
     histograms: Mutex<Histograms>,
     sessions: Mutex<BTreeMap<u64, SessionSnapshot>>,
@@ -167,6 +168,7 @@ impl DaemonStats {
         DaemonStats {
             counters: Counters::default(),
             node,
+            io: OnceLock::new(),
             started: Instant::now(),
             histograms: Mutex::new(Histograms {
                 hits: histogram(MAX_LATENCY_NS),
@@ -177,6 +179,11 @@ impl DaemonStats {
             active: Mutex::new(BTreeMap::new()),
             finished: Mutex::new(VecDeque::new()),
         }
+    }
+
+    /// Records the packet I/O backend in use (its [`netio::Capabilities::summary`]).
+    pub(crate) fn set_io(&self, io: String) {
+        let _ = self.io.set(io);
     }
 
     /// Counts one: `DaemonStats::bump(&stats.counters.x)`.
@@ -239,6 +246,7 @@ impl DaemonStats {
         clones.extend(lock(&self.active).values().map(|c| c.snapshot(None)));
         Snapshot {
             node: self.node,
+            io: self.io.get().cloned().unwrap_or_default(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             counters: CounterSnapshot {
                 handoffs_accepted: get(&c.handoffs_accepted),
@@ -343,6 +351,8 @@ impl FaultObserver for CloneObserver {
 pub struct Snapshot {
     /// This daemon's node id.
     pub node: u32,
+    /// The packet I/O backend in use, e.g. `af_xdp, copy mode` or `udp`.
+    pub io: String,
     /// Seconds since the daemon started.
     pub uptime_s: f64,
     /// Daemon-wide counters.
