@@ -196,24 +196,53 @@ fn server_child() {
     }
 }
 
+/// The packet I/O every daemon and the server use, and the lab's MTU.
+#[derive(Debug, Clone, Copy)]
+struct Net {
+    io: &'static str,
+    mtu: u32,
+}
+
+impl Net {
+    const UDP: Net = Net { io: "udp", mtu: 1500 };
+    const XDP_1500: Net = Net { io: "xdp", mtu: 1500 };
+    const XDP_9000: Net = Net { io: "xdp", mtu: 9000 };
+}
+
 /// The lab, the image, and the processes of one test.
 struct Setup {
     scratch: Scratch,
     lab: Lab,
+    net: Net,
     image: PathBuf,
     image_bytes: u64,
 }
 
 impl Setup {
     fn new(test: &str, hosts: usize, image_mib: u64) -> Setup {
+        Setup::with_net(test, hosts, image_mib, Net::UDP)
+    }
+
+    fn with_net(test: &str, hosts: usize, image_mib: u64, net: Net) -> Setup {
         let scratch = Scratch::new(test);
         let pages = (image_mib << 20) / PAGE;
         let image = scratch.path("image.bin");
         let bytes = spindrift_protocol::sim::content::Image::generate(7, pages as u32).into_bytes();
         std::fs::write(&image, &bytes).unwrap();
         let loss = LinkConditions::new().with_loss_rx(Loss::from_probability(0.05).unwrap());
-        let lab = Lab::create(&LabConfig::new(netlab::unique_lab_name("cdmn"), hosts).conditions(loss)).expect("lab");
-        Setup { scratch, lab, image, image_bytes: image_mib << 20 }
+        let config = LabConfig::new(netlab::unique_lab_name("cdmn"), hosts).conditions(loss).mtu(net.mtu);
+        let lab = Lab::create(&config).expect("lab");
+        Setup { scratch, lab, net, image, image_bytes: image_mib << 20 }
+    }
+
+    /// Fails if an XDP program is still attached to any host's interface (a daemon or server that
+    /// exited must leave none behind).
+    fn assert_no_xdp_left(&self) {
+        for h in self.lab.hosts() {
+            let out = h.command("ip").unwrap().args(["-d", "link", "show", "dev", "eth0"]).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && !text.contains("prog/xdp"), "{}: XDP left attached:\n{text}", h.name());
+        }
     }
 
     fn host(&self, i: usize) -> &Host {
@@ -244,6 +273,10 @@ impl Setup {
             "120",
             "--stats-json",
             self.scratch.path(&format!("server-{epoch}.json")).to_str().unwrap(),
+            "--io",
+            self.net.io,
+            "--mtu",
+            &self.net.mtu.to_string(),
         ]
         .iter()
         .map(|s| s.to_string())
@@ -273,6 +306,7 @@ impl Setup {
             .arg(&run_dir)
             .arg("--stats-json")
             .arg(&stats)
+            .args(["--io", self.net.io])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -378,13 +412,13 @@ fn show_latency(name: &str, stats: &Value) {
 
 /// Four hosts touch a tenth of the image each (the same working set, as clones of one VM do);
 /// then a second process on h1 touches the same pages, which must come from h1's cache.
-fn four_hosts_touch_a_tenth(test: &str, image_mib: u64, bound: Duration) {
+fn four_hosts_touch_a_tenth(test: &str, image_mib: u64, bound: Duration, net: Net) {
     let _lock = lab_lock();
     if !lab_available(test) {
         return;
     }
     let deadline = Instant::now() + bound;
-    let s = Setup::new(test, 5, image_mib);
+    let s = Setup::with_net(test, 5, image_mib, net);
     let mut server = s.server(1, &[]);
     let mut daemons: Vec<Daemon> = (1..5).map(|i| s.daemon(i, 10, &[])).collect();
     let started = Instant::now();
@@ -414,8 +448,8 @@ fn four_hosts_touch_a_tenth(test: &str, image_mib: u64, bound: Duration) {
     assert_eq!(second["format"], "firecracker");
     assert_eq!(second["finished"], "clone exited", "a Firecracker clone is served until it exits");
     eprintln!("h1 first clone: {first}\nh1 second clone: {second}");
-    let (hits, net) = (second["cache_hits"].as_u64().unwrap(), second["network_faults"].as_u64().unwrap());
-    assert!(hits > 0 && net * 10 <= hits, "the second clone on h1 should be served from the cache: {second}");
+    let (hits, fetched) = (second["cache_hits"].as_u64().unwrap(), second["network_faults"].as_u64().unwrap());
+    assert!(hits > 0 && fetched * 10 <= hits, "the second clone on h1 should be served from the cache: {second}");
     assert!(first["network_faults"].as_u64().unwrap() > 0, "the first clone fetched nothing? {first}");
 
     // A malformed handoff is refused with a reason, counted, and disturbs nothing.
@@ -429,10 +463,16 @@ fn four_hosts_touch_a_tenth(test: &str, image_mib: u64, bound: Duration) {
         v["counters"]["handoffs_refused"].as_u64() == Some(1)
     });
 
+    let mut naks = 0;
     for (i, d) in daemons.iter().enumerate() {
         let v = d.wait_stats("final counters", deadline, |v| session_field(v, "pages_present") > 0);
         show_latency(&format!("h{}", i + 1), &v);
+        let io = v["io"].as_str().unwrap_or_default();
+        assert!(io.starts_with(if net.io == "xdp" { "af_xdp" } else { "udp" }), "h{}: backend {io:?}", i + 1);
+        naks += session_field(&v, "naks");
     }
+    // 5% loss towards every host: the receivers must have seen gaps and NAKed them, whichever backend.
+    assert!(naks > 0, "no NAKs from 4 hosts at 5% loss: the loss did not reach the {} path", net.io);
     let requested: u64 = daemons
         .iter()
         .filter_map(|d| d.stats())
@@ -459,12 +499,25 @@ fn four_hosts_touch_a_tenth(test: &str, image_mib: u64, bound: Duration) {
         assert!(status.success(), "{} exited badly: {status:?}", d.proc.name);
         assert!(!d.socket.exists(), "{} left its socket behind", d.proc.name);
     }
+    s.assert_no_xdp_left();
     assert!(Instant::now() < deadline, "{test} ran past its bound");
 }
 
 #[test]
 fn four_hosts_fault_a_tenth_of_the_image_and_share_the_host_cache() {
-    four_hosts_touch_a_tenth("fault_path", 32, BOUND);
+    four_hosts_touch_a_tenth("fault_path", 32, BOUND, Net::UDP);
+}
+
+/// The same over AF_XDP on the server and every daemon (copy mode on veth), MTU 1500.
+#[test]
+fn four_hosts_fault_a_tenth_over_af_xdp_mtu_1500() {
+    four_hosts_touch_a_tenth("fault_path_xdp_1500", 32, BOUND, Net::XDP_1500);
+}
+
+/// The same over AF_XDP at MTU 9000: 8972-byte datagrams, three-buffer frames (`XDP_USE_SG`).
+#[test]
+fn four_hosts_fault_a_tenth_over_af_xdp_mtu_9000() {
+    four_hosts_touch_a_tenth("fault_path_xdp_9000", 32, BOUND, Net::XDP_9000);
 }
 
 /// The acceptance size, for figures: `cargo test --release -p spindrift-client --test daemon_lab --
@@ -472,7 +525,7 @@ fn four_hosts_fault_a_tenth_of_the_image_and_share_the_host_cache() {
 #[test]
 #[ignore = "256 MiB image: run by hand for figures"]
 fn full_size_four_hosts_fault_a_tenth_of_256_mib() {
-    four_hosts_touch_a_tenth("full_size", 256, Duration::from_secs(300));
+    four_hosts_touch_a_tenth("full_size", 256, Duration::from_secs(300), Net::UDP);
 }
 
 /// Waits until h`i`'s daemon has at least `pages` pages of the session.
@@ -482,13 +535,23 @@ fn wait_progress(d: &Daemon, pages: u64, deadline: Instant) {
 
 #[test]
 fn a_server_killed_and_restarted_mid_transfer_is_resumed() {
-    let test = "server_restart";
+    server_restart("server_restart", Net::UDP);
+}
+
+/// The restart over AF_XDP at MTU 9000: the killed server's XDP program goes with it (a BPF link),
+/// so the new one can attach.
+#[test]
+fn a_server_killed_and_restarted_mid_transfer_is_resumed_over_af_xdp_mtu_9000() {
+    server_restart("server_restart_xdp", Net::XDP_9000);
+}
+
+fn server_restart(test: &str, net: Net) {
     let _lock = lab_lock();
     if !lab_available(test) {
         return;
     }
     let deadline = Instant::now() + BOUND;
-    let s = Setup::new(test, 5, 16);
+    let s = Setup::with_net(test, 5, 16, net);
     let rate = ["--rate", "16mbit"];
     let mut server = s.server(1, &rate);
     let daemons: Vec<Daemon> = (1..5).map(|i| s.daemon(i, 10, &[])).collect();
@@ -514,6 +577,8 @@ fn a_server_killed_and_restarted_mid_transfer_is_resumed() {
         assert_eq!(session_field(&v, "epoch"), 2);
     }
     server2.stop();
+    drop(daemons);
+    s.assert_no_xdp_left();
     assert!(Instant::now() < deadline, "{test} ran past its bound");
 }
 

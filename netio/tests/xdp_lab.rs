@@ -4,11 +4,14 @@
 //! the interface is taken; and after every test no interface of the lab has an XDP program.
 //! Needs root; prints SKIPPED otherwise (fails instead with NETLAB_REQUIRE=1).
 //!
-//! Where loss is injected: netlab's loss rules sit in nftables hooks on the host's `eth0`, which
-//! AF_XDP traffic bypasses (the XDP program runs before the ingress hook, and AF_XDP transmission
-//! skips the egress hook and qdiscs). Loss towards an XDP host is therefore added here, on the
-//! switch's port towards it ([`switch_loss`]); netlab's own loss is used where the far end is a
-//! UDP socket.
+//! Where loss comes from: netlab's own link conditions (`LinkConditions::with_loss_rx` and
+//! `with_loss_tx`). netlab puts its loss and cut rules on the switch's port towards each host (the
+//! port's nftables ingress hook for what the host sends, its egress hook for what the switch
+//! forwards to the host), not on the host's `eth0`, whose hooks AF_XDP bypasses (the XDP program
+//! runs before the ingress hook, and AF_XDP transmission skips the egress hook and qdiscs). So an
+//! XDP receiver's rx loss and an XDP sender's tx loss both act here, and so does the loss towards a
+//! UDP receiver. (An AF_XDP sender does bypass a tx *rate* limit, a qdisc on its `eth0`; no test here
+//! sets one.) Tests that set loss also need `nft` and are skipped without it.
 
 mod common;
 
@@ -39,23 +42,27 @@ fn open_udp(h: &netlab::Host, config: UdpConfig) -> UdpIo {
     h.run(|| UdpIo::open(&config)).expect("enter host").expect("open UDP backend")
 }
 
-/// Drops every IPv4 packet the switch sends towards host `index` with probability `p`, in an
-/// nftables egress chain on the switch port (see the file docs for why not netlab's own loss).
-fn switch_loss(lab: &netlab::Lab, index: usize, p: f64) {
-    let port = lab.host(index).expect("host").switch_port();
-    let threshold = (p * 1_000_000.0) as u32;
-    let script = format!(
-        "table netdev xdptest_{port} {{\n chain egress {{\n  type filter hook egress device \"{port}\" priority 0;\n  \
-         meta protocol ip numgen random mod 1000000 < {threshold} drop\n }}\n}}\n"
-    );
-    let mut child = std::process::Command::new("ip")
-        .args(["netns", "exec", &lab.switch_netns(), "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("start nft");
-    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), script.as_bytes()).expect("write nft script");
-    drop(child.stdin.take());
-    assert!(child.wait().expect("wait for nft").success(), "nft refused the loss rule on the switch");
+/// `p` as a netlab loss.
+fn loss(p: f64) -> netlab::Loss {
+    netlab::Loss::from_probability(p).expect("loss")
+}
+
+/// [`can_run_lab`], and `nft` (nftables) is installed for netlab's loss rules.
+fn can_run_lossy_lab(test: &str) -> bool {
+    if !can_run_lab(test) {
+        return false;
+    }
+    match netlab::preflight::check_nft() {
+        Ok(()) => true,
+        Err(e) => {
+            let msg = format!("SKIPPED netio test {test}: netlab's loss needs nftables: {e}");
+            if std::env::var("NETLAB_REQUIRE").is_ok_and(|v| v == "1") {
+                panic!("{msg} (NETLAB_REQUIRE=1 forbids skipping)");
+            }
+            say(&msg);
+            false
+        }
+    }
 }
 
 /// `ip link` output of every namespace of the lab.
@@ -106,11 +113,11 @@ fn batch_of(expected: &[Vec<u8>], to: SocketAddrV4, slot: usize) -> TxBatch {
     b
 }
 
-/// XDP sender h0 to XDP receivers h1 (lossless) and h2 (5% loss at the switch), multicast; then
-/// unicast both ways between h0 and h1 (neighbour resolution from the XDP side).
+/// XDP sender h0 to XDP receivers h1 (lossless) and h2 (5% rx loss on its link), multicast; then
+/// again with 5% tx loss on the sender's link, which h1 sees too; then unicast both ways between
+/// h0 and h1 (neighbour resolution from the XDP side) on lossless links.
 fn xdp_to_xdp(mtu: u32, size: usize, count: usize) {
-    let lab = lab("xx", 3, mtu, &[]);
-    switch_loss(&lab, 2, 0.05);
+    let lab = lab("xx", 3, mtu, &[(2, netlab::LinkConditions::new().with_loss_rx(loss(0.05)))]);
     let hosts: Vec<&netlab::Host> = (0..3).map(|i| lab.host(i).expect("host")).collect();
     let group = test_group(40);
     {
@@ -140,6 +147,24 @@ fn xdp_to_xdp(mtu: u32, size: usize, count: usize) {
         assert!(n * 100 >= count * 80, "too much loss: {n} of {count}");
         assert_eq!(receivers[1].stats().rx_malformed, 0);
 
+        // 5% loss on what the AF_XDP sender transmits: every receiver misses packets now.
+        lab.set_conditions(0, &netlab::LinkConditions::new().with_loss_tx(loss(0.05))).expect("sender loss");
+        let mut batch = batch_of(&expected, to, size);
+        send_all(&mut sender, &mut batch, LIMIT);
+        let got = recv_n(&mut receivers[0], &mut rbatch, count, Duration::from_millis(1500));
+        let n1 = check_subset(&got, &expected, source, to);
+        // Drain h2 too (its own rx loss adds to the sender's), so no multicast is left for the unicast checks.
+        let got = recv_n(&mut receivers[1], &mut rbatch, count, Duration::from_millis(1500));
+        let n2 = check_subset(&got, &expected, source, to);
+        say(&format!(
+            "xdp_to_xdp mtu {mtu}: with 5% loss on the AF_XDP sender's tx, h1 got {n1}/{count}, h2 {n2}/{count}"
+        ));
+        assert!(n1 < count, "the sender's loss rule dropped nothing");
+        assert!(n1 * 100 >= count * 80, "too much loss: {n1} of {count}");
+        // h2 gets what passed the sender's rule (h1 got all of that) minus its own loss.
+        assert!(n2 <= n1 && n2 * 100 >= count * 70, "h2 got {n2} of {count}, h1 {n1}");
+        lab.set_conditions(0, &netlab::LinkConditions::new()).expect("clear sender loss");
+
         // Unicast h1 -> h0 and h0 -> h1.
         let unicast: Vec<Vec<u8>> = (0..50).map(|i| payload(i, size / 2 + i)).collect();
         let to_h0 = SocketAddrV4::new(hosts[0].addr(), PORT);
@@ -157,7 +182,7 @@ fn xdp_to_xdp(mtu: u32, size: usize, count: usize) {
 
 #[test]
 fn xdp_to_xdp_mtu_1500_with_loss() {
-    if !can_run_lab("xdp_to_xdp_mtu_1500_with_loss") {
+    if !can_run_lossy_lab("xdp_to_xdp_mtu_1500_with_loss") {
         return;
     }
     xdp_to_xdp(1500, 1472, 400);
@@ -165,17 +190,17 @@ fn xdp_to_xdp_mtu_1500_with_loss() {
 
 #[test]
 fn xdp_to_xdp_mtu_9000_multi_buffer_with_loss() {
-    if !can_run_lab("xdp_to_xdp_mtu_9000_multi_buffer_with_loss") {
+    if !can_run_lossy_lab("xdp_to_xdp_mtu_9000_multi_buffer_with_loss") {
         return;
     }
     xdp_to_xdp(9000, 8972, 300);
 }
 
-/// h0 runs AF_XDP and joined the group; h1 is a UDP receiver of the group with 5% netlab loss on
+/// h0 runs AF_XDP and joined the group; h1 is a UDP receiver of the group with 5% rx loss on
 /// its link; h2 is a UDP sender. XDP multicast reaches the UDP receiver; UDP multicast and unicast
 /// reach the XDP host; XDP unicast reaches a UDP socket.
 fn xdp_and_udp(mtu: u32, size: usize, count: usize) {
-    let lossy = netlab::LinkConditions::new().with_loss_rx(netlab::Loss::from_probability(0.05).expect("loss"));
+    let lossy = netlab::LinkConditions::new().with_loss_rx(loss(0.05));
     let lab = lab("xu", 3, mtu, &[(1, lossy)]);
     let hosts: Vec<&netlab::Host> = (0..3).map(|i| lab.host(i).expect("host")).collect();
     let group = test_group(41);
@@ -216,7 +241,7 @@ fn xdp_and_udp(mtu: u32, size: usize, count: usize) {
 
 #[test]
 fn xdp_and_udp_interoperate_mtu_1500_with_loss() {
-    if !can_run_lab("xdp_and_udp_interoperate_mtu_1500_with_loss") {
+    if !can_run_lossy_lab("xdp_and_udp_interoperate_mtu_1500_with_loss") {
         return;
     }
     xdp_and_udp(1500, 1472, 400);
@@ -224,7 +249,7 @@ fn xdp_and_udp_interoperate_mtu_1500_with_loss() {
 
 #[test]
 fn xdp_and_udp_interoperate_mtu_9000_with_loss() {
-    if !can_run_lab("xdp_and_udp_interoperate_mtu_9000_with_loss") {
+    if !can_run_lossy_lab("xdp_and_udp_interoperate_mtu_9000_with_loss") {
         return;
     }
     xdp_and_udp(9000, 8972, 300);

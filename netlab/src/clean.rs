@@ -2,12 +2,14 @@
 //! leftover by prefix (`clean`).
 //!
 //! A lab consists only of network namespaces named `sdlab-<lab>-…`; its bridge,
-//! veth links, qdiscs and nftables tables all live inside them. Removing a lab is
-//! therefore: kill the processes still running inside its namespaces (a server
-//! started with `netlab exec` would otherwise keep a namespace, and with it the
-//! links, alive after its name is gone), then `ip netns del` each namespace. The
-//! kernel destroys the links, bridge, qdiscs and tables with the namespace.
-//! Nothing is ever created in the machine's own namespace.
+//! veth links, qdiscs and nftables tables all live inside them (the loss and
+//! cut tables `netdev netlab_hI` in the switch namespace, one per switch port;
+//! see [`crate::conditions`]). Removing a lab is therefore: kill the processes
+//! still running inside its namespaces (a server started with `netlab exec`
+//! would otherwise keep a namespace, and with it the links, alive after its
+//! name is gone), then `ip netns del` each namespace. The kernel destroys the
+//! links, bridge, qdiscs and tables with the namespace, so no rule is removed
+//! one by one. Nothing is ever created in the machine's own namespace.
 
 use crate::cmd::{self, CmdError, Tool};
 use crate::lock::{LabLock, LockError};

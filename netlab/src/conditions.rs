@@ -4,23 +4,55 @@
 //! Each host's link to the switch has two directions:
 //!
 //! * **tx** (host to switch): rate limited by a `tbf` qdisc on the host's `eth0`;
-//!   loss and cut by the `egress` chain of the nftables table `netdev netlab`
-//!   in the host's namespace.
+//!   loss and cut by the chain `from_host` (nftables `ingress` hook) on the
+//!   switch's port towards the host.
 //! * **rx** (switch to host): rate limited by a `tbf` qdisc on the switch's port
 //!   towards the host (so a 100 Mbit/s host also *receives* at most 100 Mbit/s,
-//!   multicast floods included); loss and cut by the `ingress` chain of the same
-//!   nftables table on the host's `eth0`.
+//!   multicast floods included); loss and cut by the chain `to_host` (nftables
+//!   `egress` hook) on that same switch port.
 //!
-//! Loss is independent per packet (Bernoulli, `numgen random`, resolution one
-//! part per million) and applies to IPv4/IPv6 packets only, never to ARP, so a
-//! configured 5 % loss is what UDP sees instead of being compounded by failed
-//! address resolution. Loss on a multicast *sender's* tx drops the packet for
-//! every receiver; loss on each receiver's rx is independent per receiver.
-//! A cut drops everything, ARP included, in both directions, while the link
-//! stays up (like a switch port that black-holes traffic): senders see no error.
-//! After a restore, multicast flows at once; unicast resumes when the kernel
-//! retries the address resolution that failed during the cut (it retries every
-//! second; the tests measured about 0.6 s), as after re-plugging a cable.
+//! # Where the loss and cut rules live, and why
+//!
+//! Both chains are in the table `netdev netlab_<port>` (e.g. `netlab_h3` for
+//! the port `h3` towards host `h3`) inside the lab's **switch** namespace
+//! (`sdlab-<lab>-sw`), one table per port that has loss or cut set; a port
+//! without either has no table at all. Inspect one with
+//! `ip netns exec sdlab-<lab>-sw nft list table netdev netlab_h3` (each rule
+//! has a counter of what it dropped).
+//!
+//! They are on the switch side, not on the host's `eth0`, because a host may
+//! bypass its own hooks: an XDP program on `eth0` (the AF_XDP backend) runs
+//! before the host's `netdev` ingress hook, and AF_XDP transmissions
+//! (`dev_direct_xmit`) skip the host's egress hook and qdiscs. Whatever a host
+//! sends, it arrives on its switch port through the normal receive path
+//! (ingress hook, then the bridge); whatever the bridge forwards or floods to a
+//! host leaves through `dev_queue_xmit` on that host's port (egress hook, then
+//! the port's qdisc), one copy per port. So loss, cut and the rx rate apply to
+//! every backend, UDP sockets and AF_XDP alike. The tx rate does not: it is a
+//! qdisc on the host's `eth0`, and **AF_XDP transmissions bypass the host's tx
+//! `tbf`** (there is no qdisc on that path); limit such a sender with the
+//! receivers' rx rates instead.
+//!
+//! Order of the effects: on tx, the host's `tbf` comes first and the loss
+//! after it (a dropped packet has used up its share of the rate, as on a wire);
+//! on rx, the loss comes first (the egress hook runs before the port's qdisc),
+//! so a dropped packet does not use up the receiver's rate.
+//!
+//! # Semantics
+//!
+//! Loss is independent per packet (Bernoulli, `numgen random mod 1000000 < ppm`,
+//! resolution one part per million) and applies to IPv4/IPv6 packets only
+//! (`meta protocol { ip, ip6 }`), never to ARP, so a configured 5 % loss is what
+//! UDP sees instead of being compounded by failed address resolution. Loss on a
+//! multicast *sender's* tx drops the packet before the bridge floods it, so for
+//! every receiver alike; loss on each receiver's rx is independent per
+//! receiver (each flooded copy meets its own port's rule). A cut drops
+//! everything, ARP included, in both directions, while the link stays up (like
+//! a switch port that black-holes traffic): senders see no error. After a
+//! restore, multicast flows at once; unicast resumes when the kernel retries the
+//! address resolution that failed during the cut (it retries every second; the
+//! tests measured about 0.6 s), as after re-plugging a cable. Every rule counts
+//! what it dropped (`counter`).
 //!
 //! The rate counts layer-2 bytes (IP packet plus the 14-byte Ethernet header,
 //! no preamble or FCS): TCP over a 1500-byte MTU gets about 95.6 % of it as
@@ -44,6 +76,25 @@ pub const MIN_RATE_BPS: u64 = 8;
 
 /// Largest token bucket used (tc's limit is 4 GiB; more than this only adds burstiness).
 const MAX_BURST: u64 = 32 << 20;
+
+/// Tag at the start of the stored conditions (the switch port's alias). Version
+/// 2: loss and cut rules on the switch port; labs made by a netlab that stored
+/// `netlab1` had them in the hosts' namespaces and are refused.
+const STORED_TAG: &str = "netlab2";
+
+/// The chain (netdev `egress` hook on the switch port) with the loss and cut
+/// rules of what the host receives.
+pub const CHAIN_TO_HOST: &str = "to_host";
+
+/// The chain (netdev `ingress` hook on the switch port) with the loss and cut
+/// rules of what the host sends.
+pub const CHAIN_FROM_HOST: &str = "from_host";
+
+/// The nftables table (family `netdev`, in the switch namespace) that holds the
+/// loss and cut rules of the link behind switch port `port`: `netlab_<port>`.
+pub fn nft_table(port: &str) -> String {
+    format!("netlab_{port}")
+}
 
 /// Errors parsing or applying conditions.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -294,24 +345,34 @@ impl LinkConditions {
         self.cut || !self.loss_rx.is_none() || !self.loss_tx.is_none()
     }
 
-    /// The nftables script that makes the `netdev netlab` table in a host
-    /// namespace match these conditions, in one atomic transaction.
-    pub fn nft_script(&self, ifname: &str) -> String {
+    /// The nftables script, run with `nft -f -` in the lab's switch namespace,
+    /// that makes the rules of the link behind switch port `port` match these
+    /// conditions in one atomic transaction. With loss or cut it (re)declares
+    /// the table [`nft_table`]`(port)` with its chains [`CHAIN_TO_HOST`] (egress
+    /// hook: host rx) and [`CHAIN_FROM_HOST`] (ingress hook: host tx), empties
+    /// them and adds the rules; without, it removes the table. Either way it
+    /// may be run again and again, whatever was there before.
+    pub fn nft_script(&self, port: &str) -> String {
+        let table = nft_table(port);
+        if !self.needs_nft() {
+            // Declaring the table first makes the delete succeed when it is absent.
+            return format!("table netdev {table}\ndelete table netdev {table}\n");
+        }
         let mut s = format!(
-            "table netdev netlab {{\n\
-             \tchain ingress {{ type filter hook ingress device \"{ifname}\" priority -500; policy accept; }}\n\
-             \tchain egress {{ type filter hook egress device \"{ifname}\" priority -500; policy accept; }}\n\
+            "table netdev {table} {{\n\
+             \tchain {CHAIN_TO_HOST} {{ type filter hook egress device \"{port}\" priority -500; policy accept; }}\n\
+             \tchain {CHAIN_FROM_HOST} {{ type filter hook ingress device \"{port}\" priority -500; policy accept; }}\n\
              }}\n\
-             flush chain netdev netlab ingress\n\
-             flush chain netdev netlab egress\n"
+             flush chain netdev {table} {CHAIN_TO_HOST}\n\
+             flush chain netdev {table} {CHAIN_FROM_HOST}\n"
         );
-        for (chain, loss) in [("ingress", self.loss_rx), ("egress", self.loss_tx)] {
+        for (chain, loss) in [(CHAIN_TO_HOST, self.loss_rx), (CHAIN_FROM_HOST, self.loss_tx)] {
             if self.cut {
-                s.push_str(&format!("add rule netdev netlab {chain} counter drop comment \"cut\"\n"));
+                s.push_str(&format!("add rule netdev {table} {chain} counter drop comment \"cut\"\n"));
             }
             if !loss.is_none() {
                 s.push_str(&format!(
-                    "add rule netdev netlab {chain} meta protocol {{ ip, ip6 }} numgen random mod {PPM} < {} counter drop comment \"loss\"\n",
+                    "add rule netdev {table} {chain} meta protocol {{ ip, ip6 }} numgen random mod {PPM} < {} counter drop comment \"loss\"\n",
                     loss.ppm()
                 ));
             }
@@ -339,7 +400,7 @@ impl LinkConditions {
     pub fn encode(&self) -> String {
         let rate = |r: Option<Rate>| r.map_or_else(|| "-".to_owned(), |r| r.0.to_string());
         format!(
-            "netlab1 rate_tx={} rate_rx={} loss_tx={} loss_rx={} cut={}",
+            "{STORED_TAG} rate_tx={} rate_rx={} loss_tx={} loss_rx={} cut={}",
             rate(self.rate_tx),
             rate(self.rate_rx),
             self.loss_tx.ppm,
@@ -352,8 +413,15 @@ impl LinkConditions {
     pub fn decode(text: &str) -> Result<LinkConditions, ConditionsError> {
         let bad = |why: String| ConditionsError::BadStored { text: text.to_owned(), why };
         let mut words = text.split_whitespace();
-        if words.next() != Some("netlab1") {
-            return Err(bad("it does not start with the tag netlab1".into()));
+        match words.next() {
+            Some(STORED_TAG) => {}
+            Some("netlab1") => {
+                return Err(bad(
+                    "it was written by an older netlab that kept the loss and cut rules in the hosts' namespaces"
+                        .into(),
+                ))
+            }
+            _ => return Err(bad(format!("it does not start with the tag {STORED_TAG}"))),
         }
         let mut c = LinkConditions::default();
         for word in words {
@@ -463,20 +531,51 @@ mod tests {
         let d = LinkConditions::default();
         assert_eq!(LinkConditions::decode(&d.encode()), Ok(d));
         assert!(LinkConditions::decode("garbage").is_err());
-        assert!(LinkConditions::decode("netlab1 rate_tx=x").is_err());
-        assert!(LinkConditions::decode("netlab1 loss_rx=2000000").is_err());
+        assert!(LinkConditions::decode("netlab2 rate_tx=x").is_err());
+        assert!(LinkConditions::decode("netlab2 loss_rx=2000000").is_err());
     }
 
     #[test]
     fn nft_rules() {
         let c = LinkConditions::new().with_loss_rx(Loss { ppm: 50_000 });
-        let s = c.nft_script("eth0");
+        let s = c.nft_script("h3");
+        assert!(s.starts_with("table netdev netlab_h3 {\n"), "{s}");
+        assert!(s.contains("chain to_host { type filter hook egress device \"h3\" priority -500; policy accept; }"));
+        assert!(s.contains("chain from_host { type filter hook ingress device \"h3\" priority -500; policy accept; }"));
+        // Both chains are emptied first, so the script can be run again.
+        assert!(s.contains("flush chain netdev netlab_h3 to_host\nflush chain netdev netlab_h3 from_host\n"));
         assert!(s.contains(
-            "add rule netdev netlab ingress meta protocol { ip, ip6 } numgen random mod 1000000 < 50000 counter drop"
+            "add rule netdev netlab_h3 to_host meta protocol { ip, ip6 } numgen random mod 1000000 < 50000 counter drop comment \"loss\""
         ));
-        assert!(!s.contains("add rule netdev netlab egress"));
-        let cut = LinkConditions::new().with_cut(true).nft_script("eth0");
-        assert!(cut.contains("add rule netdev netlab ingress counter drop"));
-        assert!(cut.contains("add rule netdev netlab egress counter drop"));
+        assert!(!s.contains("add rule netdev netlab_h3 from_host"));
+        assert!(!s.contains("eth0"), "the rules belong on the switch port, not the host's eth0");
+
+        let tx = LinkConditions::new().with_loss_tx(Loss { ppm: 1 }).nft_script("h0");
+        assert!(tx.contains(
+            "add rule netdev netlab_h0 from_host meta protocol { ip, ip6 } numgen random mod 1000000 < 1 counter drop"
+        ));
+        assert!(!tx.contains("add rule netdev netlab_h0 to_host"));
+
+        let cut = LinkConditions::new().with_cut(true).with_loss_rx(Loss { ppm: 7 }).nft_script("h12");
+        assert!(cut.contains("add rule netdev netlab_h12 to_host counter drop comment \"cut\""));
+        assert!(cut.contains("add rule netdev netlab_h12 from_host counter drop comment \"cut\""));
+        // A cut drops ARP too: its rule has no protocol match.
+        assert!(!cut.contains("from_host meta protocol { ip, ip6 } numgen"));
+        assert_eq!(cut.matches("add rule").count(), 3);
+    }
+
+    #[test]
+    fn nft_without_loss_or_cut_removes_the_table() {
+        let c = LinkConditions::new().with_rate(Rate::mbit(10));
+        assert!(!c.needs_nft());
+        assert_eq!(c.nft_script("h1"), "table netdev netlab_h1\ndelete table netdev netlab_h1\n");
+        assert_eq!(nft_table("h1"), "netlab_h1");
+    }
+
+    #[test]
+    fn stored_by_an_older_version_is_refused_clearly() {
+        let err = LinkConditions::decode("netlab1 rate_tx=- rate_rx=- loss_tx=0 loss_rx=0 cut=0").expect_err("old");
+        assert!(err.to_string().contains("older netlab"), "{err}");
+        assert!(LinkConditions::new().encode().starts_with("netlab2 "));
     }
 }

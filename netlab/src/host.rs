@@ -207,7 +207,9 @@ impl Host {
     }
 
     /// First-time setup inside the host's namespace: IPv6 off, loopback and
-    /// `eth0` up, address, multicast route, then the initial conditions.
+    /// `eth0` up, address, multicast route, then the host's side of the initial
+    /// conditions (only the tx rate: everything else is on the switch port, set
+    /// up with the switch).
     pub(crate) fn setup(&self, conditions: &LinkConditions) -> Result<(), HostError> {
         let ifname = names::HOST_IFNAME;
         let script = format!(
@@ -218,15 +220,11 @@ impl Host {
             addr = self.addr
         );
         let rate_line = conditions.rate_tx.map(|r| LinkConditions::tc_line(Some(r), ifname, self.mtu).0);
-        let nft = conditions.needs_nft().then(|| conditions.nft_script(ifname));
         self.run(|| -> Result<(), CmdError> {
             disable_ipv6();
             cmd::run(Tool::Ip, &["-batch", "-"], Some(&script))?;
             if let Some(line) = &rate_line {
                 cmd::run(Tool::Tc, &["-batch", "-"], Some(line))?;
-            }
-            if let Some(nft) = &nft {
-                cmd::run(Tool::Nft, &["-f", "-"], Some(nft))?;
             }
             Ok(())
         })?
@@ -234,8 +232,9 @@ impl Host {
     }
 
     /// Changes the host's link from `old` to `new` conditions: tc qdiscs on both
-    /// ends of the link where the rate changed, the nftables table where loss or
-    /// cut is involved, and the stored state (the switch port's alias).
+    /// ends of the link where the rate changed, the nftables table of the
+    /// host's switch port (in the switch namespace) where loss or cut is
+    /// involved, and the stored state (the switch port's alias).
     pub(crate) fn apply(&self, old: &LinkConditions, new: &LinkConditions) -> Result<(), HostError> {
         let ifname = names::HOST_IFNAME;
         if new.needs_nft() || old.needs_nft() {
@@ -244,8 +243,10 @@ impl Host {
                 lab: self.lab.clone(),
                 error,
             })?;
-            let script = new.nft_script(ifname);
-            self.run(|| cmd::run(Tool::Nft, &["-f", "-"], Some(&script)))?.map_err(|e| self.cmd_err(e))?;
+            let script = new.nft_script(&self.switch_port());
+            netns::run_in(&self.switch_netns, || cmd::run(Tool::Nft, &["-f", "-"], Some(&script)))
+                .map_err(|e| self.netns_err(e))?
+                .map_err(|e| self.cmd_err(e))?;
         }
         if old.rate_tx != new.rate_tx {
             self.set_qdisc(&self.netns, ifname, new.rate_tx)?;

@@ -285,7 +285,10 @@ impl Lab {
         }
         cmd::run(Tool::Ip, &["-batch", "-"], Some(&root)).map_err(self.cmd_err())?;
 
-        // 2. The switch: a bridge with every port, settings and conditions in aliases.
+        // 2. The switch: a bridge with every port, settings and conditions in
+        //    aliases, the rx rates, and the loss and cut rules of both directions
+        //    (on the ports, where AF_XDP traffic cannot bypass them; see
+        //    `conditions`).
         let br = names::BRIDGE_IFNAME;
         let mut switch = if self.meta.igmp_snooping {
             // The querier goes on in a second step: enabling it starts a wait of
@@ -301,6 +304,7 @@ impl Lab {
         };
         switch.push_str(&format!("link set {br} alias \"{}\"\n", self.meta.encode()));
         let mut switch_tc = String::new();
+        let mut switch_nft = String::new();
         for (h, c) in self.hosts.iter().zip(conditions) {
             let port = h.switch_port();
             switch.push_str(&format!(
@@ -311,6 +315,9 @@ impl Lab {
                 switch_tc.push_str(&LinkConditions::tc_line(c.rate_rx, &port, mtu).0);
                 switch_tc.push('\n');
             }
+            if c.needs_nft() {
+                switch_nft.push_str(&c.nft_script(&port));
+            }
         }
         switch.push_str(&format!("link set {br} up\n"));
         netns::run_in(&sw, || -> Result<(), CmdError> {
@@ -319,12 +326,16 @@ impl Lab {
             if !switch_tc.is_empty() {
                 cmd::run(Tool::Tc, &["-batch", "-"], Some(&switch_tc))?;
             }
+            if !switch_nft.is_empty() {
+                // One transaction for every port.
+                cmd::run(Tool::Nft, &["-f", "-"], Some(&switch_nft))?;
+            }
             Ok(())
         })
         .map_err(|error| LabError::Netns { lab: self.name.clone(), error })?
         .map_err(self.cmd_err())?;
 
-        // 3. Each host: addresses, routes, its side of the conditions.
+        // 3. Each host: addresses, routes, its side of the conditions (the tx rate).
         for (h, c) in self.hosts.iter().zip(conditions) {
             if fail_at_host == Some(h.index()) {
                 return Err(LabError::Cmd {
@@ -431,7 +442,9 @@ impl Lab {
         self.update_conditions(index, |c| *c = *new)
     }
 
-    /// Changes host `index`'s link conditions with `change` and applies the result.
+    /// Changes host `index`'s link conditions with `change` and applies the
+    /// result: the tc qdiscs whose rate changed, the nftables table of the
+    /// host's switch port when loss or cut is or was set, and the stored state.
     pub fn update_conditions(&self, index: usize, change: impl FnOnce(&mut LinkConditions)) -> Result<(), LabError> {
         let host = self.host(index)?;
         let mut all = self.conditions.lock().unwrap_or_else(PoisonError::into_inner);
@@ -447,7 +460,8 @@ impl Lab {
         Ok(())
     }
 
-    /// Cuts host `index` off: it receives nothing and nothing it sends leaves.
+    /// Cuts host `index` off: it receives nothing and nothing it sends leaves
+    /// (drop rules on its switch port, so whatever way the host sends).
     pub fn cut(&self, index: usize) -> Result<(), LabError> {
         self.update_conditions(index, |c| c.cut = true)
     }
@@ -471,7 +485,8 @@ impl Lab {
     }
 
     /// Removes the lab now: kills processes left inside it and deletes its
-    /// namespaces (with the links, bridge, qdiscs and nftables tables in them).
+    /// namespaces (with the links, bridge, qdiscs and the switch's nftables
+    /// tables in them).
     pub fn down(mut self) -> Result<(), LabError> {
         self.owned = false;
         clean::teardown(&self.name).map_err(|error| LabError::Teardown { lab: self.name.clone(), error })

@@ -10,11 +10,12 @@
 //!   lo 127.0.0.1              lo 127.0.0.1                    lo 127.0.0.1
 //!   eth0 198.18.K.1/24        eth0 198.18.K.2/24              eth0 198.18.K.N/24
 //!   [tbf: rate tx]            [tbf: rate tx]                  ...
-//!   [nft netdev netlab:       [nft: loss/cut rx+tx]
-//!    loss/cut rx+tx]
 //!      |  veth                  |  veth                          |  veth
 //!   +--h0-----------------------h1----------- ... ---------------hN-1--+
-//!   |  [tbf: rate rx on each port]                                     |
+//!   |  on each port hI:                                                |
+//!   |   [nft table netdev netlab_hI: loss/cut                          |
+//!   |      ingress hook = host tx, egress hook = host rx]              |
+//!   |   [tbf: rate rx]                                                 |
 //!   |                 br0 (bridge, no address)                         |
 //!   |                 netns sdlab-<lab>-sw                             |
 //!   +------------------------------------------------------------------+
@@ -52,9 +53,18 @@
 //! [`Lab::restore`]); see [`conditions`] for the details:
 //!
 //! * rate limit per direction (token bucket `tbf`, counting layer-2 bytes);
-//! * independent random loss per direction (nftables `numgen random` in a
-//!   `netdev` table on the host's `eth0`, IP packets only);
+//! * independent random loss per direction (nftables `numgen random`, IP
+//!   packets only);
 //! * cutting a host off entirely and restoring it.
+//!
+//! Loss and cut are rules in a `netdev` table per switch port, in the switch
+//! namespace: the port's `ingress` hook sees what the host sends and its
+//! `egress` hook each copy the bridge forwards or floods to the host. They sit
+//! on the switch side because a host can bypass its own `eth0` hooks: an XDP
+//! program runs before the host's ingress hook, and AF_XDP transmissions skip
+//! its egress hook and qdiscs. So loss, cut and the rx rate hold for every
+//! packet I/O backend; only the tx rate (a qdisc on the host's `eth0`) does not
+//! hold for AF_XDP senders.
 //!
 //! # What is not modelled
 //!
@@ -79,7 +89,7 @@
 //! [`Lab::create`] returns a value that owns the lab: dropping it (also while
 //! a panic unwinds, or after a creation error) kills the processes left inside
 //! the lab and deletes its namespaces, which takes the links, bridge, qdiscs
-//! and nftables tables with them. [`Lab::persist`] leaves the lab running (the
+//! and the switch's nftables tables with them. [`Lab::persist`] leaves the lab running (the
 //! CLI `up` does that); [`Lab::open`] attaches to a running lab without owning
 //! it. A process killed outright (SIGKILL, or Ctrl-C on a test binary) cannot
 //! clean up: `netlab clean` removes every leftover.

@@ -10,6 +10,11 @@
 //! netlab down NAME
 //! netlab clean [--prefix P]
 //! ```
+//!
+//! Loss and cut are nftables rules on the switch's port towards each host
+//! (`ip netns exec sdlab-NAME-sw nft list table netdev netlab_hI` shows them
+//! with their drop counters), so they hold for AF_XDP hosts too; see the
+//! `conditions` module of the library.
 
 use std::os::unix::process::CommandExt;
 use std::process::ExitCode;
@@ -23,6 +28,9 @@ use netlab::{Lab, LabConfig, LinkConditions, Loss, Rate};
 /// Build N hosts on this machine from network namespaces joined by a bridge.
 ///
 /// Needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN) and `apt-get install -y iproute2 nftables`.
+/// Loss and cut act on the switch's port towards each host (nftables table
+/// `netdev netlab_hI` in namespace sdlab-NAME-sw), so AF_XDP traffic meets them too;
+/// AF_XDP senders bypass the host's tx rate limit (a qdisc), not the rx one.
 /// Not modelled (no netem in this kernel): delay, reordering, duplication, bursty
 /// loss; the protocol simulator in protocol-spec models those.
 #[derive(Debug, Parser)]
@@ -88,7 +96,7 @@ struct ConditionArgs {
     /// Rate limit of each link in both directions, e.g. 100mbit, 1gbit, 'none'.
     #[arg(long, value_parser = parse_rate)]
     rate: Option<RateArg>,
-    /// Rate limit of what the host sends (overrides --rate for that direction).
+    /// Rate limit of what the host sends (overrides --rate for that direction; AF_XDP senders bypass it).
     #[arg(long, value_parser = parse_rate)]
     rate_tx: Option<RateArg>,
     /// Rate limit of what the host receives (overrides --rate for that direction).

@@ -5,11 +5,18 @@
 //!   (`ip -n sdlab-<lab>-sw link show br0`), e.g.
 //!   `netlab1 index=3 hosts=4 mtu=1500 snooping=0`.
 //! * Each switch port `hI` carries host `hI`'s link conditions in its alias,
-//!   e.g. `netlab1 rate_tx=50000000 rate_rx=- loss_tx=0 loss_rx=50000 cut=0`.
+//!   e.g. `netlab2 rate_tx=50000000 rate_rx=- loss_tx=0 loss_rx=50000 cut=0`.
+//!   The tag's version says where the rules are: `netlab2` puts loss and cut
+//!   in the switch namespace (table `netdev netlab_hI` on the same port, see
+//!   [`crate::conditions`]); a lab whose ports say `netlab1` (rules in the
+//!   hosts' namespaces, made by an older netlab) is reported as damaged, to be
+//!   removed with `netlab down`, rather than changed half-way.
 //!
-//! So `netlab list`, `down`, `set` and `exec` from another process find
-//! everything with `ip`, nothing can go stale, and removing the namespaces
-//! removes the state with them.
+//! The alias is what the conditions are; the kernel objects (qdiscs, nftables
+//! tables) are derived from it and are never read back. So `netlab list`,
+//! `down`, `set` and `exec` from another process find everything with `ip`,
+//! nothing can go stale, and removing the namespaces removes the state with
+//! them.
 
 use std::collections::BTreeMap;
 
@@ -220,11 +227,11 @@ mod tests {
     #[test]
     fn aliases_from_ip_output() {
         let out = "1: lo: <LOOPBACK> mtu 65536 qdisc noop state DOWN mode DEFAULT group default qlen 1000\n    link/loopback 00:00:00:00:00:00 brd 00:00:00:00:00:00\n\
-2: h0@if2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue master br0 state UP\n    link/ether 42:7b:da:37:64:44 brd ff:ff:ff:ff:ff:ff link-netns th0\n    alias netlab1 rate_tx=- cut=0\n\
+2: h0@if2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue master br0 state UP\n    link/ether 42:7b:da:37:64:44 brd ff:ff:ff:ff:ff:ff link-netns th0\n    alias netlab2 rate_tx=- cut=0\n\
 4: br0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP\n    link/ether 42:7b:da:37:64:44 brd ff:ff:ff:ff:ff:ff\n    alias netlab1 index=3 hosts=2\n";
         let a = parse_aliases(out);
         assert_eq!(a.get("br0").map(String::as_str), Some("netlab1 index=3 hosts=2"));
-        assert_eq!(a.get("h0").map(String::as_str), Some("netlab1 rate_tx=- cut=0"));
+        assert_eq!(a.get("h0").map(String::as_str), Some("netlab2 rate_tx=- cut=0"));
         assert!(!a.contains_key("lo"));
     }
 }

@@ -152,6 +152,103 @@ fn send_loss_on_multicast_sender_hits_all_receivers_alike() {
     println!("tx loss: h1 and h2 received exactly the same {} packets", seen[0].len());
 }
 
+/// The `counter packets` of the loss rules of host `index`'s link, read from
+/// its table in the switch namespace: (rx: chain `to_host`, tx: chain
+/// `from_host`); 0 for a chain without a loss rule, `None` without a table.
+fn switch_loss_drops(lab: &Lab, index: usize) -> Option<(u64, u64)> {
+    let table = netlab::conditions::nft_table(&lab.host(index).expect("host").switch_port());
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.switch_netns(), "nft", "list", "table", "netdev", &table])
+        .output()
+        .expect("nft list table");
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (mut chain, mut rx, mut tx) = ("", 0, 0);
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix("chain ") {
+            chain = name.trim_end_matches(" {");
+        } else if line.ends_with("comment \"loss\"") {
+            let packets = line
+                .split_once("counter packets ")
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+                .expect("loss rule with a counter");
+            match chain {
+                netlab::conditions::CHAIN_TO_HOST => rx += packets,
+                netlab::conditions::CHAIN_FROM_HOST => tx += packets,
+                other => panic!("loss rule in unexpected chain {other:?}:\n{text}"),
+            }
+        }
+    }
+    Some((rx, tx))
+}
+
+/// Unicast `n` numbered datagrams from `from` to `to` and returns how many
+/// arrived, checking that the receiving socket dropped none itself.
+fn unicast_delivered(from: &netlab::Host, to: &netlab::Host, n: u32) -> u64 {
+    let port = common::port();
+    let done = Arc::new(AtomicBool::new(false));
+    let overflow_before = common::udp_rcvbuf_errors(to);
+    let rx = Collector::start(common::udp_in(to, to.addr(), port), n, done.clone());
+    common::send_numbered(&common::sender(from), SocketAddrV4::new(to.addr(), port), n, 25_000);
+    done.store(true, Ordering::SeqCst);
+    let got = rx.finish().len() as u64;
+    assert_eq!(common::udp_rcvbuf_errors(to) - overflow_before, 0, "{} overflowed: the count is void", to.name());
+    got
+}
+
+/// Loss on one link acts on both of its directions, each with its own
+/// probability, at the switch's port: h1 loses `loss_rx` of what it receives
+/// and `loss_tx` of what it sends, the h0 -> h2 path (not through h1's link)
+/// loses nothing, the rules' drop counters in the switch namespace account for
+/// exactly the missing datagrams, the hosts' namespaces have no rules, and
+/// clearing the loss removes the table.
+#[test]
+fn loss_on_one_link_applies_in_both_directions_at_the_switch_port() {
+    if !can_run("loss_on_one_link_applies_in_both_directions_at_the_switch_port") {
+        return;
+    }
+    let (p_rx, p_tx) = (0.05, 0.10);
+    let lossy = LinkConditions::new().with_loss_rx(loss(p_rx)).with_loss_tx(loss(p_tx));
+    let lab = Lab::create(&LabConfig::new(unique_lab_name("bothloss"), 3).host_conditions(1, lossy)).expect("lab");
+    // Applying the same conditions again changes nothing (the script is idempotent).
+    lab.set_conditions(1, &lossy).expect("set again");
+    let (h0, h1, h2) = (lab.host(0).expect("h0"), lab.host(1).expect("h1"), lab.host(2).expect("h2"));
+    for h in [h0, h1, h2] {
+        let tables = h.output("nft", ["list", "tables"]).expect("nft list tables");
+        assert!(
+            String::from_utf8_lossy(&tables.stdout).trim().is_empty(),
+            "{} has nftables tables of its own: the rules belong to the switch",
+            h.name()
+        );
+    }
+    assert_eq!(switch_loss_drops(&lab, 0), None, "h0's port has no loss, so no table");
+    assert_eq!(switch_loss_drops(&lab, 1), Some((0, 0)));
+
+    let n = 10_000u32;
+    let rx_lost = u64::from(n) - unicast_delivered(h0, h1, n);
+    assert_binomial("h1 rx (h0 -> h1)", rx_lost, u64::from(n), p_rx);
+    let tx_lost = u64::from(n) - unicast_delivered(h1, h2, n);
+    assert_binomial("h1 tx (h1 -> h2)", tx_lost, u64::from(n), p_tx);
+    let clean = unicast_delivered(h0, h2, n);
+    assert_eq!(clean, u64::from(n), "a path not through h1's link lost datagrams");
+    let drops = switch_loss_drops(&lab, 1).expect("h1's table");
+    println!("switch port h1: the loss rules dropped {} (rx) and {} (tx)", drops.0, drops.1);
+    assert_eq!(drops, (rx_lost, tx_lost), "the rules' counters must account for every missing datagram");
+
+    // Clearing the loss removes h1's table; both directions are lossless again.
+    lab.update_conditions(1, |c| {
+        c.loss_rx = Loss::NONE;
+        c.loss_tx = Loss::NONE;
+    })
+    .expect("clear loss");
+    assert_eq!(switch_loss_drops(&lab, 1), None, "h1's table is still there without loss or cut");
+    let m = 2_000u32;
+    assert_eq!((unicast_delivered(h0, h1, m), unicast_delivered(h1, h2, m)), (u64::from(m), u64::from(m)));
+}
+
 #[test]
 fn rate_limit_holds_and_changes_on_a_running_lab() {
     if !can_run("rate_limit_holds_and_changes_on_a_running_lab") {

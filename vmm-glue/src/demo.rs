@@ -392,7 +392,8 @@ fn run_in_lab(
     for (name, hdir, _) in &daemons {
         let Some(stats) = read_json(&hdir.join("daemon.json")) else { continue };
         io = io.or_else(|| stats.pointer("/io").and_then(Value::as_str).map(str::to_owned));
-        if let (Some(p50), Some(p99)) = (num(&stats, "/latency_us/network/p50"), num(&stats, "/latency_us/network/p99")) {
+        if let (Some(p50), Some(p99)) = (num(&stats, "/latency_us/network/p50"), num(&stats, "/latency_us/network/p99"))
+        {
             network_fault_us.push((name.clone(), p50, p99));
         }
         for c in stats.pointer("/clones").and_then(Value::as_array).into_iter().flatten() {
