@@ -62,7 +62,8 @@ fn lab_available(test: &str) -> bool {
     }
 }
 
-/// A scratch directory, removed when the test passes and kept (with the logs) when it fails.
+/// A scratch directory, removed when the test passes and kept (with the logs) when it fails or
+/// `SPINDRIFT_KEEP_LOGS` is set.
 struct Scratch {
     dir: PathBuf,
 }
@@ -86,7 +87,7 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("SPINDRIFT_KEEP_LOGS").is_some() {
             eprintln!("logs kept in {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
@@ -408,6 +409,9 @@ fn show_latency(name: &str, stats: &Value) {
         ppr["mean"].as_f64().unwrap_or(0.0),
         session_field(stats, "naks"),
     );
+    if let Some(c) = stats["io_counters"].as_str() {
+        eprintln!("{name}: packet I/O: {c}");
+    }
 }
 
 /// Four hosts touch a tenth of the image each (the same working set, as clones of one VM do);

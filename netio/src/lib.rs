@@ -162,6 +162,12 @@ pub trait PacketIo {
     /// has something and writable when [`send_batch`](Self::send_batch) can make progress; `None`
     /// for backends without one (simulators).
     fn poll_fd(&self) -> Option<BorrowedFd<'_>>;
+
+    /// The backend's own counters of what it dropped or refused, as one line for a daemon's log
+    /// and status (`None` if the backend keeps none: the kernel counts a UDP socket's drops).
+    fn counters(&self) -> Option<String> {
+        None
+    }
 }
 
 impl<T: PacketIo + ?Sized> PacketIo for Box<T> {
@@ -182,5 +188,8 @@ impl<T: PacketIo + ?Sized> PacketIo for Box<T> {
     }
     fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
         (**self).poll_fd()
+    }
+    fn counters(&self) -> Option<String> {
+        (**self).counters()
     }
 }

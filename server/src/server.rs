@@ -230,6 +230,9 @@ pub fn serve_source<S: PageSource>(
     let result = server.run(stop);
     let stats = server.sender.stats().clone();
     tracing::info!("final: {}", summary(&stats));
+    if let Some(c) = server.io.counters() {
+        tracing::info!("packet I/O: {c}");
+    }
     if let Some(f) = server.options.on_stats.as_mut() {
         f(&stats);
     }

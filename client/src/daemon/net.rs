@@ -496,7 +496,10 @@ impl NetThread {
     /// Runs until the stop flag is set (or the socket fails).
     pub(crate) fn run(mut self) -> Result<(), NetError> {
         let result = self.run_loop();
-        self.sessions.publish();
+        self.publish();
+        if let Some(c) = self.io.counters() {
+            tracing::info!("packet I/O: {c}");
+        }
         result
     }
 
@@ -510,12 +513,19 @@ impl NetThread {
             self.transmit()?;
             self.sessions.events();
             if self.last_publish.elapsed() >= PUBLISH_EVERY {
-                self.sessions.publish();
+                self.publish();
                 self.last_publish = Instant::now();
             }
             self.sleep()?;
         }
         Ok(())
+    }
+
+    fn publish(&mut self) {
+        self.sessions.publish();
+        if let Some(c) = self.io.counters() {
+            self.sessions.stats.set_io_counters(c);
+        }
     }
 
     fn take_commands(&mut self) {

@@ -146,6 +146,7 @@ pub(crate) struct DaemonStats {
     pub(crate) counters: Counters,
     node: u32,
     io: OnceLock<String>,
+    io_counters: Mutex<Option<String>>,
     started: Instant,
     histograms: Mutex<Histograms>,
     sessions: Mutex<BTreeMap<u64, SessionSnapshot>>,
@@ -169,6 +170,7 @@ impl DaemonStats {
             counters: Counters::default(),
             node,
             io: OnceLock::new(),
+            io_counters: Mutex::new(None),
             started: Instant::now(),
             histograms: Mutex::new(Histograms {
                 hits: histogram(MAX_LATENCY_NS),
@@ -184,6 +186,11 @@ impl DaemonStats {
     /// Records the packet I/O backend in use (its [`netio::Capabilities::summary`]).
     pub(crate) fn set_io(&self, io: String) {
         let _ = self.io.set(io);
+    }
+
+    /// Records the packet I/O backend's latest counters ([`netio::PacketIo::counters`]).
+    pub(crate) fn set_io_counters(&self, counters: String) {
+        *lock(&self.io_counters) = Some(counters);
     }
 
     /// Counts one: `DaemonStats::bump(&stats.counters.x)`.
@@ -247,6 +254,7 @@ impl DaemonStats {
         Snapshot {
             node: self.node,
             io: self.io.get().cloned().unwrap_or_default(),
+            io_counters: lock(&self.io_counters).clone(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             counters: CounterSnapshot {
                 handoffs_accepted: get(&c.handoffs_accepted),
@@ -353,6 +361,8 @@ pub struct Snapshot {
     pub node: u32,
     /// The packet I/O backend in use, e.g. `af_xdp, copy mode` or `udp`.
     pub io: String,
+    /// The backend's own drop counters, for backends that keep them (AF_XDP).
+    pub io_counters: Option<String>,
     /// Seconds since the daemon started.
     pub uptime_s: f64,
     /// Daemon-wide counters.

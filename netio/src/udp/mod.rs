@@ -39,7 +39,7 @@
 //! Batching system calls barely matters: the cost is the kernel's per-packet path (veth, bridge,
 //! both receivers' input) run in the sender's system call. GSO runs that path once per run.
 
-mod sys;
+pub(crate) mod sys;
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -612,15 +612,8 @@ impl PacketIo for UdpIo {
     fn wait(&mut self, interest: Interest, timeout: Option<Duration>) -> Result<Readiness, IoError> {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            let ms = match deadline {
-                None => -1,
-                // Round up so the wait does not end just before the deadline and spin.
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    libc::c_int::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(libc::c_int::MAX)
-                }
-            };
-            match sys::poll(self.socket.as_fd(), interest, ms) {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            match sys::poll(self.socket.as_fd(), interest, left) {
                 Ok(r) => return Ok(r),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => return Err(IoError::Wait { local: self.local, source }),

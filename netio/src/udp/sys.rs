@@ -319,9 +319,22 @@ pub(crate) fn set_int_option(
     Ok(())
 }
 
-/// `poll(2)` on one descriptor for `interest`, waiting at most `timeout_ms` (-1: forever). An
-/// error or hang-up condition counts as ready for whatever was asked, so the next call reports it.
-pub(crate) fn poll(fd: BorrowedFd<'_>, interest: Interest, timeout_ms: libc::c_int) -> io::Result<Readiness> {
+/// A `timespec` of `d` (seconds saturate).
+pub(crate) fn timespec(d: std::time::Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(d.subsec_nanos()),
+    }
+}
+
+/// `ppoll(2)` on one descriptor for `interest`, waiting at most `timeout` (`None`: forever; exact
+/// to the microsecond rather than rounded up to milliseconds). An error or hang-up condition counts
+/// as ready for whatever was asked, so the next call reports it.
+pub(crate) fn poll(
+    fd: BorrowedFd<'_>,
+    interest: Interest,
+    timeout: Option<std::time::Duration>,
+) -> io::Result<Readiness> {
     let mut events = 0;
     if interest.readable {
         events |= libc::POLLIN;
@@ -330,8 +343,11 @@ pub(crate) fn poll(fd: BorrowedFd<'_>, interest: Interest, timeout_ms: libc::c_i
         events |= libc::POLLOUT;
     }
     let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
-    // SAFETY: `pfd` is one valid `pollfd` that outlives the call, and nfds is 1.
-    let r = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    let ts = timeout.map(timespec);
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `pfd` is one valid `pollfd` that outlives the call, and nfds is 1; `ts_ptr` is null or
+    // points at `ts`, which outlives the call; a null signal mask leaves the mask unchanged.
+    let r = unsafe { libc::ppoll(&mut pfd, 1, ts_ptr, std::ptr::null()) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -112,6 +112,9 @@ pub use error::XdpError;
 
 /// IPv4 TTL of unicast datagrams.
 const UNICAST_TTL: u8 = 64;
+
+/// How soon `wait` comes back to kick frames still on a TX ring.
+const TX_RETRY: Duration = Duration::from_micros(100);
 /// Receive buffer of the helper socket: it only gets what the program passes on our port.
 const HELPER_RECV_BUFFER: usize = 64 << 10;
 
@@ -710,6 +713,18 @@ impl PacketIo for XdpIo {
         if !ready.is_timeout() {
             return Ok(ready);
         }
+        // Frames posted earlier but still on a TX ring (the kernel's per-kick budget, or memory
+        // ran short) go out only with another kick: kick now, and if some remain, come back soon
+        // rather than leave them waiting for the next send.
+        let mut timeout = timeout;
+        for q in &mut self.queues {
+            if q.tx_in_flight() > 0 {
+                let _ = q.flush();
+                if q.tx_in_flight() > 0 {
+                    timeout = Some(timeout.map_or(TX_RETRY, |t| t.min(TX_RETRY)));
+                }
+            }
+        }
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut fds: Vec<libc::pollfd> = self
             .queues
@@ -727,14 +742,8 @@ impl PacketIo for XdpIo {
             })
             .collect();
         loop {
-            let ms = match deadline {
-                None => -1,
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    libc::c_int::try_from(left.as_nanos().div_ceil(1_000_000)).unwrap_or(libc::c_int::MAX)
-                }
-            };
-            match sys::poll(&mut fds, ms) {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            match sys::poll(&mut fds, left) {
                 Ok(_) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => return Err(IoError::Wait { local, source }),
@@ -750,6 +759,26 @@ impl PacketIo for XdpIo {
 
     fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
         (self.queues.len() == 1).then(|| self.queues[0].fd())
+    }
+
+    fn counters(&self) -> Option<String> {
+        let s = self.stats;
+        let k = self.kernel_stats().unwrap_or_default();
+        Some(format!(
+            "rx {} datagrams ({} malformed, {} filtered, {} truncated), kernel rx drops: {} ring full, {} fill ring \
+             empty, {} other; tx {} datagrams ({} dropped, {} dropped by the device, {} kick errors)",
+            s.rx_datagrams,
+            s.rx_malformed,
+            s.rx_filtered,
+            s.rx_truncated,
+            k.rx_ring_full,
+            k.rx_fill_ring_empty,
+            k.rx_dropped,
+            s.tx_datagrams,
+            s.tx_dropped,
+            self.queues.iter().map(XskQueue::tx_device_drops).sum::<u64>(),
+            s.tx_kick_errors
+        ))
     }
 }
 

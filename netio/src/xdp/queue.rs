@@ -100,6 +100,8 @@ pub struct XskQueue {
     partial: Vec<u8>,
     partial_active: bool,
     partial_oversize: bool,
+    /// Frames the device dropped on transmission (copy mode: `sendto` said `EBUSY`).
+    tx_device_drops: u64,
 }
 
 impl XskQueue {
@@ -132,6 +134,7 @@ impl XskQueue {
             partial: Vec::with_capacity(MAX_PACKET),
             partial_active: false,
             partial_oversize: false,
+            tx_device_drops: 0,
         };
         for i in 0..half {
             let addr = q.umem.frame_addr(i);
@@ -288,8 +291,10 @@ impl XskQueue {
     }
 
     /// Publishes the posted packets and, if the kernel wants it, kicks it to send them. In copy
-    /// mode the kernel sends during the kick, a budget of frames per call, so this kicks until the
-    /// ring is empty or the device pushes back.
+    /// mode the kernel sends during the kick, a budget of frames per call (32), so this kicks
+    /// until the ring is empty or memory runs short. Frames still on the ring afterwards
+    /// ([`tx_in_flight`](Self::tx_in_flight)) go out on the next flush: callers that stop sending
+    /// must flush again (the backend's `wait` does).
     pub fn flush(&mut self) -> io::Result<()> {
         self.tx.submit();
         if !self.tx.needs_wakeup() {
@@ -302,8 +307,11 @@ impl XskQueue {
                 Ok(()) => {}
                 // EAGAIN: the budget of one call ran out with more to send.
                 Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {}
-                // The device queue is full or memory is short: try again on the next call.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EBUSY | libc::ENOBUFS)) => break,
+                // EBUSY: the device dropped one frame (a full queue; the frame is completed, not
+                // sent), as a full NIC queue would. The rest of the ring is still to be sent.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.tx_device_drops += 1,
+                // Memory is short: try again on the next flush.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => break,
                 Err(e) => return Err(e),
             }
             if self.zero_copy || self.tx.in_flight() == 0 {
@@ -316,6 +324,11 @@ impl XskQueue {
     /// Packets' frames posted on the TX ring that the kernel has not taken yet.
     pub fn tx_in_flight(&self) -> u32 {
         self.tx.in_flight()
+    }
+
+    /// Frames the device dropped on transmission so far.
+    pub fn tx_device_drops(&self) -> u64 {
+        self.tx_device_drops
     }
 
     /// Frames free for sending.

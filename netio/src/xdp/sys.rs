@@ -211,10 +211,14 @@ pub fn kick_rx(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// `poll(2)` on `fds`, at most `timeout_ms` (-1: forever). Returns the number with events.
-pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usize> {
-    // SAFETY: `fds` is a live, exclusively borrowed array of `fds.len()` `pollfd`s.
-    let n = check(unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) })?;
+/// `ppoll(2)` on `fds`, at most `timeout` (`None`: forever; exact to the microsecond, not rounded
+/// up to milliseconds as `poll(2)` would). Returns the number with events.
+pub fn poll(fds: &mut [libc::pollfd], timeout: Option<std::time::Duration>) -> io::Result<usize> {
+    let ts = timeout.map(crate::udp::sys::timespec);
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `fds` is a live, exclusively borrowed array of `fds.len()` `pollfd`s; `ts_ptr` is null
+    // or points at `ts`, which outlives the call; a null signal mask leaves the mask unchanged.
+    let n = check(unsafe { libc::ppoll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ts_ptr, std::ptr::null()) })?;
     Ok(n as usize)
 }
 
