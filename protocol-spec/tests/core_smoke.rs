@@ -149,3 +149,28 @@ fn multicast_answers_serve_every_receiver() {
     let (_, four) = run(4, 64, |_, _| false);
     assert!((four as f64) < 1.3 * one as f64, "4 receivers cost {four} bytes, 1 receiver {one}");
 }
+
+/// Announces start fast and slow down: at 0, then after gaps doubling from 10 ms to one second, so
+/// a host that lost the first one (or started listening just after the server) joins within
+/// milliseconds.
+#[test]
+fn announces_ramp_up_from_ten_milliseconds_to_one_second() {
+    use spindrift_protocol::sender::PushPolicy;
+    use spindrift_protocol::wire::{peek_header, MsgType};
+    let img = image(8);
+    let mut config = SenderConfig::new(SessionId(3), 1, SessionKey([4; 32]), 12);
+    config.push = PushPolicy::None;
+    let mut sender = Sender::new(config, Image(img), Time::ZERO).expect("sender");
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut announced_ms = Vec::new();
+    for ms in 0..2500u64 {
+        let now = Time::ZERO + Duration::from_millis(ms);
+        sender.handle_timeout(now);
+        while let Some(t) = sender.poll_transmit(now, &mut buf) {
+            if peek_header(&buf[..t.len]).expect("own datagram").msg_type == MsgType::Announce {
+                announced_ms.push(ms);
+            }
+        }
+    }
+    assert_eq!(announced_ms, [0, 10, 30, 70, 150, 310, 630, 1270, 2270]);
+}
