@@ -18,7 +18,7 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
 
-use common::{can_run_lab, check_all, payload, recv_n, say, send_all, test_group, Got};
+use common::{can_run_lab, can_run_lossy_lab, check_all, payload, recv_n, say, send_all, test_group, Got};
 use netio::udp::{UdpConfig, UdpIo};
 use netio::xdp::{XdpConfig, XdpIo};
 use netio::{IoKind, PacketIo, RxBatch, TxBatch};
@@ -45,24 +45,6 @@ fn open_udp(h: &netlab::Host, config: UdpConfig) -> UdpIo {
 /// `p` as a netlab loss.
 fn loss(p: f64) -> netlab::Loss {
     netlab::Loss::from_probability(p).expect("loss")
-}
-
-/// [`can_run_lab`], and `nft` (nftables) is installed for netlab's loss rules.
-fn can_run_lossy_lab(test: &str) -> bool {
-    if !can_run_lab(test) {
-        return false;
-    }
-    match netlab::preflight::check_nft() {
-        Ok(()) => true,
-        Err(e) => {
-            let msg = format!("SKIPPED netio test {test}: netlab's loss needs nftables: {e}");
-            if std::env::var("NETLAB_REQUIRE").is_ok_and(|v| v == "1") {
-                panic!("{msg} (NETLAB_REQUIRE=1 forbids skipping)");
-            }
-            say(&msg);
-            false
-        }
-    }
 }
 
 /// `ip link` output of every namespace of the lab.

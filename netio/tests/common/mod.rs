@@ -87,7 +87,16 @@ pub fn say(msg: &str) {
 /// True if lab tests can run here (root, `ip`, `tc`). Otherwise prints why the test is skipped;
 /// with `NETLAB_REQUIRE=1` a missing prerequisite fails the test instead (for CI).
 pub fn can_run_lab(test: &str) -> bool {
-    match netlab::check_prerequisites() {
+    available(test, netlab::check_prerequisites())
+}
+
+/// [`can_run_lab`], and `nft` (nftables) is installed for netlab's loss rules.
+pub fn can_run_lossy_lab(test: &str) -> bool {
+    available(test, netlab::check_prerequisites().and_then(|()| netlab::preflight::check_nft()))
+}
+
+fn available(test: &str, check: Result<(), impl std::fmt::Display>) -> bool {
+    match check {
         Ok(()) => true,
         Err(e) => {
             let msg = format!("SKIPPED netio test {test}: {e}");
