@@ -383,3 +383,60 @@ fn program_is_detached_when_the_process_is_killed() {
     }
     assert_no_xdp(&lab);
 }
+
+/// Checksums left to the device: an AF_XDP sender asks for them in TX metadata. With the kernel
+/// completing them in software (`ChecksumOffload::KernelSoftware`), an AF_XDP receiver that
+/// verifies every checksum gets every datagram, so the partial sums and offsets are right; with
+/// `Device` (on veth: `CHECKSUM_PARTIAL`, never computed), a kernel UDP socket accepts them as it
+/// does its own stack's.
+fn checksum_offload(mtu: u32, size: usize) {
+    use netio::xdp::ChecksumOffload;
+    let lab = lab("xc", 3, mtu, &[]);
+    let hosts: Vec<&netlab::Host> = (0..3).map(|i| lab.host(i).expect("host")).collect();
+    let group = test_group(42);
+    let count = 200;
+    // Every other datagram fits one UMEM frame: at MTU 9000 the rest are multi-buffer.
+    let expected: Vec<Vec<u8>> =
+        (0..count).map(|i| payload(i, if i % 2 == 0 { size - i % 13 } else { 1000 + i })).collect();
+    let to = SocketAddrV4::new(group, PORT);
+    let source = SocketAddrV4::new(hosts[0].addr(), PORT);
+    let open = |h: &netlab::Host, c: XdpConfig| h.run(|| XdpIo::open(&c)).expect("enter host").expect("AF_XDP");
+    {
+        let cfg = XdpConfig::from_udp(&UdpConfig::new(hosts[0].addr(), PORT))
+            .checksum_offload(ChecksumOffload::KernelSoftware);
+        let mut sender = open(hosts[0], cfg);
+        let rcfg = XdpConfig::from_udp(&UdpConfig::new(hosts[1].addr(), PORT).join(group)).verify_udp_checksum(true);
+        let mut receiver = open(hosts[1], rcfg);
+        send_all(&mut sender, &mut batch_of(&expected, to, size), LIMIT);
+        let mut rbatch = RxBatch::new(64, 9000).expect("rx batch");
+        let got = recv_n(&mut receiver, &mut rbatch, count, Duration::from_millis(2000));
+        let st = receiver.stats();
+        say(&format!("checksum_offload mtu {mtu}: {} of {count} verified, {} malformed", got.len(), st.rx_malformed));
+        assert_eq!(st.rx_malformed, 0, "datagrams with a wrong checksum: the offload request is wrong");
+        check_all(&got, &expected, source, to);
+    }
+    {
+        let cfg = XdpConfig::from_udp(&UdpConfig::new(hosts[0].addr(), PORT)).checksum_offload(ChecksumOffload::Device);
+        let mut sender = open(hosts[0], cfg);
+        let mut receiver = open_udp(hosts[2], UdpConfig::new(hosts[2].addr(), PORT).join(group));
+        send_all(&mut sender, &mut batch_of(&expected, to, size), LIMIT);
+        let mut rbatch = RxBatch::new(64, 9000).expect("rx batch");
+        let got = recv_n(&mut receiver, &mut rbatch, count, LIMIT);
+        check_all(&got, &expected, source, to);
+    }
+    assert_no_xdp(&lab);
+}
+
+#[test]
+fn checksum_offload_mtu_1500() {
+    if can_run_lab("checksum_offload_mtu_1500") {
+        checksum_offload(1500, 1472);
+    }
+}
+
+#[test]
+fn checksum_offload_mtu_9000_multi_buffer() {
+    if can_run_lab("checksum_offload_mtu_9000_multi_buffer") {
+        checksum_offload(9000, 8972);
+    }
+}

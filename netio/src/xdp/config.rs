@@ -15,6 +15,25 @@ pub const DEFAULT_MAX_BATCH: usize = 64;
 /// Default wait for a neighbour's ARP reply on first contact.
 pub const DEFAULT_NEIGHBOUR_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Who completes the UDP checksum of a sent datagram (with [`XdpConfig::udp_checksum`] on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ChecksumOffload {
+    /// This process computes every checksum: one more pass over each payload.
+    Off,
+    /// The device: each packet carries AF_XDP TX metadata asking for the checksum
+    /// (`XDP_TXMD_FLAGS_CHECKSUM`, Linux 6.11+ in copy mode). A NIC computes it in hardware; in
+    /// copy mode the kernel marks the packet `CHECKSUM_PARTIAL`, exactly as it does for its own UDP
+    /// sockets, so a virtual link (veth) never computes it and local receivers trust it. Where the
+    /// kernel refuses TX metadata, falls back to [`Off`](Self::Off) with a log line.
+    #[default]
+    Device,
+    /// As [`Device`](Self::Device), but the kernel completes the checksum in software before the
+    /// packet leaves (`XDP_UMEM_TX_SW_CSUM`): for checking the offload requests on virtual links.
+    /// Multi-buffer packets (jumbo frames) get theirs from this process instead: the kernel sums
+    /// only their first buffer in this mode.
+    KernelSoftware,
+}
+
 /// Whether the kernel may move frames without copying them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum XdpMode {
@@ -79,6 +98,8 @@ pub struct XdpConfig {
     pub queues: Queues,
     /// Fill in the UDP checksum of sent datagrams (default on; off sends 0, "no checksum").
     pub udp_checksum: bool,
+    /// Who computes those checksums (default: the device, see [`ChecksumOffload`]).
+    pub checksum_offload: ChecksumOffload,
     /// Drop received datagrams whose nonzero UDP checksum is wrong (default off: see the module docs).
     pub verify_udp_checksum: bool,
     /// How long a send waits for a neighbour's ARP reply on first contact.
@@ -101,6 +122,7 @@ impl XdpConfig {
             attach: AttachMode::Auto,
             queues: Queues::All,
             udp_checksum: true,
+            checksum_offload: ChecksumOffload::Device,
             verify_udp_checksum: false,
             neighbour_timeout: DEFAULT_NEIGHBOUR_TIMEOUT,
         }
@@ -163,6 +185,12 @@ impl XdpConfig {
     /// Turns the UDP checksum of sent datagrams on or off.
     pub fn udp_checksum(mut self, on: bool) -> XdpConfig {
         self.udp_checksum = on;
+        self
+    }
+
+    /// Chooses who computes the UDP checksums of sent datagrams.
+    pub fn checksum_offload(mut self, offload: ChecksumOffload) -> XdpConfig {
+        self.checksum_offload = offload;
         self
     }
 

@@ -308,6 +308,24 @@ pub fn udp_checksum(source: SocketAddrV4, destination: SocketAddrV4, payload: &[
     }
 }
 
+/// What a sender that leaves the UDP checksum to the device (`CHECKSUM_PARTIAL`) puts in the
+/// checksum field: the folded one's-complement sum of the pseudo header (addresses, protocol, UDP
+/// length), not inverted. The device then adds the UDP header and payload, from [`UDP_CSUM_START`],
+/// and stores the complement at [`UDP_CSUM_OFFSET`] past it, as Linux does for its own sockets.
+pub fn udp_pseudo_header_sum(source: Ipv4Addr, destination: Ipv4Addr, payload_len: usize) -> u16 {
+    let words = |ip: Ipv4Addr| {
+        let v = u32::from(ip);
+        u64::from(v >> 16) + u64::from(v & 0xffff)
+    };
+    fold(words(source) + words(destination) + u64::from(PROTO_UDP) + (UDP_HEADER_LEN + payload_len) as u64)
+}
+
+/// Where the UDP checksum's coverage starts in a frame: the UDP header.
+pub const UDP_CSUM_START: u16 = (ETH_HEADER_LEN + IPV4_HEADER_LEN) as u16;
+
+/// Where the checksum field is, from [`UDP_CSUM_START`].
+pub const UDP_CSUM_OFFSET: u16 = 6;
+
 /// Adds the big-endian 16-bit words of `data` (an odd last byte padded with zero) to `initial`.
 /// Four bytes at a time: a 32-bit word folds to the same one's-complement sum as its two halves,
 /// since 2^16 = 1 modulo 0xffff.
@@ -457,6 +475,30 @@ mod tests {
         // Adding the checksum into the data makes the one's-complement sum all ones.
         p.copy_from_slice(&c.to_be_bytes());
         assert_eq!(udp_checksum(s, d, &p), 0xffff);
+    }
+
+    /// What a device does with a `CHECKSUM_PARTIAL` frame: sum from the UDP header to the end,
+    /// starting from the pseudo-header sum in the checksum field, and store the complement.
+    fn device_completes(frame: &mut [u8]) {
+        let start = usize::from(UDP_CSUM_START);
+        let at = start + usize::from(UDP_CSUM_OFFSET);
+        let c = !fold(sum_be_words(&frame[start..], 0));
+        frame[at..at + 2].copy_from_slice(&if c == 0 { 0xffff } else { c }.to_be_bytes());
+    }
+
+    proptest! {
+        #[test]
+        fn pseudo_header_sum_completed_by_a_device_is_the_udp_checksum(
+            s in addr(), d in addr(), payload in proptest::collection::vec(any::<u8>(), 0..3000)
+        ) {
+            let h = FrameHeaders { src_mac: MacAddr([2, 0, 0, 0, 0, 1]), dst_mac: MacAddr::for_group(Ipv4Addr::new(239, 1, 1, 1)), source: s, destination: d, ttl: 1 };
+            let mut head = [0u8; HEADERS_LEN];
+            write_headers(&mut head, &h, payload.len(), udp_pseudo_header_sum(*s.ip(), *d.ip(), payload.len()));
+            let mut f = [&head[..], &payload].concat();
+            device_completes(&mut f);
+            let parsed = parse(&f, true).expect("a device-completed checksum verifies");
+            prop_assert_eq!(parsed.udp_checksum, udp_checksum(s, d, &payload));
+        }
     }
 
     fn addr() -> impl Strategy<Value = SocketAddrV4> {

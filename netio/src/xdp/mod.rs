@@ -49,8 +49,12 @@
 //! * Received UDP checksums are not verified by default ([`XdpConfig::verify_udp_checksum`]): on
 //!   veth, packets from the local stack reach XDP with the checksum not yet filled in
 //!   (`CHECKSUM_PARTIAL`), and every spindrift datagram carries its own authentication tag. Sent
-//!   datagrams carry a correct UDP checksum ([`XdpConfig::udp_checksum`]), so kernel receivers
-//!   accept them.
+//!   datagrams carry a UDP checksum ([`XdpConfig::udp_checksum`]), so kernel receivers accept
+//!   them. By default the device completes it ([`ChecksumOffload::Device`]): each packet carries
+//!   AF_XDP TX metadata (Linux 6.11+) asking for the checksum, as the kernel's own UDP sockets
+//!   ask their NIC; on veth the kernel passes the packet on as `CHECKSUM_PARTIAL`, never computed,
+//!   just like a UDP socket's. Older kernels refuse the metadata and the backend sums each payload
+//!   itself.
 //!
 //! # Measured
 //!
@@ -104,7 +108,7 @@ use neigh::Neighbours;
 use queue::{QueueSetup, SetupStep, XskQueue, RX_HEADROOM};
 
 pub use config::{
-    AttachMode, Queues, XdpConfig, XdpMode, DEFAULT_FRAMES, DEFAULT_FRAME_SIZE, DEFAULT_MAX_BATCH,
+    AttachMode, ChecksumOffload, Queues, XdpConfig, XdpMode, DEFAULT_FRAMES, DEFAULT_FRAME_SIZE, DEFAULT_MAX_BATCH,
     DEFAULT_NEIGHBOUR_TIMEOUT,
 };
 use error::hint_for;
@@ -112,6 +116,25 @@ pub use error::XdpError;
 
 /// IPv4 TTL of unicast datagrams.
 const UNICAST_TTL: u8 = 64;
+
+/// How long opening a queue retries a bind refused as busy (see [`open_queue`]).
+const BIND_BUSY_RETRY: Duration = Duration::from_secs(1);
+
+/// [`XskQueue::open`], retrying a bind refused with `EBUSY` for up to [`BIND_BUSY_RETRY`]: the
+/// kernel releases a closed socket's hold on its queue in deferred work, so a daemon restarted at
+/// once (or a test that reopens the interface) can find the queue still taken for a moment. A
+/// queue held by a live socket stays busy, and the error is returned after the retries.
+fn open_queue(setup: &QueueSetup) -> Result<XskQueue, (SetupStep, io::Error)> {
+    let until = Instant::now() + BIND_BUSY_RETRY;
+    loop {
+        match XskQueue::open(setup) {
+            Err((SetupStep::Bind, e)) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other,
+        }
+    }
+}
 
 /// How soon `wait` comes back to kick frames still on a TX ring.
 const TX_RETRY: Duration = Duration::from_micros(100);
@@ -205,6 +228,9 @@ pub struct XdpIo {
     native: bool,
     multicast_ttl: u8,
     udp_checksum: bool,
+    /// The device completes sent checksums (the UMEM takes TX metadata): `Some(true)` when the
+    /// kernel does it in software (`ChecksumOffload::KernelSoftware`).
+    checksum_offload: Option<bool>,
     neighbour_timeout: Duration,
     caps: Capabilities,
     stats: XdpStats,
@@ -288,6 +314,11 @@ impl XdpIo {
         };
         let mut queues = Vec::with_capacity(queue_ids.len());
         let mut sg_used = sg;
+        let mut tx_checksum = match (config.udp_checksum, config.checksum_offload) {
+            (false, _) | (_, ChecksumOffload::Off) => None,
+            (true, ChecksumOffload::Device) => Some(false),
+            (true, ChecksumOffload::KernelSoftware) => Some(true),
+        };
         for &queue in &queue_ids {
             let mut setup = QueueSetup {
                 ifindex,
@@ -295,14 +326,27 @@ impl XdpIo {
                 frames: config.frames,
                 frame_size: config.frame_size,
                 bind_flags: libc::XDP_USE_NEED_WAKEUP | mode_flag | if sg_used { libc::XDP_USE_SG } else { 0 },
+                tx_checksum,
             };
-            let q = match XskQueue::open(&setup) {
+            let q = match open_queue(&setup) {
+                // Kernels before 6.11 take no TX metadata flag: compute checksums here instead.
+                Err((SetupStep::RegisterUmem, e))
+                    if tx_checksum.is_some() && e.raw_os_error() == Some(libc::EINVAL) =>
+                {
+                    tracing::warn!(%ifname, "AF_XDP TX metadata refused (kernel before 6.11?): UDP checksums computed in software");
+                    tx_checksum = None;
+                    setup.tx_checksum = None;
+                    open_queue(&setup)
+                }
+                other => other,
+            };
+            let q = match q {
                 // Kernels before 6.6 know no XDP_USE_SG: go on without, with a smaller datagram limit.
                 Err((SetupStep::Bind, e)) if sg_used && e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::warn!(%ifname, "XDP_USE_SG refused (kernel before 6.6?): datagrams limited to one frame");
                     sg_used = false;
                     setup.bind_flags &= !libc::XDP_USE_SG;
-                    XskQueue::open(&setup)
+                    open_queue(&setup)
                 }
                 other => other,
             };
@@ -377,6 +421,7 @@ impl XdpIo {
             native,
             multicast_ttl: config.multicast_ttl as u8,
             udp_checksum: config.udp_checksum,
+            checksum_offload: tx_checksum,
             neighbour_timeout: config.neighbour_timeout,
             caps,
             stats: XdpStats::default(),
@@ -392,6 +437,7 @@ impl XdpIo {
             attach = if native { "native" } else { "generic" },
             zero_copy,
             scatter_gather = sg_used,
+            checksum_offload = tx_checksum.is_some(),
             mtu,
             max_datagram,
             "AF_XDP backend open"
@@ -665,10 +711,25 @@ impl PacketIo for XdpIo {
             }
             let ttl = if dst_ip.is_multicast() { self.multicast_ttl } else { UNICAST_TTL };
             let h = FrameHeaders { src_mac: self.mac, dst_mac, source, destination: d.destination, ttl };
-            let csum = if self.udp_checksum { frame::udp_checksum(source, d.destination, d.payload) } else { 0 };
+            // The kernel's software completion (`KernelSoftware`) sums only a packet's first
+            // buffer (Linux 6.18 computes it before adding the others), so multi-buffer packets
+            // get their checksum here in that mode.
+            let offload = match self.checksum_offload {
+                Some(true) => q.frames_for(HEADERS_LEN + d.payload.len()) == 1,
+                Some(false) => true,
+                None => false,
+            };
+            let (csum, offload) = match (self.udp_checksum, offload) {
+                (false, _) => (0, None),
+                (true, false) => (frame::udp_checksum(source, d.destination, d.payload), None),
+                (true, true) => (
+                    frame::udp_pseudo_header_sum(*source.ip(), *d.destination.ip(), d.payload.len()),
+                    Some((frame::UDP_CSUM_START, frame::UDP_CSUM_OFFSET)),
+                ),
+            };
             let mut head = [0u8; HEADERS_LEN];
             frame::write_headers(&mut head, &h, d.payload.len(), csum);
-            if !q.post(&head, d.payload) {
+            if !q.post(&head, d.payload, offload) {
                 break;
             }
             posted += 1;

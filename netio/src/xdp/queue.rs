@@ -37,6 +37,9 @@ pub struct QueueSetup {
     pub frame_size: u32,
     /// `sxdp_flags` for bind (`XDP_COPY`, `XDP_ZEROCOPY`, `XDP_USE_SG`, `XDP_USE_NEED_WAKEUP`).
     pub bind_flags: u16,
+    /// Register the UMEM for TX metadata, so sent packets can ask the device for their checksum;
+    /// `Some(true)`: the kernel computes requested checksums in software (`XDP_UMEM_TX_SW_CSUM`).
+    pub tx_checksum: Option<bool>,
 }
 
 /// The step of the socket setup that failed, for error messages.
@@ -102,6 +105,8 @@ pub struct XskQueue {
     partial_oversize: bool,
     /// Frames the device dropped on transmission (copy mode: `sendto` said `EBUSY`).
     tx_device_drops: u64,
+    /// Bytes of TX metadata room before each packet's first frame (0: the UMEM has none).
+    tx_meta: usize,
 }
 
 impl XskQueue {
@@ -109,7 +114,14 @@ impl XskQueue {
     pub fn open(s: &QueueSetup) -> Result<XskQueue, (SetupStep, io::Error)> {
         let fd = sys::xsk_socket().map_err(|e| (SetupStep::Socket, e))?;
         let umem = Umem::new(s.frames, s.frame_size).map_err(|e| (SetupStep::Umem, e))?;
-        sys::register_umem(fd.as_fd(), umem.mapping(), s.frame_size).map_err(|e| (SetupStep::RegisterUmem, e))?;
+        sys::register_umem(
+            fd.as_fd(),
+            umem.mapping(),
+            s.frame_size,
+            s.tx_checksum.is_some(),
+            s.tx_checksum == Some(true),
+        )
+        .map_err(|e| (SetupStep::RegisterUmem, e))?;
         let half = s.frames / 2;
         for which in [libc::XDP_UMEM_FILL_RING, libc::XDP_UMEM_COMPLETION_RING, libc::XDP_RX_RING, libc::XDP_TX_RING] {
             sys::set_ring_size(fd.as_fd(), which, half).map_err(|e| (SetupStep::RingSize, e))?;
@@ -135,6 +147,7 @@ impl XskQueue {
             partial_active: false,
             partial_oversize: false,
             tx_device_drops: 0,
+            tx_meta: if s.tx_checksum.is_some() { sys::TX_METADATA_LEN as usize } else { 0 },
         };
         for i in 0..half {
             let addr = q.umem.frame_addr(i);
@@ -247,7 +260,12 @@ impl XskQueue {
 
     /// Frames needed to send a packet of `len` bytes.
     pub fn frames_for(&self, len: usize) -> usize {
-        len.div_ceil(self.umem.frame_size() as usize).max(1)
+        len.div_ceil(self.umem.frame_size() as usize - self.tx_meta).max(1)
+    }
+
+    /// True if sent packets can ask the device to complete their checksum ([`post`](Self::post)).
+    pub fn tx_checksum_offload(&self) -> bool {
+        self.tx_meta > 0
     }
 
     /// True if a packet of `len` bytes can be posted now (free frames and TX ring room).
@@ -258,7 +276,9 @@ impl XskQueue {
 
     /// Writes a packet made of `head` followed by `body` into free frames and onto the TX ring
     /// (not yet submitted). Returns false, posting nothing, if frames or ring slots are short.
-    pub fn post(&mut self, head: &[u8], body: &[u8]) -> bool {
+    /// With `checksum` (start and offset, see [`frame::UDP_CSUM_START`](super::frame::UDP_CSUM_START))
+    /// and a UMEM registered for TX metadata, the packet asks the device to complete that checksum.
+    pub fn post(&mut self, head: &[u8], body: &[u8], checksum: Option<(u16, u16)>) -> bool {
         let len = head.len() + body.len();
         if !self.can_post(len) {
             return false;
@@ -266,10 +286,25 @@ impl XskQueue {
         let fs = self.umem.frame_size() as usize;
         let mut written = 0;
         while written < len {
-            let Some(addr) = self.free_tx.pop() else { return false };
-            let chunk = (len - written).min(fs);
+            let Some(base) = self.free_tx.pop() else { return false };
+            // With TX metadata, every descriptor starts that far into its frame: the kernel checks
+            // each one as if metadata came before it. Only the first carries a request.
+            let skip = self.tx_meta;
+            let chunk = (len - written).min(fs - skip);
+            let meta = match checksum {
+                Some((start, offset)) if skip > 0 && written == 0 => {
+                    let Some(m) = self.umem.bytes_mut(base, skip) else {
+                        self.free_tx.push(base);
+                        return false;
+                    };
+                    m.copy_from_slice(&sys::tx_metadata_checksum(start, offset));
+                    libc::XDP_TX_METADATA
+                }
+                _ => 0,
+            };
+            let addr = base + skip as u64;
             let Some(frame) = self.umem.bytes_mut(addr, chunk) else {
-                self.free_tx.push(addr);
+                self.free_tx.push(base);
                 return false;
             };
             // Copy the part of head and body that falls into [written, written + chunk).
@@ -283,7 +318,7 @@ impl XskQueue {
             let body_len = chunk - at;
             frame[at..].copy_from_slice(&body[body_from..body_from + body_len]);
             written += chunk;
-            let options = if written < len { PKT_CONTD } else { 0 };
+            let options = meta | if written < len { PKT_CONTD } else { 0 };
             // Room was checked by `can_post`; a refused push cannot happen.
             self.tx.push(Desc { addr, len: chunk as u32, options });
         }

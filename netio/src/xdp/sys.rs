@@ -113,15 +113,44 @@ fn getsockopt_xdp<T: Copy>(fd: BorrowedFd<'_>, name: libc::c_int, init: T) -> io
     Ok((value, len as usize))
 }
 
-/// Registers `umem` as the socket's UMEM, cut into `frame_size`-byte frames.
-pub fn register_umem(fd: BorrowedFd<'_>, umem: &Mmap, frame_size: u32) -> io::Result<()> {
+/// Bytes of TX metadata before a packet that asks for it: `struct xsk_tx_metadata` (flags, then
+/// the request: checksum start and offset, and since Linux 6.14 a launch time), rounded to 8.
+pub const TX_METADATA_LEN: u32 = 24;
+
+/// The request in a packet's TX metadata: complete the checksum at `csum_start + csum_offset`
+/// over the bytes from `csum_start` on (`XDP_TXMD_FLAGS_CHECKSUM`), as the kernel lays it out.
+pub fn tx_metadata_checksum(csum_start: u16, csum_offset: u16) -> [u8; TX_METADATA_LEN as usize] {
+    let mut m = [0u8; TX_METADATA_LEN as usize];
+    m[0..8].copy_from_slice(&u64::from(libc::XDP_TXMD_FLAGS_CHECKSUM).to_ne_bytes());
+    m[8..10].copy_from_slice(&csum_start.to_ne_bytes());
+    m[10..12].copy_from_slice(&csum_offset.to_ne_bytes());
+    m
+}
+
+/// Registers `umem` as the socket's UMEM, cut into `frame_size`-byte frames. With `tx_metadata`,
+/// packets may carry [`TX_METADATA_LEN`] bytes of TX metadata before them (Linux 6.11+;
+/// `EINVAL` before); with `sw_checksum` too, the kernel completes requested checksums in software.
+pub fn register_umem(
+    fd: BorrowedFd<'_>,
+    umem: &Mmap,
+    frame_size: u32,
+    tx_metadata: bool,
+    sw_checksum: bool,
+) -> io::Result<()> {
+    let mut flags = 0;
+    if tx_metadata {
+        flags |= libc::XDP_UMEM_TX_METADATA_LEN;
+        if sw_checksum {
+            flags |= libc::XDP_UMEM_TX_SW_CSUM;
+        }
+    }
     let reg = libc::xdp_umem_reg {
         addr: umem.ptr().as_ptr() as u64,
         len: umem.len() as u64,
         chunk_size: frame_size,
         headroom: 0,
-        flags: 0,
-        tx_metadata_len: 0,
+        flags,
+        tx_metadata_len: if tx_metadata { TX_METADATA_LEN } else { 0 },
     };
     setsockopt(fd, libc::SOL_XDP, libc::XDP_UMEM_REG, &reg)
 }
