@@ -23,8 +23,9 @@
 //! balloon). Snapshot bytes are never served again for a discarded page.
 //!
 //! Failure ([`FaultServer::fail`], or [`ServerHandle::fail`] from another thread): every waiting fault
-//! and every later one is answered with `UFFDIO_POISON`, so the faulting thread gets SIGBUS (KVM turns a
-//! vCPU's access into SIGBUS for the VMM) instead of waiting forever. On kernels without
+//! and every later one whose page is not in the host's cache is answered with `UFFDIO_POISON`, so the
+//! faulting thread gets SIGBUS (KVM turns a vCPU's access into SIGBUS for the VMM) instead of waiting
+//! forever; pages the cache has are still installed. On kernels without
 //! `UFFDIO_POISON` the clone is killed through its pidfd instead. Dropping a server poisons the faults
 //! still waiting; a clone whose server is gone for good should be killed by the glue.
 //!
@@ -456,7 +457,8 @@ impl FaultServer {
         Ok(installed)
     }
 
-    /// Fails every waiting fault and every later one visibly (see the module docs).
+    /// Fails every waiting fault and every later one that needs the network, visibly (see the module
+    /// docs); pages in the cache are still served.
     pub fn fail(&mut self, reason: impl Into<String>) -> Result<(), FaultError> {
         self.failing = Some(reason.into());
         self.serve_waiting(&mut Vec::new())
@@ -593,11 +595,16 @@ impl FaultServer {
             self.stats.outside_regions += 1;
             return self.poison(addr, PAGE_4K, "fault outside every handed-over region");
         };
-        if let Some(reason) = self.failing.clone() {
-            return self.poison(addr, region.page_size, &reason);
-        }
         let cp = region.page_size / CACHE_PAGE_SIZE;
         let page = region.image_offset(addr) / CACHE_PAGE_SIZE;
+        if let Some(reason) = self.failing.clone() {
+            // A failed session still serves what the host has; only a fault that would wait for
+            // the network fails.
+            return match self.peek_kind(page, cp) {
+                Kind::Missing => self.poison(addr, region.page_size, &reason),
+                kind => self.install_run(addr, region, kind),
+            };
+        }
         match self.fault_kind(page, cp, missing) {
             Kind::Missing => {
                 if self.parked.insert(addr) {

@@ -68,6 +68,18 @@ fn child_vmm() {
             let _ = read_page(mem.addr + MISSING_PAGE * PAGE as u64);
             4
         }
+        "touch_present_then_missing" => {
+            match touch_and_check(mem.addr, (0..PAGES).filter(|&p| p != MISSING_PAGE).collect(), child_expected) {
+                Ok(_) => {
+                    let _ = read_page(mem.addr + MISSING_PAGE * PAGE as u64);
+                    4
+                }
+                Err(e) => {
+                    eprintln!("child: {e}");
+                    3
+                }
+            }
+        }
         other => {
             eprintln!("child: unknown mode {other}");
             2
@@ -169,4 +181,26 @@ fn a_failed_server_poisons_the_waiting_fault_and_the_clone_gets_sigbus() {
     let status = vmm.child.wait().unwrap();
     assert_eq!(status.signal(), Some(libc::SIGBUS), "child VMM should die of SIGBUS: {status:?}");
     assert_eq!(server.stats().poisoned, 1, "{:?}", server.stats());
+}
+
+/// A session that failed (its memory server lost) still serves what the host has: pages in the
+/// cache are installed; only a fault that would wait for the network gets SIGBUS.
+#[test]
+fn a_failed_server_still_serves_cached_pages_and_poisons_only_missing_ones() {
+    if uffd_or_skip("failed_server_cached", 0).is_none() {
+        return;
+    }
+    let cache = Arc::new(PageCache::new(PAGES * PAGE as u64).unwrap());
+    fill_cache(&cache, |p| p % 3 == 0, |p| p == MISSING_PAGE);
+    let (mut vmm, mut server) = spawn_and_serve("touch_present_then_missing", cache);
+    server.fail("test: the memory server is gone").unwrap();
+    let mut asked = Vec::new();
+    let reason = serve_until_stopped(&mut server, |_, pages| asked.extend_from_slice(pages));
+    assert_eq!(reason, StopReason::CloneExited);
+    let status = vmm.child.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "the child should die at the missing page: {status:?}");
+    let stats = server.stats();
+    assert_eq!(stats.pages_copied + stats.pages_zeroed, PAGES - 1, "cached pages are still served: {stats:?}");
+    assert_eq!(stats.poisoned, 1, "{stats:?}");
+    assert!(asked.is_empty(), "a failed session asks the network for nothing: {asked:?}");
 }
