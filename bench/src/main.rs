@@ -5,16 +5,19 @@
 //! bench matrix [--seeds 3] [--jobs 2] [--json]
 //! bench push [--pages 4096] [--loss 0.05] [--json]
 //! bench vs-udpcast [--hosts 4] [--mib 64] [--loss 0.05] [--json]
-//! bench xdp [--hosts 4] [--size 1400,8000] [--seconds 5] [--json]
+//! bench xdp [--hosts 4] [--size 1400,8000] [--seconds 5] [--sink hosts|switch-drop] [--json]
+//! bench xdp-daemons [--hosts 4] [--mib 64] [--mtu 1500,9000] [--io udp,xdp] [--loss 0] [--json]
 //! ```
 //! Logs go to stderr (`RUST_LOG=debug` for more); results go to stdout.
 
 mod args;
+mod lab_run;
 mod matrix;
 mod push_cmd;
 mod sim_cmd;
 mod udpcast_cmd;
 mod xdp_cmd;
+mod xdp_daemons_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +44,10 @@ enum Command {
     VsUdpcast(udpcast_cmd::VsUdpcastArgs),
     /// Compare the UDP and AF_XDP backends' sender throughput in a netlab lab (needs root).
     Xdp(xdp_cmd::XdpArgs),
+    /// The real server and host daemons over UDP and over AF_XDP, side by side: push throughput
+    /// per server CPU-second and fault-service latency (needs root and the release spindrift-server
+    /// and spindrift-client).
+    XdpDaemons(xdp_daemons_cmd::XdpDaemonsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +65,7 @@ fn main() -> std::process::ExitCode {
         Command::Push(args) => push_cmd::run(&args),
         Command::VsUdpcast(args) => udpcast_cmd::run(&args),
         Command::Xdp(args) => xdp_cmd::run(&args),
+        Command::XdpDaemons(args) => xdp_daemons_cmd::run(&args),
     };
     match result {
         Ok(code) => code,

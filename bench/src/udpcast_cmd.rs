@@ -23,15 +23,16 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use netlab::{Host, Lab, LabConfig, LinkConditions, Loss};
+use netlab::{Lab, LabConfig, LinkConditions, Loss};
 use serde::Serialize;
 
 use crate::args;
+use crate::lab_run::{tx_counters, wait_all, Binaries, Proc, Push, Scratch};
 
 /// The comparison's knobs.
 #[derive(Debug, Clone, Args)]
@@ -104,34 +105,6 @@ pub struct Comparison {
     pub results: Vec<ToolResult>,
 }
 
-/// Removes the scratch directory on every exit path (unless kept).
-struct Scratch(PathBuf, bool);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        if self.1 {
-            eprintln!("kept {}", self.0.display());
-        } else {
-            std::fs::remove_dir_all(&self.0).ok();
-        }
-    }
-}
-
-/// Kills the children still running on every exit path.
-struct Children(Vec<(String, Child)>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.0 {
-            if matches!(c.try_wait(), Ok(None)) {
-                c.kill().ok();
-                c.wait().ok();
-            }
-        }
-    }
-}
-
-const KEY_HEX: &str = "7e5d7e5d7e5d7e5d7e5d7e5d7e5d7e5d7e5d7e5d7e5d7e5d7e5d7e5d7e5d7e5d";
 const SPINDRIFT_PORT: u16 = 7700;
 const UDPCAST_PORTBASE: u16 = 9000;
 
@@ -145,30 +118,15 @@ pub fn run(a: &VsUdpcastArgs) -> anyhow::Result<ExitCode> {
     }
     netlab::check_prerequisites().context("netlab needs root and iproute2")?;
     netlab::preflight::check_nft().context("netlab's loss needs nftables")?;
-    let bin_dir = match &a.bin_dir {
-        Some(d) => d.clone(),
-        None => std::env::current_exe()?.parent().map(Path::to_path_buf).context("no directory beside bench")?,
-    };
-    let server_bin = bin_dir.join("spindrift-server");
-    let client_bin = bin_dir.join("spindrift-client");
-    for b in [&server_bin, &client_bin] {
-        if !b.exists() {
-            bail!(
-                "{} not found: build it (cargo build --release -p spindrift-server -p spindrift-client) or pass \
-                 --bin-dir",
-                b.display()
-            );
-        }
-    }
+    let bins = Binaries::find(a.bin_dir.as_deref())?;
     for tool in ["udp-sender", "udp-receiver"] {
         which(tool).with_context(|| format!("{tool} not found: install udpcast (scripts/setup.sh)"))?;
     }
 
-    let scratch = Scratch(std::env::temp_dir().join(format!("spindrift-vs-udpcast-{}", std::process::id())), a.keep);
-    std::fs::create_dir_all(&scratch.0)?;
+    let scratch = Scratch::new("vs-udpcast", a.keep)?;
     let pages = a.mib * 256;
     let image = spindrift_protocol::sim::content::Image::generate(7, pages).into_bytes();
-    let image_path = scratch.0.join("image.img");
+    let image_path = scratch.path("image.img");
     std::fs::write(&image_path, &image)?;
     let image_bytes = image.len() as u64;
 
@@ -182,17 +140,39 @@ pub fn run(a: &VsUdpcastArgs) -> anyhow::Result<ExitCode> {
     let timeout = Duration::from_secs(a.timeout_s);
     let group = Ipv4Addr::new(239, 77, (lab.index() % 256) as u8, 1);
     let mut results = Vec::new();
-    let mut variants = vec![("spindrift", Vec::new())];
+    let mut variants = vec![("spindrift", "spindrift", Vec::new())];
     if !a.no_raw_row {
-        variants.push(("spindrift, raw pages (--zstd-level 0)", vec!["--zstd-level", "0"]));
+        variants.push(("spindrift, raw pages (--zstd-level 0)", "spindrift-raw", vec!["--zstd-level", "0"]));
     }
-    for (name, flags) in variants {
-        let bins = (server_bin.as_path(), client_bin.as_path());
-        results.push(spindrift(a, &lab, bins, name, &flags, &image_path, &image, group, timeout, &scratch.0)?);
+    for (name, tag, flags) in variants {
+        let mut server_flags: Vec<String> = a.server_flags.split_whitespace().map(str::to_string).collect();
+        server_flags.extend(flags.iter().map(|s| s.to_string()));
+        if let Some(rate) = &a.rate {
+            server_flags.extend(["--rate".to_string(), rate.clone()]);
+        }
+        let push = Push {
+            bins: &bins,
+            scratch: &scratch,
+            tag,
+            image: &image_path,
+            image_bytes,
+            group,
+            port: SPINDRIFT_PORT,
+            hosts: a.hosts,
+            io: None,
+            mtu: None,
+            min_receivers: !a.no_min_receivers,
+            verify: false,
+            remove_outputs: false,
+            server_flags,
+            server_cpus: None,
+            timeout,
+        };
+        results.push(spindrift(&lab, &push, name, &image)?);
     }
     let data_group = Ipv4Addr::new(239, 78, (lab.index() % 256) as u8, 1);
     let rdv_group = Ipv4Addr::new(239, 78, (lab.index() % 256) as u8, 2);
-    results.push(udpcast(a, &lab, &image_path, &image, data_group, rdv_group, timeout, &scratch.0)?);
+    results.push(udpcast(a, &lab, &image_path, &image, data_group, rdv_group, timeout, &scratch)?);
     drop(lab);
 
     let cmp = Comparison { hosts: a.hosts, image_bytes, loss: a.loss, results };
@@ -209,106 +189,21 @@ fn which(tool: &str) -> anyhow::Result<PathBuf> {
     std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.exists()).context("not in PATH")
 }
 
-/// h0's eth0 transmit counters: (bytes, packets).
-fn tx_counters(h0: &Host) -> anyhow::Result<(u64, u64)> {
-    let out = h0.output("ip", ["-s", "-j", "link", "show", "dev", h0.ifname()])?;
-    if !out.status.success() {
-        bail!("ip -s link in h0 failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("ip -s -j link output")?;
-    let tx = &v[0]["stats64"]["tx"];
-    match (tx["bytes"].as_u64(), tx["packets"].as_u64()) {
-        (Some(b), Some(p)) => Ok((b, p)),
-        _ => bail!("no tx counters in {v}"),
-    }
-}
-
-/// Waits for every child, up to `deadline`; returns each one's exit description (None: timed out).
-fn wait_all(children: &mut Children, deadline: Instant) -> Vec<Option<String>> {
-    let mut done: Vec<Option<String>> = vec![None; children.0.len()];
-    while Instant::now() < deadline && done.iter().any(Option::is_none) {
-        for (i, (_, c)) in children.0.iter_mut().enumerate() {
-            if done[i].is_none() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    done[i] = Some(if status.success() { "ok".to_string() } else { format!("exit {status}") });
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    done
-}
-
 fn same_file(path: &Path, image: &[u8]) -> bool {
     std::fs::read(path).is_ok_and(|b| b == image)
 }
 
-fn spawn_logged(c: &mut Command, log: &Path) -> anyhow::Result<Child> {
-    let f = std::fs::File::create(log)?;
-    let g = f.try_clone()?;
-    Ok(c.stdin(Stdio::null()).stdout(f).stderr(g).spawn()?)
-}
-
-/// Sends SIGTERM to `child` (the server ends its session and writes its statistics).
-fn terminate(child: &Child) {
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().ok();
-}
-
-#[allow(clippy::too_many_arguments)]
-fn spindrift(
-    a: &VsUdpcastArgs,
-    lab: &Lab,
-    (server_bin, client_bin): (&Path, &Path),
-    name: &str,
-    flags: &[&str],
-    image_path: &Path,
+/// Exit descriptions and file checks of the receivers, with the tail of a failed one's log.
+fn check_receivers(
+    tool: &str,
+    done: &[(Option<String>, PathBuf)],
     image: &[u8],
-    group: Ipv4Addr,
-    timeout: Duration,
-    scratch: &Path,
-) -> anyhow::Result<ToolResult> {
-    let h0 = lab.host(0)?;
-    let (tx0, pk0) = tx_counters(h0)?;
-    let mut server = h0.command(server_bin)?;
-    server
-        .args(["--image", &image_path.display().to_string(), "--iface", &h0.addr().to_string()])
-        .args(["--group", &group.to_string(), "--port", &SPINDRIFT_PORT.to_string(), "--key-hex", KEY_HEX])
-        .args(["--push", "all"])
-        .args(["--duration-s", &(a.timeout_s + 10).to_string()])
-        .args(["--stats-json", &scratch.join("server-stats.json").display().to_string()]);
-    if !a.no_min_receivers {
-        server.args(["--min-receivers", &a.hosts.to_string()]);
-    }
-    if let Some(rate) = &a.rate {
-        server.args(["--rate", rate]);
-    }
-    server.args(a.server_flags.split_whitespace()).args(flags);
-    let mut servers = Children(vec![("server".into(), spawn_logged(&mut server, &scratch.join("server.log"))?)]);
-    std::thread::sleep(Duration::from_millis(300));
-    let started = Instant::now();
-    let mut clients = Children(Vec::new());
-    for i in 1..=a.hosts {
-        let h = lab.host(i)?;
-        let out = scratch.join(format!("spindrift-h{i}.img"));
-        let mut c = h.command(client_bin)?;
-        c.args(["fetch", "--server", &h0.addr().to_string(), "--iface", &h.addr().to_string()])
-            .args(["--group", &group.to_string(), "--port", &SPINDRIFT_PORT.to_string(), "--key-hex", KEY_HEX])
-            .args(["--image-bytes", &image.len().to_string(), "--out", &out.display().to_string()])
-            .args(["--timeout-s", &a.timeout_s.to_string(), "--json"]);
-        clients.0.push((format!("h{i}"), spawn_logged(&mut c, &scratch.join(format!("client-h{i}.log")))?));
-    }
-    let done = wait_all(&mut clients, started + timeout);
-    let wall_s = started.elapsed().as_secs_f64();
-    if let Some((_, s)) = servers.0.first() {
-        terminate(s);
-    }
-    let _ = wait_all(&mut servers, Instant::now() + Duration::from_secs(5));
-    let (tx1, pk1) = tx_counters(h0)?;
+    log_of: impl Fn(usize) -> PathBuf,
+) -> (bool, Vec<String>) {
     let mut receivers = Vec::new();
     let mut all_correct = true;
-    for (i, status) in done.iter().enumerate() {
-        let out = scratch.join(format!("spindrift-h{}.img", i + 1));
-        let ok = same_file(&out, image);
+    for (i, (status, out)) in done.iter().enumerate() {
+        let ok = same_file(out, image);
         all_correct &= ok && status.as_deref() == Some("ok");
         receivers.push(format!(
             "h{}: {}, {}",
@@ -317,31 +212,40 @@ fn spindrift(
             if ok { "file matches" } else { "FILE DIFFERS" }
         ));
         if !ok || status.as_deref() != Some("ok") {
-            let log = std::fs::read_to_string(scratch.join(format!("client-h{}.log", i + 1))).unwrap_or_default();
-            eprintln!("spindrift h{}: {}", i + 1, log.lines().rev().take(5).collect::<Vec<_>>().join(" | "));
+            let log = std::fs::read_to_string(log_of(i + 1)).unwrap_or_default();
+            eprintln!("{tool} h{}: {}", i + 1, log.lines().rev().take(5).collect::<Vec<_>>().join(" | "));
         }
     }
-    if let Ok(stats) = std::fs::read_to_string(scratch.join("server-stats.json")) {
-        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&stats) {
-            eprintln!(
-                "spindrift server: tx {} bytes ({} data, {} repair packets), {} NAKs, {} statuses, {} requests, \
-                 pages pushed {} of {} sent, window holds {}",
-                v["tx_bytes"],
-                v["data_packets"],
-                v["repair_packets"],
-                v["naks"],
-                v["statuses"],
-                v["requests"],
-                v["pages_pushed"],
-                v["pages_sent"],
-                v["push_window_stalls"]
-            );
-        }
+    (all_correct, receivers)
+}
+
+fn spindrift(lab: &Lab, push: &Push<'_>, name: &str, image: &[u8]) -> anyhow::Result<ToolResult> {
+    let h0 = lab.host(0)?;
+    let (tx0, pk0) = tx_counters(h0)?;
+    let outcome = push.run(lab)?;
+    let (tx1, pk1) = tx_counters(h0)?;
+    let done: Vec<_> = outcome.fetched.iter().map(|f| (f.status.clone(), f.out.clone())).collect();
+    let (all_correct, receivers) =
+        check_receivers("spindrift", &done, image, |i| push.scratch.path(&format!("{}-h{i}-fetch.log", push.tag)));
+    if let Some(v) = &outcome.server_stats {
+        eprintln!(
+            "spindrift server: tx {} bytes ({} data, {} repair packets), {} NAKs, {} statuses, {} requests, \
+             pages pushed {} of {} sent, window holds {}",
+            v["tx_bytes"],
+            v["data_packets"],
+            v["repair_packets"],
+            v["naks"],
+            v["statuses"],
+            v["requests"],
+            v["pages_pushed"],
+            v["pages_sent"],
+            v["push_window_stalls"]
+        );
     }
     let bytes = tx1.saturating_sub(tx0);
     Ok(ToolResult {
         tool: name.to_string(),
-        wall_s,
+        wall_s: outcome.wall_s,
         sender_tx_bytes: bytes,
         sender_tx_packets: pk1.saturating_sub(pk0),
         tx_per_image: bytes as f64 / image.len() as f64,
@@ -359,16 +263,17 @@ fn udpcast(
     data_group: Ipv4Addr,
     rdv_group: Ipv4Addr,
     timeout: Duration,
-    scratch: &Path,
+    scratch: &Scratch,
 ) -> anyhow::Result<ToolResult> {
     let h0 = lab.host(0)?;
     let (tx0, pk0) = tx_counters(h0)?;
     let portbase = UDPCAST_PORTBASE.to_string();
-    let mut receivers_c = Children(Vec::new());
+    let mut receivers_c = Vec::new();
+    let mut outs = Vec::new();
     let started = Instant::now();
     for i in 1..=a.hosts {
         let h = lab.host(i)?;
-        let out = scratch.join(format!("udpcast-h{i}.img"));
+        let out = scratch.path(&format!("udpcast-h{i}.img"));
         let mut c = h.command("udp-receiver")?;
         c.args(["--file", &out.display().to_string(), "--interface", h.ifname(), "--nokbd"]).args([
             "--portbase",
@@ -376,7 +281,12 @@ fn udpcast(
             "--mcast-rdv-address",
             &rdv_group.to_string(),
         ]);
-        receivers_c.0.push((format!("h{i}"), spawn_logged(&mut c, &scratch.join(format!("udpr-h{i}.log")))?));
+        receivers_c.push(Proc::spawn_logged(
+            format!("udp-receiver h{i}"),
+            &mut c,
+            &scratch.path(&format!("udpr-h{i}.log")),
+        )?);
+        outs.push(out);
     }
     let mut sender = h0.command("udp-sender")?;
     sender
@@ -386,30 +296,18 @@ fn udpcast(
         // Under loss, a receiver that missed the one HELLO (or the answer to its connection) never
         // joins: have the sender repeat HELLO until the transfer starts.
         .args(["--start-timeout", "30", "--rexmit-hello-interval", "100"]);
-    let mut senders = Children(vec![("udp-sender".into(), spawn_logged(&mut sender, &scratch.join("udps.log"))?)]);
+    let mut senders = vec![Proc::spawn_logged("udp-sender", &mut sender, &scratch.path("udps.log"))?];
     let done = wait_all(&mut receivers_c, started + timeout);
     let wall_s = started.elapsed().as_secs_f64();
     let _ = wait_all(&mut senders, Instant::now() + Duration::from_secs(5));
+    drop(senders);
+    drop(receivers_c);
     let (tx1, pk1) = tx_counters(h0)?;
-    let mut receivers = Vec::new();
-    let mut all_correct = true;
-    for (i, status) in done.iter().enumerate() {
-        let out = scratch.join(format!("udpcast-h{}.img", i + 1));
-        let ok = same_file(&out, image);
-        all_correct &= ok && status.as_deref() == Some("ok");
-        receivers.push(format!(
-            "h{}: {}, {}",
-            i + 1,
-            status.as_deref().unwrap_or("timed out"),
-            if ok { "file matches" } else { "FILE DIFFERS" }
-        ));
-        if !ok || status.as_deref() != Some("ok") {
-            let log = std::fs::read_to_string(scratch.join(format!("udpr-h{}.log", i + 1))).unwrap_or_default();
-            eprintln!("udpcast h{}: {}", i + 1, log.lines().rev().take(5).collect::<Vec<_>>().join(" | "));
-        }
-    }
+    let done: Vec<_> = done.into_iter().zip(outs).collect();
+    let (all_correct, receivers) =
+        check_receivers("udpcast", &done, image, |i| scratch.path(&format!("udpr-h{i}.log")));
     if !all_correct {
-        let log = std::fs::read_to_string(scratch.join("udps.log")).unwrap_or_default();
+        let log = std::fs::read_to_string(scratch.path("udps.log")).unwrap_or_default();
         eprintln!("udp-sender: {}", log.lines().rev().take(12).collect::<Vec<_>>().join(" | "));
     }
     let bytes = tx1.saturating_sub(tx0);

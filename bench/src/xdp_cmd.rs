@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! bench xdp [--hosts 4] [--size 1400,8000] [--seconds 5] [--batch 64] [--backends udp,udp-gso,xdp]
-//!           [--receivers udp|same|none] [--bridge-netfilter] [--json]
+//!           [--receivers udp|same|none] [--sink hosts|switch-drop] [--bridge-netfilter] [--json]
 //! ```
 //!
 //! One lab (MTU 9000, so 8000-byte datagrams go unfragmented) with a sender on h0 and `--hosts`
@@ -11,6 +11,9 @@
 //! what it gets, draining its backend once a millisecond. Reported per row: datagrams/s sent, the
 //! sender thread's on-CPU time (`/proc/thread-self/schedstat`), datagrams and goodput per sender
 //! CPU-second, and what the receivers got. Needs root.
+//!
+//! The backends alone, without the daemons' protocol work; `bench xdp-daemons` runs the real
+//! server and host daemons over either backend.
 //!
 //! # Reading the figures
 //!
@@ -30,6 +33,26 @@
 //! * the AF_XDP sender fills in UDP checksums (`--udp-checksum false` sends none); every receiving
 //!   kernel then verifies them in software, whereas the UDP backend's checksums are never computed
 //!   on veth (left to an offload a virtual link never performs).
+//!
+//! # The NIC model: `--sink switch-drop`
+//!
+//! A server with a real NIC pays for its backend's transmit path up to the driver's ring; the
+//! NIC, the wire, the switch and the receivers cost it nothing. In a lab they are all the sender's
+//! softirqs, which is why the default rows show AF_XDP only slightly ahead of UDP. With
+//! `--sink switch-drop` the frames are dropped as they enter the switch: a netdev `ingress` rule
+//! (nftables, in the switch namespace, on h0's switch port, ahead of the bridge) drops every IPv4
+//! frame and counts it. The sender's CPU is then its backend's own transmit path plus one veth
+//! hop (the peer's receive up to that rule), which is what a NIC that takes frames off the CPU
+//! leaves; no receiver runs (`--receivers` is ignored) and the table shows the frames dropped at
+//! the switch instead. The drop is an nftables rule rather than `tc ... matchall action drop`
+//! because this kernel has neither `cls_matchall` nor `act_gact` (and loads no modules); it sits
+//! at the same point of the receive path, just after tc's ingress hook.
+//!
+//! Caveat: a `udp-gso` super-packet (a run of up to 64 datagrams in one skb) reaches the switch
+//! port whole and is dropped whole, so no one ever segments it: those rows are flattered (their
+//! "frames dropped" count is the super-packets). A real NIC would segment them in hardware (or
+//! the kernel in software, before the driver, when the NIC cannot), at no or some cost to the
+//! sender. The `udp` and `af_xdp` rows have one frame per datagram and compare fairly.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::process::ExitCode;
@@ -79,6 +102,16 @@ pub enum Receivers {
     None,
 }
 
+/// Where the sender's frames end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sink {
+    /// The bridge floods them to every host (what `--receivers` says runs there).
+    Hosts,
+    /// Dropped as they enter the switch, before the bridge (the NIC model: see the module docs).
+    SwitchDrop,
+}
+
 /// Sender throughput of the UDP and AF_XDP backends in a netlab lab.
 #[derive(Debug, Clone, Args)]
 pub struct XdpArgs {
@@ -102,6 +135,11 @@ pub struct XdpArgs {
     /// equal across rows.
     #[arg(long, value_enum, default_value = "udp")]
     pub receivers: Receivers,
+    /// Where the frames end: `hosts` (flooded to every host), or `switch-drop` (dropped as they
+    /// enter the switch, so the sender's CPU is its backend's transmit path plus one veth hop, as
+    /// with a NIC; GSO super-packets are dropped whole, which flatters `udp-gso`).
+    #[arg(long, value_enum, default_value = "hosts")]
+    pub sink: Sink,
     /// Leave the lab bridge's netfilter hooks (`br_netfilter`) on; by default they are turned off
     /// in the switch namespace, since a switch runs no firewall.
     #[arg(long)]
@@ -139,6 +177,9 @@ struct Row {
     recv_pps_mean: f64,
     /// Fewest datagrams one receiver got, as a fraction of those sent.
     recv_fraction_min: f64,
+    /// Frames dropped at the switch (`--sink switch-drop`; GSO super-packets count once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    switch_dropped: Option<u64>,
 }
 
 /// This thread's on-CPU time so far, in nanoseconds.
@@ -209,8 +250,9 @@ fn run_row(lab: &netlab::Lab, backend: Backend, size: usize, args: &XdpArgs) -> 
         (Receivers::Same, Backend::Xdp) => Backend::Xdp,
         _ => Backend::Udp,
     };
+    let dropped0 = if args.sink == Sink::SwitchDrop { Some(switch_drop_count(lab)?) } else { None };
     for h in 1..=usize::from(args.hosts) {
-        if args.receivers == Receivers::None {
+        if args.receivers == Receivers::None || args.sink == Sink::SwitchDrop {
             break;
         }
         let rx = open(rx_backend, lab.host(h)?, true, args)?;
@@ -242,6 +284,10 @@ fn run_row(lab: &netlab::Lab, backend: Backend, size: usize, args: &XdpArgs) -> 
         got.push(r.join().map_err(|_| anyhow::anyhow!("a receiver thread panicked"))??);
     }
     drop(sender);
+    let switch_dropped = match dropped0 {
+        Some(d0) => Some(switch_drop_count(lab)?.saturating_sub(d0)),
+        None => None,
+    };
     let bits = (sent * size as u64 * 8) as f64;
     let per_core = |x: f64| if cpu > 0.0 { x / cpu } else { 0.0 };
     Ok(Row {
@@ -257,29 +303,47 @@ fn run_row(lab: &netlab::Lab, backend: Backend, size: usize, args: &XdpArgs) -> 
         sent_gbps: bits / elapsed / 1e9,
         recv_pps_mean: got.iter().sum::<u64>() as f64 / got.len().max(1) as f64 / elapsed,
         recv_fraction_min: got.iter().min().copied().unwrap_or(0) as f64 / sent.max(1) as f64,
+        switch_dropped,
     })
 }
 
 fn print_table(rows: &[Row], args: &XdpArgs) {
+    let sink = args.sink == Sink::SwitchDrop;
     println!(
-        "multicast from h0 to {} hosts over a netlab bridge (MTU 9000{}), {} s per row, batches of {}, receivers: {}",
+        "multicast from h0 to {} hosts over a netlab bridge (MTU 9000{}), {} s per row, batches of {}, {}",
         args.hosts,
         if args.bridge_netfilter { ", bridge netfilter on" } else { "" },
         args.seconds,
         args.batch,
-        match args.receivers {
-            Receivers::Udp => "UDP sockets",
-            Receivers::Same => "same backend as the sender",
-            Receivers::None => "none (hosts drop the multicast)",
+        if sink {
+            "frames dropped as they enter the switch (NIC model: the sender pays its transmit path and one veth hop)"
+        } else {
+            match args.receivers {
+                Receivers::Udp => "receivers: UDP sockets",
+                Receivers::Same => "receivers: same backend as the sender",
+                Receivers::None => "receivers: none (hosts drop the multicast)",
+            }
         }
     );
+    let (c1, c2) = if sink { ("dropped/s", "at switch") } else { ("recv/s mean", "recv min") };
     println!(
         "{:<8} {:<12} {:>6} {:>11} {:>9} {:>8} {:>12} {:>14} {:>13} {:>9}",
-        "backend", "mode", "size", "sent/s", "Gbit/s", "tx CPU", "sent/CPU-s", "Gbit/s/CPU", "recv/s mean", "recv min"
+        "backend", "mode", "size", "sent/s", "Gbit/s", "tx CPU", "sent/CPU-s", "Gbit/s/CPU", c1, c2
     );
     for r in rows {
+        let (v1, v2) = match r.switch_dropped {
+            Some(d) => (
+                format!("{:.0}", d as f64 / r.seconds),
+                if r.backend == Backend::UdpGso {
+                    "GSO skbs".to_string()
+                } else {
+                    format!("{:.1}%", d as f64 * 100.0 / r.sent.max(1) as f64)
+                },
+            ),
+            None => (format!("{:.0}", r.recv_pps_mean), format!("{:.1}%", r.recv_fraction_min * 100.0)),
+        };
         println!(
-            "{:<8} {:<12} {:>6} {:>11.0} {:>9.2} {:>7.0}% {:>12.0} {:>14.2} {:>13.0} {:>8.1}%",
+            "{:<8} {:<12} {:>6} {:>11.0} {:>9.2} {:>7.0}% {:>12.0} {:>14.2} {:>13} {:>9}",
             r.backend.name(),
             r.detail,
             r.size,
@@ -288,8 +352,8 @@ fn print_table(rows: &[Row], args: &XdpArgs) {
             r.sender_cpu * 100.0,
             r.pps_per_core,
             r.goodput_per_core_gbps,
-            r.recv_pps_mean,
-            r.recv_fraction_min * 100.0
+            v1,
+            v2
         );
     }
     for &size in &args.sizes {
@@ -301,13 +365,71 @@ fn print_table(rows: &[Row], args: &XdpArgs) {
                 x.pps_per_core / u.pps_per_core.max(1.0)
             );
         }
+        if let (Some(g), Some(x)) = (find(Backend::UdpGso), find(Backend::Xdp)) {
+            println!(
+                "{size} B: AF_XDP / UDP-GSO = {:.2}x datagrams/s, {:.2}x per sender CPU-second{}",
+                x.sent_pps / g.sent_pps.max(1.0),
+                x.pps_per_core / g.pps_per_core.max(1.0),
+                if sink { " (GSO flattered: its super-packets are dropped unsegmented)" } else { "" }
+            );
+        }
     }
+}
+
+/// The nftables table (family netdev, switch namespace) of `--sink switch-drop`.
+const SINK_TABLE: &str = "bench_sink";
+
+/// Drops every IPv4 frame h0 sends as it enters the switch: a netdev ingress chain on h0's switch
+/// port, ahead of the bridge (and of netlab's own per-port tables), with a counter.
+fn install_switch_drop(lab: &netlab::Lab) -> anyhow::Result<()> {
+    let port = lab.host(0)?.switch_port();
+    let script = format!(
+        "table netdev {SINK_TABLE} {{\n  chain sink {{\n    type filter hook ingress device \"{port}\" priority -500; \
+         policy accept;\n    meta protocol ip counter drop\n  }}\n}}\n"
+    );
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.switch_netns(), "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft in the switch namespace")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        std::io::Write::write_all(&mut stdin, script.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("installing the switch drop rule failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Frames the `--sink switch-drop` rule has dropped so far.
+fn switch_drop_count(lab: &netlab::Lab) -> anyhow::Result<u64> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.switch_netns(), "nft", "-j", "list", "table", "netdev", SINK_TABLE])
+        .output()
+        .context("running nft in the switch namespace")?;
+    if !out.status.success() {
+        bail!("reading the switch drop counter failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("nft -j output")?;
+    fn find_counter(v: &serde_json::Value) -> Option<u64> {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.get("counter").and_then(|c| c["packets"].as_u64()).or_else(|| m.values().find_map(find_counter))
+            }
+            serde_json::Value::Array(a) => a.iter().find_map(find_counter),
+            _ => None,
+        }
+    }
+    find_counter(&v).with_context(|| format!("no counter in the switch drop rule: {v}"))
 }
 
 /// Stops the lab's bridge from passing bridged frames through iptables (`br_netfilter`, on by
 /// default in every namespace of this kernel): a switch does not run a firewall, and those hooks
 /// cost the sender's softirqs more per datagram than either backend's own transmit path.
-fn switch_netfilter_off(lab: &netlab::Lab) -> anyhow::Result<()> {
+pub(crate) fn switch_netfilter_off(lab: &netlab::Lab) -> anyhow::Result<()> {
     let sw = lab.switch_netns();
     for key in ["net.bridge.bridge-nf-call-iptables", "net.bridge.bridge-nf-call-arptables"] {
         let path = format!("/proc/sys/{}", key.replace('.', "/"));
@@ -338,6 +460,9 @@ pub fn run(args: &XdpArgs) -> anyhow::Result<ExitCode> {
     if !args.bridge_netfilter {
         switch_netfilter_off(&lab)?;
     }
+    if args.sink == Sink::SwitchDrop {
+        install_switch_drop(&lab)?;
+    }
     let mut rows = Vec::new();
     for &size in &args.sizes {
         for &backend in &args.backends {
@@ -351,7 +476,8 @@ pub fn run(args: &XdpArgs) -> anyhow::Result<ExitCode> {
             "hosts": args.hosts,
             "seconds": args.seconds,
             "batch": args.batch,
-            "receivers": args.receivers,
+            "receivers": if args.sink == Sink::SwitchDrop { serde_json::json!("none") } else { serde_json::json!(args.receivers) },
+            "sink": args.sink,
             "bridge_netfilter": args.bridge_netfilter,
             "xdp_udp_checksum": args.udp_checksum,
             "mtu": 9000,
@@ -377,6 +503,7 @@ mod tests {
             batch: 8,
             backends: vec![Backend::Xdp],
             receivers: Receivers::Udp,
+            sink: Sink::Hosts,
             bridge_netfilter: false,
             udp_checksum: true,
             json: false,

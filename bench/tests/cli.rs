@@ -92,3 +92,22 @@ fn vs_udpcast_checks_its_arguments_first() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--hosts 0 is out of range"));
 }
+
+#[test]
+fn lab_benchmarks_refuse_bad_flags_before_making_a_lab() {
+    for (args, needle) in [
+        (vec!["xdp-daemons", "--mtu", "1400"], "use 1500 or 9000"),
+        (vec!["xdp-daemons", "--loss", "1"], "must be in [0, 1)"),
+        (vec!["xdp-daemons", "--fraction", "0"], "must be in (0, 1]"),
+        (vec!["xdp-daemons", "--io", "dpdk"], "invalid value"),
+        (vec!["xdp-daemons", "--repeat", "0"], "not in 1..=20"),
+        (vec!["xdp", "--sink", "void"], "invalid value"),
+    ] {
+        let out = bench(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let stderr = String::from_utf8(out.stderr).expect("utf-8");
+        assert!(stderr.contains(needle), "{args:?}: stderr lacks `{needle}`: {stderr}");
+        assert!(stderr.contains(args[1]), "{args:?}: stderr does not name the flag: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+    }
+}
