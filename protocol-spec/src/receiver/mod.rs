@@ -132,6 +132,9 @@ pub struct ReceiverStats {
     pub requests: u64,
     /// NAKs sent.
     pub naks: u64,
+    /// Requests that insisted (pages re-requested in vain several times: sent without a stream
+    /// position, so the server sends them whatever it believes this host can repair).
+    pub insisted_requests: u64,
     /// Status messages sent.
     pub statuses: u64,
     /// Dropped: malformed.
@@ -738,11 +741,19 @@ impl Receiver {
             return self.seal(msg, buf);
         }
         let max_runs = (buf_len - HEADER_LEN - TAG_LEN - 16) / 8;
-        let runs: Vec<PageRun> = self.wants.take_request(now, self.request_rto(), max_runs);
-        if !runs.is_empty() {
+        for insist in [true, false] {
+            let runs: Vec<PageRun> = self.wants.take_request(now, self.request_rto(), max_runs, insist);
+            if runs.is_empty() {
+                continue;
+            }
             self.stats.requests += 1;
+            if insist {
+                self.stats.insisted_requests += 1;
+            }
+            // Insisting: claim to follow no stream, so the server cannot count on repairs.
+            let stream_start = if insist { wire::NO_STREAM } else { self.stream.start() };
             let msg = Message::Request(wire::Request {
-                stream_start: self.stream.start(),
+                stream_start,
                 loss_ppm: self.stream.loss_ppm(),
                 runs: Items::Slice(&runs),
             });

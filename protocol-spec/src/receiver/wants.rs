@@ -21,6 +21,12 @@ struct Want {
 /// How many timeouts an advertised page waits before it is asked for again.
 const QUEUED_PATIENCE: u32 = 16;
 
+/// From this many unanswered re-requests on, a page is asked for *insisting*: the Request says it
+/// follows no stream (`NO_STREAM`), so the server sends the page even if it was sent after this host
+/// started following and should be repairable. Whatever made the repair path fail (a position
+/// given up, a record lost after its packet arrived), the page then still comes.
+pub(super) const INSIST_AFTER: u32 = 2;
+
 /// The wanted pages.
 #[derive(Debug, Default)]
 pub(super) struct Wants {
@@ -129,11 +135,16 @@ impl Wants {
     }
 
     /// The runs to request now (most urgent first, at most `max_runs`), marking them requested.
-    /// Read-ahead and prefetch are asked for once: if they do not come, a fault asks again.
-    pub fn take_request(&mut self, now: Time, rto: Duration, max_runs: usize) -> Vec<PageRun> {
+    /// Read-ahead and prefetch are asked for once: if they do not come, a fault asks again. With
+    /// `insist`, only pages already re-requested [`INSIST_AFTER`] times; without, only the others.
+    pub fn take_request(&mut self, now: Time, rto: Duration, max_runs: usize, insist: bool) -> Vec<PageRun> {
         self.pages.retain(|_, w| w.priority == Priority::Fault || w.requested_at.is_none() || !Self::due(w, now, rto));
-        let mut due: Vec<(Priority, u32)> =
-            self.pages.iter().filter(|(_, w)| Self::due(w, now, rto)).map(|(&p, w)| (w.priority, p)).collect();
+        let mut due: Vec<(Priority, u32)> = self
+            .pages
+            .iter()
+            .filter(|(_, w)| Self::due(w, now, rto) && (w.attempts >= INSIST_AFTER) == insist)
+            .map(|(&p, w)| (w.priority, p))
+            .collect();
         due.sort_unstable();
         let mut runs: Vec<PageRun> = Vec::new();
         for (priority, page) in due {
@@ -176,16 +187,24 @@ mod tests {
         }
         w.want(9, Priority::Fault);
         let rto = Duration::from_millis(1);
-        let runs = w.take_request(Time::ZERO, rto, 16);
+        let runs = w.take_request(Time::ZERO, rto, 16, false);
         assert_eq!(runs[0], PageRun { first_page: 9, count: 1, priority: Priority::Fault });
         assert_eq!(runs[1], PageRun { first_page: 5, count: 3, priority: Priority::ReadAhead });
-        assert!(w.take_request(Time::ZERO, rto, 16).is_empty(), "nothing is due again at once");
-        let again = w.take_request(Time::ZERO + rto, rto, 16);
+        assert!(w.take_request(Time::ZERO, rto, 16, false).is_empty(), "nothing is due again at once");
+        let again = w.take_request(Time::ZERO + rto, rto, 16, false);
         assert_eq!(
             again,
             vec![PageRun { first_page: 9, count: 1, priority: Priority::Fault }],
             "faults are retried, read-ahead is not"
         );
-        assert!(w.take_request(Time::ZERO + rto * 2, rto, 16).is_empty(), "the second retry waits two rtos");
+        assert!(w.take_request(Time::ZERO + rto * 2, rto, 16, false).is_empty(), "the second retry waits two rtos");
+        let third = w.take_request(Time::ZERO + rto * 3, rto, 16, false);
+        assert_eq!(third.len(), 1, "the second retry");
+        assert!(w.take_request(Time::ZERO + rto * 7, rto, 16, false).is_empty(), "from now on it insists");
+        assert_eq!(
+            w.take_request(Time::ZERO + rto * 7, rto, 16, true),
+            vec![PageRun { first_page: 9, count: 1, priority: Priority::Fault }],
+            "after {INSIST_AFTER} unanswered retries the page is asked for insisting"
+        );
     }
 }

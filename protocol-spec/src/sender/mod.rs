@@ -482,7 +482,10 @@ impl<S: PageSource> Sender<S> {
         match msg {
             Message::Request(r) => {
                 self.stats.requests += 1;
-                member.stream_start = r.stream_start;
+                // An insisting Request (section 5.3) claims no stream; the member's position stands.
+                if r.stream_start != NO_STREAM {
+                    member.stream_start = r.stream_start;
+                }
                 self.blobs_for(r.stream_start);
                 self.group.report_loss(node, r.loss_ppm);
                 self.handle_request(r.stream_start, r.runs);
