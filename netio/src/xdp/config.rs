@@ -6,10 +6,17 @@ use std::time::Duration;
 use super::XdpError;
 use crate::udp::{Bind, UdpConfig};
 
-/// Default UMEM frames per queue (half for receiving, half for sending): 16 MiB of 4 KiB frames.
-pub const DEFAULT_FRAMES: u32 = 4096;
-/// Default bytes per UMEM frame.
-pub const DEFAULT_FRAME_SIZE: u32 = 4096;
+/// UMEM bytes per queue when [`XdpConfig::frames`] is left to the backend: 32 MiB, half for
+/// receiving. At MTU 1500 (2 KiB frames) that is 8192 frames of receive buffer; at MTU 9000 (4 KiB
+/// frames, three per jumbo frame) about 1365 jumbo frames. A receiver that falls behind by more
+/// (a busy host) drops at the ring and pays in repairs: 16 MiB halved the MTU-1500 receive buffer
+/// and cost 8,500 repairs per 64 MiB push to 4 hosts in `bench xdp-daemons`.
+pub const DEFAULT_UMEM_BYTES: u32 = 32 << 20;
+/// [`XdpConfig::frame_size`] and [`XdpConfig::frames`] value that lets the backend choose: 2 KiB
+/// frames when a full-MTU frame fits one, else 4 KiB; frames for [`DEFAULT_UMEM_BYTES`].
+pub const AUTO: u32 = 0;
+/// The fewest frames an automatic UMEM has (of 4 KiB).
+const MIN_AUTO_FRAMES: u32 = DEFAULT_UMEM_BYTES / 4096;
 /// Default datagrams per ring operation, as reported in [`Capabilities::max_batch`](crate::Capabilities::max_batch).
 pub const DEFAULT_MAX_BATCH: usize = 64;
 /// Default wait for a neighbour's ARP reply on first contact.
@@ -84,9 +91,10 @@ pub struct XdpConfig {
     pub group: Option<Ipv4Addr>,
     /// TTL of outgoing multicast (1 default).
     pub multicast_ttl: u32,
-    /// Bytes per UMEM frame: 2048 or 4096.
+    /// Bytes per UMEM frame: 2048, 4096 or [`AUTO`] (the default).
     pub frame_size: u32,
-    /// UMEM frames per queue, a power of two from 64 to 2^18; half receive, half send.
+    /// UMEM frames per queue, a power of two from 64 to 2^18 (half receive, half send), or
+    /// [`AUTO`] (the default: [`DEFAULT_UMEM_BYTES`] worth).
     pub frames: u32,
     /// Datagrams per ring operation (reported as `max_batch`), 1 to `frames / 2`.
     pub max_batch: usize,
@@ -115,8 +123,8 @@ impl XdpConfig {
             bind: Bind::Auto,
             group: None,
             multicast_ttl: 1,
-            frame_size: DEFAULT_FRAME_SIZE,
-            frames: DEFAULT_FRAMES,
+            frame_size: AUTO,
+            frames: AUTO,
             max_batch: DEFAULT_MAX_BATCH,
             mode: XdpMode::Auto,
             attach: AttachMode::Auto,
@@ -136,7 +144,7 @@ impl XdpConfig {
         c.bind = udp.bind;
         c.group = udp.group;
         c.multicast_ttl = udp.multicast_ttl;
-        c.max_batch = udp.max_batch.min(c.frames as usize / 2);
+        c.max_batch = udp.max_batch.min(MIN_AUTO_FRAMES as usize / 2);
         c
     }
 
@@ -152,13 +160,13 @@ impl XdpConfig {
         self
     }
 
-    /// Sets the UMEM frame size (2048 or 4096).
+    /// Sets the UMEM frame size (2048, 4096 or [`AUTO`]).
     pub fn frame_size(mut self, bytes: u32) -> XdpConfig {
         self.frame_size = bytes;
         self
     }
 
-    /// Sets the UMEM frames per queue.
+    /// Sets the UMEM frames per queue (or [`AUTO`]).
     pub fn frames(mut self, n: u32) -> XdpConfig {
         self.frames = n;
         self
@@ -217,14 +225,15 @@ impl XdpConfig {
         if self.bind == Bind::Group && self.group.is_none() {
             return bad("Bind::Group needs a group to join".into());
         }
-        if self.frame_size != 2048 && self.frame_size != 4096 {
+        if ![AUTO, 2048, 4096].contains(&self.frame_size) {
             return bad(format!("frame_size {} is not 2048 or 4096", self.frame_size));
         }
-        if !self.frames.is_power_of_two() || !(64..=1 << 18).contains(&self.frames) {
+        if self.frames != AUTO && (!self.frames.is_power_of_two() || !(64..=1 << 18).contains(&self.frames)) {
             return bad(format!("frames {} is not a power of two from 64 to 262144", self.frames));
         }
-        if !(1..=self.frames as usize / 2).contains(&self.max_batch) {
-            return bad(format!("max_batch {} is out of range 1..={}", self.max_batch, self.frames / 2));
+        let frames = if self.frames == AUTO { MIN_AUTO_FRAMES } else { self.frames };
+        if !(1..=frames as usize / 2).contains(&self.max_batch) {
+            return bad(format!("max_batch {} is out of range 1..={}", self.max_batch, frames / 2));
         }
         if self.multicast_ttl > 255 {
             return bad(format!("multicast_ttl {} is above 255", self.multicast_ttl));
@@ -267,6 +276,6 @@ mod tests {
         assert!(msg(XdpConfig::new(IF, 1).bind(Bind::Group)).contains("Bind::Group needs a group"));
         let mut c = XdpConfig::new(IF, 1);
         c.max_batch = 0;
-        assert!(msg(c).contains("max_batch 0 is out of range 1..=2048"));
+        assert!(msg(c).contains("max_batch 0 is out of range 1..=4096"));
     }
 }

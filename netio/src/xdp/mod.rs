@@ -108,8 +108,8 @@ use neigh::Neighbours;
 use queue::{QueueSetup, SetupStep, XskQueue, RX_HEADROOM};
 
 pub use config::{
-    AttachMode, ChecksumOffload, Queues, XdpConfig, XdpMode, DEFAULT_FRAMES, DEFAULT_FRAME_SIZE, DEFAULT_MAX_BATCH,
-    DEFAULT_NEIGHBOUR_TIMEOUT,
+    AttachMode, ChecksumOffload, Queues, XdpConfig, XdpMode, AUTO, DEFAULT_MAX_BATCH, DEFAULT_NEIGHBOUR_TIMEOUT,
+    DEFAULT_UMEM_BYTES,
 };
 use error::hint_for;
 pub use error::XdpError;
@@ -306,7 +306,13 @@ impl XdpIo {
 
         // A frame of the full MTU must fit one receive frame, else scatter-gather is needed.
         let frame_bytes = mtu as usize + frame::ETH_HEADER_LEN;
-        let sg = frame_bytes > (config.frame_size - RX_HEADROOM) as usize;
+        let frame_size = match config.frame_size {
+            AUTO if frame_bytes <= (2048 - RX_HEADROOM) as usize => 2048,
+            AUTO => 4096,
+            n => n,
+        };
+        let frames = if config.frames == AUTO { DEFAULT_UMEM_BYTES / frame_size } else { config.frames };
+        let sg = frame_bytes > (frame_size - RX_HEADROOM) as usize;
         let mode_flag = match config.mode {
             XdpMode::Auto => 0,
             XdpMode::Copy => libc::XDP_COPY,
@@ -323,8 +329,8 @@ impl XdpIo {
             let mut setup = QueueSetup {
                 ifindex,
                 queue,
-                frames: config.frames,
-                frame_size: config.frame_size,
+                frames,
+                frame_size,
                 bind_flags: libc::XDP_USE_NEED_WAKEUP | mode_flag | if sg_used { libc::XDP_USE_SG } else { 0 },
                 tx_checksum,
             };
@@ -389,7 +395,7 @@ impl XdpIo {
             (Bind::Wildcard, _) | (Bind::Auto, Some(_)) => Ipv4Addr::UNSPECIFIED,
             (Bind::Group, g) => g.unwrap_or(Ipv4Addr::UNSPECIFIED),
         };
-        let frame_limit = if sg_used { usize::MAX } else { (config.frame_size - RX_HEADROOM) as usize - HEADERS_LEN };
+        let frame_limit = if sg_used { usize::MAX } else { (frame_size - RX_HEADROOM) as usize - HEADERS_LEN };
         let max_datagram = (mtu as usize).saturating_sub(IP_UDP_OVERHEAD).min(frame_limit);
         let zero_copy = queues.iter().all(XskQueue::zero_copy);
         let mut caps = Capabilities::new("af_xdp", max_datagram, config.max_batch);
