@@ -52,6 +52,17 @@ fn sim_table_is_readable() {
     assert!(stdout.contains("server tx"), "{stdout}");
 }
 
+/// `bench args` fails with an error that contains `needle` and names the flag (`args[1]`), and
+/// prints nothing on stdout.
+fn assert_refused(args: &[&str], needle: &str) {
+    let out = bench(args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let stderr = String::from_utf8(out.stderr).expect("utf-8");
+    assert!(stderr.contains(needle), "{args:?}: stderr lacks `{needle}`: {stderr}");
+    assert!(stderr.contains(args[1]), "{args:?}: stderr does not name the flag: {stderr}");
+    assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+}
+
 #[test]
 fn bad_flags_give_a_clear_error() {
     for (args, needle) in [
@@ -62,12 +73,7 @@ fn bad_flags_give_a_clear_error() {
         (vec!["sim", "--mtu", "1400"], "use 1500 or 9000"),
         (vec!["sim", "--loss", "lots"], "not a number"),
     ] {
-        let out = bench(&args);
-        assert!(!out.status.success(), "{args:?} succeeded");
-        let stderr = String::from_utf8(out.stderr).expect("utf-8");
-        assert!(stderr.contains(needle), "{args:?}: stderr lacks `{needle}`: {stderr}");
-        assert!(stderr.contains(args[1]), "{args:?}: stderr does not name the flag: {stderr}");
-        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+        assert_refused(&args, needle);
     }
 }
 
@@ -103,11 +109,6 @@ fn lab_benchmarks_refuse_bad_flags_before_making_a_lab() {
         (vec!["xdp-daemons", "--repeat", "0"], "not in 1..=20"),
         (vec!["xdp", "--sink", "void"], "invalid value"),
     ] {
-        let out = bench(&args);
-        assert!(!out.status.success(), "{args:?} succeeded");
-        let stderr = String::from_utf8(out.stderr).expect("utf-8");
-        assert!(stderr.contains(needle), "{args:?}: stderr lacks `{needle}`: {stderr}");
-        assert!(stderr.contains(args[1]), "{args:?}: stderr does not name the flag: {stderr}");
-        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+        assert_refused(&args, needle);
     }
 }
