@@ -236,13 +236,18 @@ impl Setup {
         Setup { scratch, lab, net, image, image_bytes: image_mib << 20 }
     }
 
+    /// Whether host `i`'s interface has an XDP program attached.
+    fn xdp_attached(&self, i: usize) -> bool {
+        let out = self.host(i).command("ip").unwrap().args(["-d", "link", "show", "dev", "eth0"]).output().unwrap();
+        assert!(out.status.success(), "ip link on h{i}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
+    }
+
     /// Fails if an XDP program is still attached to any host's interface (a daemon or server that
     /// exited must leave none behind).
     fn assert_no_xdp_left(&self) {
-        for h in self.lab.hosts() {
-            let out = h.command("ip").unwrap().args(["-d", "link", "show", "dev", "eth0"]).output().unwrap();
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert!(out.status.success() && !text.contains("prog/xdp"), "{}: XDP left attached:\n{text}", h.name());
+        for i in 0..self.lab.len() {
+            assert!(!self.xdp_attached(i), "h{i}: XDP left attached after its process exited");
         }
     }
 
@@ -588,13 +593,22 @@ fn server_restart(test: &str, net: Net) {
 
 #[test]
 fn a_killed_daemon_fails_its_clone_visibly_and_spares_the_others() {
-    let test = "daemon_killed";
+    daemon_killed("daemon_killed", Net::UDP);
+}
+
+/// Over AF_XDP at MTU 9000: the killed daemon's XDP program goes with it, the others keep theirs.
+#[test]
+fn a_killed_daemon_fails_its_clone_visibly_and_spares_the_others_over_af_xdp_mtu_9000() {
+    daemon_killed("daemon_killed_xdp", Net::XDP_9000);
+}
+
+fn daemon_killed(test: &str, net: Net) {
     let _lock = lab_lock();
     if !lab_available(test) {
         return;
     }
     let deadline = Instant::now() + BOUND;
-    let s = Setup::new(test, 5, 16);
+    let s = Setup::with_net(test, 5, 16, net);
     let _server = s.server(1, &["--rate", "16mbit"]);
     let mut daemons: Vec<Daemon> = (1..5).map(|i| s.daemon(i, 10, &[])).collect();
     let mut touches: Vec<Touch> =
@@ -607,6 +621,10 @@ fn a_killed_daemon_fails_its_clone_visibly_and_spares_the_others() {
     eprintln!("h2's touch ended {:.2} s after its daemon was killed: {status:?}", killed.elapsed().as_secs_f64());
     assert!(!status.success(), "h2's touch should fail without its daemon");
     assert_eq!(status.code(), Some(touch::HANGUP_EXIT_CODE), "{status:?}");
+    if net.io == "xdp" {
+        assert!(!s.xdp_attached(2), "the killed daemon's XDP program is still attached on h2");
+        assert!(s.xdp_attached(1) && s.xdp_attached(3), "the other daemons lost their XDP programs");
+    }
     for (i, t) in touches.iter_mut().enumerate().filter(|(i, _)| *i != 1) {
         let r = t.expect_success(deadline);
         eprintln!("h{}: {r}", i + 1);
@@ -614,19 +632,30 @@ fn a_killed_daemon_fails_its_clone_visibly_and_spares_the_others() {
     for (i, d) in daemons.iter_mut().enumerate().filter(|(i, _)| *i != 1) {
         assert!(d.proc.try_status().is_none(), "daemon h{} died", i + 1);
     }
+    drop((daemons, _server));
+    s.assert_no_xdp_left();
     assert!(Instant::now() < deadline, "{test} ran past its bound");
 }
 
 #[test]
 fn clones_fail_within_the_server_timeout_when_the_server_is_gone_for_good() {
-    let test = "server_gone";
+    server_gone("server_gone", Net::UDP);
+}
+
+/// Over AF_XDP at MTU 1500.
+#[test]
+fn clones_fail_within_the_server_timeout_when_the_server_is_gone_for_good_over_af_xdp_mtu_1500() {
+    server_gone("server_gone_xdp", Net::XDP_1500);
+}
+
+fn server_gone(test: &str, net: Net) {
     let _lock = lab_lock();
     if !lab_available(test) {
         return;
     }
     let deadline = Instant::now() + BOUND;
     let timeout = Duration::from_secs(3);
-    let s = Setup::new(test, 5, 16);
+    let s = Setup::with_net(test, 5, 16, net);
     let mut server = s.server(1, &["--rate", "16mbit"]);
     let mut daemons: Vec<Daemon> = (1..5).map(|i| s.daemon(i, timeout.as_secs() as u32, &[])).collect();
     let mut touches: Vec<Touch> =

@@ -94,3 +94,16 @@ fn every_clone_starts_from_the_parents_memory_at_the_fork() {
     assert_eq!(r["results_ok"], 2, "{r:#}");
     assert_eq!(r["images_match"], 2, "{r:#}");
 }
+
+/// The same over AF_XDP: the forked memory server and both host daemons use `--io xdp`.
+#[test]
+fn every_clone_starts_from_the_parents_memory_at_the_fork_over_af_xdp() {
+    if !can_run_lab("every_clone_starts_from_the_parents_memory_at_the_fork_over_af_xdp") {
+        return;
+    }
+    let r =
+        demo(&["--hosts", "2", "--clones", "2", "--mem-mib", "16", "--loss", "0.02", "--verify-image", "--io", "xdp"]);
+    assert!(r["io"].as_str().is_some_and(|io| io.starts_with("af_xdp")), "daemons' backend: {}", r["io"]);
+    assert_eq!(r["results_ok"], 2, "{r:#}");
+    assert_eq!(r["images_match"], 2, "{r:#}");
+}
