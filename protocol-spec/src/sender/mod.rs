@@ -780,6 +780,21 @@ impl<S: PageSource> Sender<S> {
                 return Some(len);
             }
         }
+        if !self.block_bodies.is_empty() {
+            // Nothing more may follow the open block now (the push window closed since its last
+            // packet, or the push found only pages already sent), yet that packet did not carry
+            // DATA_LAST_IN_BLOCK. Close the block here: left open, it would be outside the repair
+            // history (NAKs for it ignored) while requests for its pages are deduplicated as "sent
+            // at or after your Stream Start", so a host that lost one of its packets could get
+            // those pages only by insisting. Receivers learn its k from its parity, the next
+            // Heartbeat (whose Next Seq ends it) or the next block.
+            self.close_block(now);
+            while let Some((block, counter)) = self.repairs.pop_front() {
+                if let Some(len) = self.write_repair(block, counter, buf) {
+                    return Some(len);
+                }
+            }
+        }
         if self.heartbeat_at.is_some_and(|t| now >= t) {
             self.heartbeat_gap = (self.heartbeat_gap * 2).min(MAX_HEARTBEAT_GAP);
             self.heartbeat_at = Some(now + self.heartbeat_gap);
@@ -977,6 +992,13 @@ impl<S: PageSource> Sender<S> {
         // The block closes when full or when nothing more may follow it now (the queue drained, or
         // the push window closes at the next position): its parity goes out at once.
         self.next_seq += 1;
+        // Drop the push pages that would be skipped anyway (sent already, or queued on demand), so
+        // `has_data` below sees whether the push really has a page left. Otherwise a packet that a
+        // page filled (a raw 4 KiB page that starts a 1472-byte packet leaves 11 bytes of its third
+        // packet free, too few for another record) goes out without DATA_LAST_IN_BLOCK although
+        // nothing follows it: the block is then left open (see `next_datagram`).
+        let page_block = &self.page_block;
+        self.queue.skip_push(|p| page_block[p as usize] != NO_BLOCK);
         self.block_push_only &= !demand;
         let max_block = if self.block_push_only { self.config.push_max_block } else { self.config.max_block };
         let last = usize::from(index) + 1 >= usize::from(max_block) || !self.has_data();

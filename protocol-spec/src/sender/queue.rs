@@ -95,6 +95,24 @@ impl PageQueue {
         None
     }
 
+    /// Drops the pages at the head of the push that [`PageQueue::pop_push`] would skip (those
+    /// `already_sent` rules out, and those queued on demand), so that [`PageQueue::has_push`] says
+    /// whether a page is really left to push.
+    pub fn skip_push(&mut self, already_sent: impl Fn(u32) -> bool) {
+        while let Some(&p) = self.push_hints.front() {
+            if !already_sent(p) && !self.is_queued(p) {
+                return;
+            }
+            self.push_hints.pop_front();
+        }
+        while let Some(p) = self.push_all_next {
+            if !already_sent(p) && !self.is_queued(p) {
+                return;
+            }
+            self.push_all_next = (p + 1 < self.page_count).then_some(p + 1);
+        }
+    }
+
     /// Whether the push has anything left.
     pub fn has_push(&self) -> bool {
         !self.push_hints.is_empty() || self.push_all_next.is_some()
@@ -116,6 +134,17 @@ mod tests {
         assert_eq!(q.pop_requested(), Some((3, Priority::ReadAhead)));
         assert!(!q.has_requested(), "only a stale entry is left");
         assert_eq!(q.pop_requested(), None, "the stale read-ahead entry of page 4 is skipped");
+    }
+
+    #[test]
+    fn skipping_sent_pages_shows_that_the_push_is_over() {
+        let mut q = PageQueue::new(4, &PushPolicy::HintsThenAll(vec![3]));
+        assert!(q.enqueue(2, Priority::Fault));
+        assert_eq!(q.pop_push(|p| p == 3), Some(0));
+        assert_eq!(q.pop_push(|p| p == 3), Some(1));
+        assert!(q.has_push(), "pages 2 and 3 are still to be looked at");
+        q.skip_push(|p| p == 3);
+        assert!(!q.has_push(), "page 2 goes on demand and page 3 went already: nothing is left to push");
     }
 
     #[test]

@@ -282,6 +282,7 @@ pub fn add_receiver_stats(a: &mut ReceiverStats, b: &ReceiverStats) {
     a.tx_packets += b.tx_packets;
     a.requests += b.requests;
     a.naks += b.naks;
+    a.insisted_requests += b.insisted_requests;
     a.statuses += b.statuses;
     a.rx_malformed += b.rx_malformed;
     a.rx_unauthenticated += b.rx_unauthenticated;
