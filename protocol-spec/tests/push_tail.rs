@@ -10,44 +10,16 @@
 //! ignored, while requests for its pages were deduplicated ("sent at or after your Stream Start").
 //! A host that lost a packet of that block could only get its pages by insisting.
 
+mod common;
+
 use std::time::Duration;
 
-use spindrift_protocol::receiver::{PageSink, Receiver, ReceiverConfig};
-use spindrift_protocol::sender::{PageSource, PushPolicy, Sender, SenderConfig};
+use common::{Check, Image};
+
+use spindrift_protocol::receiver::{Receiver, ReceiverConfig};
+use spindrift_protocol::sender::{PushPolicy, Sender, SenderConfig};
 use spindrift_protocol::wire::{peek_header, MsgType, NodeId, SessionId, SessionKey, MAX_DATAGRAM};
 use spindrift_protocol::Time;
-
-struct Image(Vec<u8>);
-
-impl PageSource for Image {
-    fn page_count(&self) -> u32 {
-        (self.0.len() / 4096) as u32
-    }
-    fn page(&self, page: u32) -> &[u8] {
-        &self.0[page as usize * 4096..(page as usize + 1) * 4096]
-    }
-}
-
-struct Check<'a> {
-    image: &'a [u8],
-    stored: Vec<bool>,
-    bad: usize,
-}
-
-impl PageSink for Check<'_> {
-    fn store(&mut self, page: u32, data: &[u8]) {
-        let p = page as usize;
-        if data != &self.image[p * 4096..(p + 1) * 4096] {
-            self.bad += 1;
-        }
-        self.stored[p] = true;
-    }
-    fn store_zero(&mut self, first_page: u32, count: u32) {
-        for p in first_page as usize..(first_page + count) as usize {
-            self.stored[p] = true;
-        }
-    }
-}
 
 /// Incompressible (here: never compressed) non-zero pages.
 fn image(pages: usize) -> Vec<u8> {
