@@ -80,15 +80,21 @@ pub(crate) struct SessionSnapshot {
     pub(crate) receiver: ReceiverStats,
 }
 
-/// Per-clone counters, shared with the clone's fault observer.
-#[derive(Debug)]
-pub(crate) struct CloneCounters {
+/// Who a clone is: fixed at its handoff, shown as is in the snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct CloneIdentity {
     pub(crate) conn: u64,
     pub(crate) session: u64,
     pub(crate) clone_id: Option<u64>,
     pub(crate) fork: Option<u32>,
     pub(crate) pid: Option<i32>,
     pub(crate) format: &'static str,
+}
+
+/// Per-clone counters, shared with the clone's fault observer.
+#[derive(Debug)]
+pub(crate) struct CloneCounters {
+    pub(crate) id: CloneIdentity,
     pub(crate) hits: AtomicU64,
     pub(crate) fetched: AtomicU64,
     started: Instant,
@@ -97,12 +103,8 @@ pub(crate) struct CloneCounters {
 /// One clone in the snapshot.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct CloneSnapshot {
-    pub(crate) conn: u64,
-    pub(crate) session: u64,
-    pub(crate) clone_id: Option<u64>,
-    pub(crate) fork: Option<u32>,
-    pub(crate) pid: Option<i32>,
-    pub(crate) format: &'static str,
+    #[serde(flatten)]
+    pub(crate) id: CloneIdentity,
     pub(crate) cache_hits: u64,
     pub(crate) network_faults: u64,
     pub(crate) seconds: f64,
@@ -117,12 +119,7 @@ impl CloneCounters {
     fn snapshot(&self, finished: Option<(&str, &ServerStats)>) -> CloneSnapshot {
         let s = finished.map(|(_, s)| s.clone()).unwrap_or_default();
         CloneSnapshot {
-            conn: self.conn,
-            session: self.session,
-            clone_id: self.clone_id,
-            fork: self.fork,
-            pid: self.pid,
-            format: self.format,
+            id: self.id.clone(),
             cache_hits: self.hits.load(Ordering::Relaxed),
             network_faults: self.fetched.load(Ordering::Relaxed),
             seconds: self.started.elapsed().as_secs_f64(),
@@ -219,12 +216,7 @@ impl DaemonStats {
         format: &'static str,
     ) -> Arc<CloneObserver> {
         let counters = Arc::new(CloneCounters {
-            conn,
-            session,
-            clone_id,
-            fork,
-            pid,
-            format,
+            id: CloneIdentity { conn, session, clone_id, fork, pid, format },
             hits: AtomicU64::new(0),
             fetched: AtomicU64::new(0),
             started: Instant::now(),
