@@ -17,31 +17,9 @@ use std::time::{Duration, Instant};
 use spindrift_client::{recv_uffd_timeout, FaultServer, PageCache, ServerConfig, Status};
 use vmm_glue::daemon::ReportLine;
 use vmm_glue::guest::ParallelJob;
-use vmm_glue::{CloneHost, CloneReport, Descriptor, GuestMemory, HostError, Vm, VmConfig};
+use vmm_glue::{Descriptor, Vm, VmConfig};
 
 const MEM: u64 = 16 << 20;
-
-/// Forks nothing: keeps the descriptor and the memory image.
-#[derive(Default)]
-struct Recorder {
-    descriptor: Option<Descriptor>,
-    image: Vec<u8>,
-}
-
-impl CloneHost for Recorder {
-    fn fork(&mut self, _: u32, d: &Descriptor, memory: &GuestMemory) -> Result<u32, HostError> {
-        self.image = vec![0; memory.size() as usize];
-        memory.copy_to(&mut self.image).unwrap();
-        self.descriptor = Some(d.clone());
-        Ok(d.fork_id)
-    }
-    fn join(&mut self, fork: u32, _: Duration) -> Result<Vec<CloneReport>, HostError> {
-        Err(HostError::UnknownFork(fork))
-    }
-    fn report(&mut self, _: &CloneReport) -> Result<(), HostError> {
-        Ok(())
-    }
-}
 
 /// A parent that forks 2 clones of the parallel job; returns its descriptor, image and the checksums.
 fn record_fork() -> (Descriptor, Vec<u8>, Vec<u64>) {
@@ -50,7 +28,7 @@ fn record_fork() -> (Descriptor, Vec<u8>, Vec<u64>) {
         let mut vm = Vm::new(config).unwrap();
         let job = ParallelJob { clones: 2, data_bytes: 8 << 20, seed: 3 };
         let layout = job.install(&mut vm).unwrap();
-        let mut rec = Recorder::default();
+        let mut rec = common::Recorder::default();
         vm.run(&mut rec).unwrap();
         let expected = (1..=2).map(|i| job.expected(&layout, i)).collect();
         (rec.descriptor.unwrap(), rec.image, expected)

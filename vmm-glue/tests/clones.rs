@@ -10,10 +10,7 @@ use std::time::Duration;
 
 use vmm_glue::guest::{ParallelJob, ParallelLayout, PARALLEL_FAILED};
 use vmm_glue::local::VanishAfter;
-use vmm_glue::{
-    CloneHost, CloneReport, Descriptor, GuestMemory, HostError, LocalHost, LocalHostConfig, RunOutcome, Vm, VmConfig,
-    ZeroMapMethod,
-};
+use vmm_glue::{Descriptor, LocalHost, LocalHostConfig, RunOutcome, Vm, VmConfig, ZeroMapMethod};
 
 const MEM: u64 = 32 << 20;
 const DATA: u64 = 16 << 20;
@@ -139,28 +136,6 @@ fn zero_and_discarded_pages_are_never_fetched_and_clones_fetch_little() {
     eprintln!("clones faulted {} distinct pages of {pages}", faulted.page_count());
 }
 
-/// A host that keeps the descriptor and the memory image, forks nothing, and fails the join.
-#[derive(Default)]
-struct Recorder {
-    descriptor: Option<Descriptor>,
-    image: Vec<u8>,
-}
-
-impl CloneHost for Recorder {
-    fn fork(&mut self, _: u32, d: &Descriptor, memory: &GuestMemory) -> Result<u32, HostError> {
-        self.image = vec![0; memory.size() as usize];
-        memory.copy_to(&mut self.image).unwrap();
-        self.descriptor = Some(d.clone());
-        Ok(d.fork_id)
-    }
-    fn join(&mut self, fork: u32, _: Duration) -> Result<Vec<CloneReport>, HostError> {
-        Err(HostError::UnknownFork(fork))
-    }
-    fn report(&mut self, _: &CloneReport) -> Result<(), HostError> {
-        Ok(())
-    }
-}
-
 #[test]
 fn captured_descriptor_roundtrips_and_describes_the_fork() {
     if !common::can_run("captured_descriptor_roundtrips") {
@@ -168,7 +143,7 @@ fn captured_descriptor_roundtrips_and_describes_the_fork() {
     }
     let (outcome, rec, layout) = common::bounded(Duration::from_secs(60), "recording run", || {
         let (mut vm, _, layout) = parallel_vm(3, 2, true);
-        let mut rec = Recorder::default();
+        let mut rec = common::Recorder::default();
         (vm.run(&mut rec).unwrap(), rec, layout)
     });
     // The join failed, so the guest says so.

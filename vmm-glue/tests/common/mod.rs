@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use vmm_glue::{CloneHost, CloneReport, Descriptor, GuestMemory, HostError};
+
 /// Whether this machine can run the VMM tests; prints why not and returns false (or panics when
 /// `NETLAB_REQUIRE=1`).
 pub fn can_run(test: &str) -> bool {
@@ -41,5 +43,27 @@ pub fn bounded<T: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce() 
         Ok(v) => v,
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{what}: did not finish within {limit:?}"),
         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: panicked"),
+    }
+}
+
+/// A host that keeps the descriptor and the memory image, forks nothing, and fails the join.
+#[derive(Default)]
+pub struct Recorder {
+    pub descriptor: Option<Descriptor>,
+    pub image: Vec<u8>,
+}
+
+impl CloneHost for Recorder {
+    fn fork(&mut self, _: u32, d: &Descriptor, memory: &GuestMemory) -> Result<u32, HostError> {
+        self.image = vec![0; memory.size() as usize];
+        memory.copy_to(&mut self.image).unwrap();
+        self.descriptor = Some(d.clone());
+        Ok(d.fork_id)
+    }
+    fn join(&mut self, fork: u32, _: Duration) -> Result<Vec<CloneReport>, HostError> {
+        Err(HostError::UnknownFork(fork))
+    }
+    fn report(&mut self, _: &CloneReport) -> Result<(), HostError> {
+        Ok(())
     }
 }
