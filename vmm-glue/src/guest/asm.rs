@@ -68,6 +68,15 @@ impl Prog {
         self.hypercall(abi::HC_EXIT)
     }
 
+    /// `REPORT(0, at, 8)`, then `EXIT(0)`: a clone reports the 8-byte result at address `at` and ends.
+    pub(crate) fn report_qword_and_exit(&mut self, at: AsmRegister64) -> R {
+        self.a.xor(edi, edi)?;
+        self.a.mov(rsi, at)?;
+        self.a.mov(edx, 8u32)?;
+        self.hypercall(abi::HC_REPORT)?;
+        self.exit(0)
+    }
+
     /// Places the strings and assembles for `ip`.
     pub(crate) fn finish(mut self, ip: u64) -> Result<Vec<u8>, IcedError> {
         for (mut label, bytes) in std::mem::take(&mut self.strings) {

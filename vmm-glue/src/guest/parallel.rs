@@ -198,11 +198,7 @@ pub(crate) fn assemble() -> Result<Vec<u8>, IcedError> {
     p.a.call(sum)?;
     p.a.mov(r8, qword_ptr(rbp + 32))?;
     p.a.mov(qword_ptr(r8), rax)?;
-    p.a.xor(edi, edi)?;
-    p.a.mov(rsi, r8)?;
-    p.a.mov(edx, 8u32)?;
-    p.hypercall(abi::HC_REPORT)?;
-    p.exit(0)?;
+    p.report_qword_and_exit(r8)?;
 
     // 4. parent: overwrite qword 0 of every data page
     p.a.set_label(&mut parent)?;

@@ -120,11 +120,7 @@ pub(crate) fn assemble() -> Result<Vec<u8>, IcedError> {
     p.a.mov(qword_ptr(rbx), rax)?;
     p.a.mov(edi, MARK_END as u32)?;
     p.hypercall(abi::HC_MARK)?;
-    p.a.xor(edi, edi)?;
-    p.a.mov(rsi, rbx)?;
-    p.a.mov(edx, 8u32)?;
-    p.hypercall(abi::HC_REPORT)?;
-    p.exit(0)?;
+    p.report_qword_and_exit(rbx)?;
 
     p.a.set_label(&mut parent)?;
     p.a.mov(rdi, qword_ptr(rbp + 32))?;
