@@ -18,8 +18,12 @@
 //! 2. drain outputs: `poll_transmit(now, buf)` until it returns `None`, then `poll_event()`;
 //! 3. sleep until `poll_timeout()` or the next datagram.
 //!
+//! A host daemon drives one [`endpoint::HostEndpoint`] instead of receivers: it routes datagrams to
+//! sessions, creates them from Announces and retires them, in the same handle / poll order.
+//!
 //! See `PROTOCOL.md` beside this crate for the normative protocol.
 
+pub mod endpoint;
 pub mod fec;
 pub mod receiver;
 mod replay;

@@ -143,6 +143,8 @@ pub struct ReceiverStats {
     pub rx_unauthenticated: u64,
     /// Dropped: another session, an old epoch, or a replay.
     pub rx_stale: u64,
+    /// Dropped: an authentic Announce of another image (page count or size) under this session.
+    pub rx_mismatched: u64,
 }
 
 /// Why a receiver could not be set up.
@@ -328,7 +330,9 @@ impl Receiver {
     }
 
     /// Takes a datagram from the server; pages it carries (or that parity rebuilds) go to `sink`.
-    pub fn handle_datagram(&mut self, now: Time, datagram: &mut [u8], sink: &mut dyn PageSink) {
+    /// Returns true when the datagram was authentic and current (of this session and its current
+    /// or a newer epoch): what an owner counts as "the server was heard".
+    pub fn handle_datagram(&mut self, now: Time, datagram: &mut [u8], sink: &mut dyn PageSink) -> bool {
         self.now = self.now.max(now);
         self.stats.rx_packets += 1;
         let header = match wire::peek_header(datagram) {
@@ -336,38 +340,70 @@ impl Receiver {
             Err(e) => {
                 tracing::debug!("dropping malformed datagram: {e}");
                 self.stats.rx_malformed += 1;
-                return;
+                return false;
             }
         };
         if header.session != self.config.session || header.node != NodeId::SERVER {
             self.stats.rx_stale += 1;
-            return;
+            return false;
         }
         if self.epoch.is_some_and(|e| header.epoch < e) {
             self.stats.rx_stale += 1;
-            return;
+            return false;
         }
         let keys = self.keys_for(header.epoch).clone();
         let (header, body) = match wire::open(datagram, &keys) {
             Ok(x) => x,
             Err(wire::DecodeError::BadTag) => {
                 self.stats.rx_unauthenticated += 1;
-                return;
+                return false;
             }
             Err(e) => {
                 tracing::debug!("dropping malformed datagram: {e}");
                 self.stats.rx_malformed += 1;
-                return;
+                return false;
             }
         };
+        self.take_opened(now, &header, body, sink)
+    }
+
+    /// Takes a datagram that its caller has already authenticated and opened with this session's
+    /// keys (the endpoint does so for the Announce that creates a session, so no datagram is
+    /// authenticated twice). Counts it as received. Returns what [`Receiver::handle_datagram`] does.
+    pub(crate) fn handle_opened(&mut self, now: Time, header: &Header, body: &[u8], sink: &mut dyn PageSink) -> bool {
+        self.now = self.now.max(now);
+        self.stats.rx_packets += 1;
+        if header.session != self.config.session || self.epoch.is_some_and(|e| header.epoch < e) {
+            self.stats.rx_stale += 1;
+            return false;
+        }
+        self.take_opened(now, header, body, sink)
+    }
+
+    fn take_opened(&mut self, now: Time, header: &Header, body: &[u8], sink: &mut dyn PageSink) -> bool {
         let msg = match Message::parse(header.msg_type, body) {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!("dropping malformed {:?}: {e}", header.msg_type);
                 self.stats.rx_malformed += 1;
-                return;
+                return false;
             }
         };
+        if let Message::Announce(a) = &msg {
+            if a.page_count != self.config.page_count || a.page_shift != self.config.page_shift {
+                // Authentic, but not the image this receiver follows: a server misconfigured with
+                // another image under the same session id. Its pages must not mix with ours.
+                tracing::warn!(
+                    "announce of {} pages of 2^{} bytes, not {} of 2^{}: ignored",
+                    a.page_count,
+                    a.page_shift,
+                    self.config.page_count,
+                    self.config.page_shift
+                );
+                self.stats.rx_mismatched += 1;
+                return false;
+            }
+        }
         self.learn_epoch(header.epoch);
         self.last_heard = Some(now);
         self.server_lost = false;
@@ -382,6 +418,38 @@ impl Receiver {
         if self.push_since_status && progress >= u64::from(self.config.window) / PROGRESS_FRACTION {
             self.status_due = true;
         }
+        true
+    }
+
+    /// True once the server ended the session (and no later epoch started it again).
+    pub fn is_ended(&self) -> bool {
+        self.ended
+    }
+
+    /// True while the server is declared lost (silent past the timeout with faults waiting); an
+    /// authentic datagram clears it.
+    pub fn is_server_lost(&self) -> bool {
+        self.server_lost
+    }
+
+    /// The server's current epoch, once it has been heard.
+    pub fn epoch(&self) -> Option<u32> {
+        self.epoch
+    }
+
+    /// The session this receiver follows.
+    pub fn session(&self) -> SessionId {
+        self.config.session
+    }
+
+    /// Pages in the image.
+    pub fn page_count(&self) -> u32 {
+        self.config.page_count
+    }
+
+    /// When the server was last heard from (or the first fault began waiting).
+    pub fn last_heard(&self) -> Option<Time> {
+        self.last_heard
     }
 
     fn take_message(&mut self, now: Time, msg: Message<'_>, body: &[u8], sink: &mut dyn PageSink) {
@@ -479,6 +547,10 @@ impl Receiver {
                 self.join_retry = Some(Duration::ZERO);
                 self.wants.rerequest_all();
                 self.keys.retain(|&k, _| k >= epoch);
+                // A session its server ended (or that was lost) and then started again goes on:
+                // the wants, reports and cached pages are kept (the image is the same).
+                self.ended = false;
+                self.server_lost = false;
                 self.events.push_back(ReceiverEvent::ServerRestarted { epoch });
             }
             _ => {}
