@@ -344,11 +344,20 @@ impl TxBatch {
     where
         F: FnOnce(&mut [u8]) -> Option<usize>,
     {
+        self.push_addressed(|buf| write(buf).map(|len| (destination, len)))
+    }
+
+    /// As [`TxBatch::push_with`], where `write` also says where the datagram goes (an endpoint of
+    /// many sessions knows that only once it has chosen what to send).
+    pub fn push_addressed<F>(&mut self, write: F) -> Result<Option<usize>, BatchError>
+    where
+        F: FnOnce(&mut [u8]) -> Option<(SocketAddrV4, usize)>,
+    {
         if self.is_full() {
             return Err(BatchError::Full { capacity: self.capacity() });
         }
         let start = self.len * self.slot_size;
-        let Some(len) = write(&mut self.storage[start..start + self.slot_size]) else {
+        let Some((destination, len)) = write(&mut self.storage[start..start + self.slot_size]) else {
             return Ok(None);
         };
         if len > self.slot_size {

@@ -27,8 +27,6 @@ pub struct Capabilities {
     /// [`RxDatagram::destination`](crate::RxDatagram::destination) is the real destination of
     /// each datagram (so multicast and unicast arrivals can be told apart), not just the bound address.
     pub rx_destination: bool,
-    /// [`PacketIo::poll_fd`](crate::PacketIo::poll_fd) returns a descriptor for poll/epoll.
-    pub pollable: bool,
 }
 
 impl Capabilities {
@@ -59,7 +57,6 @@ impl Capabilities {
             gro: false,
             zero_copy: false,
             rx_destination: false,
-            pollable: false,
         }
     }
 }

@@ -20,9 +20,11 @@
 //!   call allocates per packet.
 //! * **Non-blocking.** [`PacketIo::recv_batch`] takes what has arrived (possibly nothing) and
 //!   [`PacketIo::send_batch`] sends what fits now and records its progress in the batch.
-//! * **Readiness with a timeout.** [`PacketIo::wait`] sleeps until the backend is readable or
-//!   writable, or until a timeout: the daemon passes the time to its next protocol timer. An event
-//!   loop over several sources uses [`PacketIo::poll_fd`] with its own poll/epoll instead.
+//! * **Readiness with a timeout.** [`PacketIo::wait_with`] sleeps until the backend is readable or
+//!   writable, a descriptor of the caller's (a waker for commands) is readable, or a timeout passes:
+//!   the daemon passes the time to its next protocol timer. It polls every descriptor the backend
+//!   has (each AF_XDP queue's socket) and the caller's in one system call, so no caller needs the
+//!   backend's descriptors or sleeps blind. [`driver::Driver`] is the one loop built on it.
 //! * **Addresses.** Every datagram carries `SocketAddrV4`s. A destination is a unicast address or
 //!   the session's multicast group (group address and port); a received datagram reports its
 //!   source and where it was sent to, so group traffic and unicast replies on one socket can be
@@ -74,7 +76,7 @@
 //!   each pending payload behind them, posts the descriptors on the TX ring, kicks the kernel with
 //!   `sendto` when it asks to, and advances the batch's `sent` cursor by the number posted. Out of
 //!   frames is the same "sent fewer" answer as a full socket buffer.
-//! * `wait` and `poll_fd` poll the XSK file descriptor, as for a socket.
+//! * `wait_with` polls every queue's XSK file descriptor (and the caller's), as for a socket.
 //! * [`Capabilities`] reports the link MTU less 28 as `max_datagram`, and whether the driver runs
 //!   the socket in zero-copy mode.
 //!
@@ -83,7 +85,9 @@
 
 pub mod batch;
 pub mod caps;
+pub mod driver;
 pub mod error;
+pub mod mem;
 pub mod select;
 pub mod udp;
 pub mod xdp;
@@ -121,12 +125,14 @@ pub struct Readiness {
     pub readable: bool,
     /// Datagrams can be sent.
     pub writable: bool,
+    /// The caller's own descriptor given to [`PacketIo::wait_with`] is readable.
+    pub woken: bool,
 }
 
 impl Readiness {
     /// True if nothing became ready before the timeout.
     pub fn is_timeout(&self) -> bool {
-        !self.readable && !self.writable
+        !self.readable && !self.writable && !self.woken
     }
 }
 
@@ -156,12 +162,19 @@ pub trait PacketIo {
 
     /// Blocks until the endpoint is ready for `interest` or `timeout` passes (`None`: no limit).
     /// May return early with nothing ready (e.g. on a signal); callers loop on their own deadline.
-    fn wait(&mut self, interest: Interest, timeout: Option<Duration>) -> Result<Readiness, IoError>;
+    fn wait(&mut self, interest: Interest, timeout: Option<Duration>) -> Result<Readiness, IoError> {
+        self.wait_with(interest, timeout, None)
+    }
 
-    /// A file descriptor that poll/epoll reports readable when [`recv_batch`](Self::recv_batch)
-    /// has something and writable when [`send_batch`](Self::send_batch) can make progress; `None`
-    /// for backends without one (simulators).
-    fn poll_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// As [`wait`](Self::wait), and also wakes when `also` (the caller's eventfd, say) is readable,
+    /// reported as [`Readiness::woken`]. Every descriptor the backend has (all its queues) and
+    /// `also` are waited for in one call.
+    fn wait_with(
+        &mut self,
+        interest: Interest,
+        timeout: Option<Duration>,
+        also: Option<BorrowedFd<'_>>,
+    ) -> Result<Readiness, IoError>;
 
     /// The backend's own counters of what it dropped or refused, as one line for a daemon's log
     /// and status (`None` if the backend keeps none: the kernel counts a UDP socket's drops).
@@ -183,11 +196,13 @@ impl<T: PacketIo + ?Sized> PacketIo for Box<T> {
     fn send_batch(&mut self, batch: &mut TxBatch) -> Result<usize, IoError> {
         (**self).send_batch(batch)
     }
-    fn wait(&mut self, interest: Interest, timeout: Option<Duration>) -> Result<Readiness, IoError> {
-        (**self).wait(interest, timeout)
-    }
-    fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
-        (**self).poll_fd()
+    fn wait_with(
+        &mut self,
+        interest: Interest,
+        timeout: Option<Duration>,
+        also: Option<BorrowedFd<'_>>,
+    ) -> Result<Readiness, IoError> {
+        (**self).wait_with(interest, timeout, also)
     }
     fn counters(&self) -> Option<String> {
         (**self).counters()

@@ -448,7 +448,6 @@ impl UdpIo {
         let gso = config.gso && sys::gso_supported(socket.as_fd());
         let mut caps = Capabilities::new("udp", MAX_UDP_PAYLOAD, config.max_batch);
         caps.rx_destination = true;
-        caps.pollable = true;
         caps.gso = gso;
         let mut io = UdpIo {
             socket,
@@ -609,21 +608,32 @@ impl PacketIo for UdpIo {
         Ok(sent)
     }
 
-    fn wait(&mut self, interest: Interest, timeout: Option<Duration>) -> Result<Readiness, IoError> {
+    fn wait_with(
+        &mut self,
+        interest: Interest,
+        timeout: Option<Duration>,
+        also: Option<BorrowedFd<'_>>,
+    ) -> Result<Readiness, IoError> {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            match sys::poll(self.socket.as_fd(), interest, left) {
+            match sys::poll(self.socket.as_fd(), interest, left, also) {
                 Ok(r) => return Ok(r),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => return Err(IoError::Wait { local: self.local, source }),
             }
         }
     }
+}
 
-    fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
-        Some(self.socket.as_fd())
-    }
+/// `ppoll(2)` for reading on `fd` and on `also`, for backends built on a readiness descriptor (the
+/// in-memory one).
+pub(crate) fn poll_readable(
+    fd: BorrowedFd<'_>,
+    timeout: Option<Duration>,
+    also: Option<BorrowedFd<'_>>,
+) -> std::io::Result<Readiness> {
+    sys::poll(fd, Interest::READABLE, timeout, also)
 }
 
 #[cfg(test)]

@@ -327,13 +327,14 @@ pub(crate) fn timespec(d: std::time::Duration) -> libc::timespec {
     }
 }
 
-/// `ppoll(2)` on one descriptor for `interest`, waiting at most `timeout` (`None`: forever; exact
-/// to the microsecond rather than rounded up to milliseconds). An error or hang-up condition counts
-/// as ready for whatever was asked, so the next call reports it.
+/// `ppoll(2)` on one descriptor for `interest`, and on `also` for reading, waiting at most `timeout`
+/// (`None`: forever; exact to the microsecond rather than rounded up to milliseconds). An error or
+/// hang-up condition counts as ready for whatever was asked, so the next call reports it.
 pub(crate) fn poll(
     fd: BorrowedFd<'_>,
     interest: Interest,
     timeout: Option<std::time::Duration>,
+    also: Option<BorrowedFd<'_>>,
 ) -> io::Result<Readiness> {
     let mut events = 0;
     if interest.readable {
@@ -342,18 +343,24 @@ pub(crate) fn poll(
     if interest.writable {
         events |= libc::POLLOUT;
     }
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 };
+    let mut pfds = [
+        libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 },
+        libc::pollfd { fd: also.map_or(-1, |a| a.as_raw_fd()), events: libc::POLLIN, revents: 0 },
+    ];
+    let nfds: libc::nfds_t = if also.is_some() { 2 } else { 1 };
     let ts = timeout.map(timespec);
     let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
-    // SAFETY: `pfd` is one valid `pollfd` that outlives the call, and nfds is 1; `ts_ptr` is null or
-    // points at `ts`, which outlives the call; a null signal mask leaves the mask unchanged.
-    let r = unsafe { libc::ppoll(&mut pfd, 1, ts_ptr, std::ptr::null()) };
+    // SAFETY: `pfds` holds `nfds` valid `pollfd`s and outlives the call; `ts_ptr` is null or points
+    // at `ts`, which outlives the call; a null signal mask leaves the mask unchanged.
+    let r = unsafe { libc::ppoll(pfds.as_mut_ptr(), nfds, ts_ptr, std::ptr::null()) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    let failed = pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
+    let revents = pfds[0].revents;
+    let failed = revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
     Ok(Readiness {
-        readable: interest.readable && (failed || pfd.revents & libc::POLLIN != 0),
-        writable: interest.writable && (failed || pfd.revents & libc::POLLOUT != 0),
+        readable: interest.readable && (failed || revents & libc::POLLIN != 0),
+        writable: interest.writable && (failed || revents & libc::POLLOUT != 0),
+        woken: also.is_some() && pfds[1].revents != 0,
     })
 }

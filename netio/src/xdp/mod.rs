@@ -408,7 +408,6 @@ impl XdpIo {
         let mut caps = Capabilities::new("af_xdp", max_datagram, config.max_batch);
         caps.zero_copy = zero_copy;
         caps.rx_destination = true;
-        caps.pollable = queues.len() == 1;
         let neighbours = Neighbours::open(&ifname).map_err(XdpError::Neighbours)?;
         let mut io = XdpIo {
             _link: link,
@@ -769,7 +768,12 @@ impl PacketIo for XdpIo {
         Ok(posted)
     }
 
-    fn wait(&mut self, interest: Interest, timeout: Option<Duration>) -> Result<Readiness, IoError> {
+    fn wait_with(
+        &mut self,
+        interest: Interest,
+        timeout: Option<Duration>,
+        also: Option<BorrowedFd<'_>>,
+    ) -> Result<Readiness, IoError> {
         let local = self.filter.local;
         let mut ready = Readiness::default();
         if interest.readable {
@@ -815,6 +819,12 @@ impl PacketIo for XdpIo {
                 libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&q.fd()), events, revents: 0 }
             })
             .collect();
+        // Every queue's socket and the caller's own descriptor, in one poll: a wake-up of any of
+        // them ends the wait, so no queue and no command waits for another's traffic.
+        let queues = fds.len();
+        if let Some(fd) = also {
+            fds.push(libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&fd), events: libc::POLLIN, revents: 0 });
+        }
         loop {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
             match sys::poll(&mut fds, left) {
@@ -823,16 +833,15 @@ impl PacketIo for XdpIo {
                 Err(source) => return Err(IoError::Wait { local, source }),
             }
         }
-        for p in &fds {
+        if let Some(p) = fds.get(queues) {
+            ready.woken = p.revents != 0;
+        }
+        for p in &fds[..queues] {
             let failed = p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
             ready.readable |= interest.readable && (failed || p.revents & libc::POLLIN != 0);
             ready.writable |= interest.writable && (failed || p.revents & libc::POLLOUT != 0);
         }
         Ok(ready)
-    }
-
-    fn poll_fd(&self) -> Option<BorrowedFd<'_>> {
-        (self.queues.len() == 1).then(|| self.queues[0].fd())
     }
 
     fn counters(&self) -> Option<String> {

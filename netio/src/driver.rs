@@ -1,0 +1,307 @@
+//! [`Driver`]: the one event loop of every spindrift daemon (the memory server, `fetch`, the host
+//! daemon), over any [`PacketIo`] backend.
+//!
+//! A daemon puts its protocol state (a sender, a host endpoint) behind [`Machine`]; the driver owns
+//! everything about waiting and batching, so the daemons differ only in what their machine does:
+//!
+//! ```text
+//!  turn:  recv_batch (up to RX_ROUNDS batches) ─> Machine::on_datagram, one per datagram
+//!         Machine::on_turn(now): commands, timers due, events; Flow::Stop ends the loop
+//!         send what is still pending, then Machine::poll_transmit into free slots ─> send_batch
+//!         wait_with(readable [+ writable if the socket was full], the waker fd, until poll_timeout)
+//! ```
+//!
+//! * **One wait.** [`PacketIo::wait_with`] polls every descriptor the backend has (each AF_XDP
+//!   queue) and the daemon's waker (an eventfd other threads signal with commands) in one call, with
+//!   the time to the machine's next timer as its timeout. Nothing sleeps blind and nothing sleeps past
+//!   a timer: the wait is never longer than [`Machine::poll_timeout`] says, capped at
+//!   [`DriverConfig::max_wait`] so a stop flag is seen.
+//! * **Short timers.** Below [`DriverConfig::spin_below`] the loop yields the CPU instead of
+//!   sleeping (a pacer's next packet, a NAK back-off): a sleep that short costs more than it saves.
+//! * **A full socket** keeps the unsent datagrams in the batch; the next turn sends them first and
+//!   the wait includes writability. Nothing is dropped for lack of room; one datagram the kernel
+//!   refuses is dropped (counted, the protocol repairs it like a loss).
+//! * **Time** is a [`Duration`] since the driver started, from the monotonic clock, for the
+//!   machine to hand to its sans-IO core.
+
+use std::net::SocketAddrV4;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::{BatchError, Interest, IoError, PacketIo, RxBatch, TxBatch};
+
+/// Receive batches taken per turn at most, so a flood cannot keep timers and sends from running.
+const RX_ROUNDS: usize = 8;
+
+/// Whether the loop goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Keep turning.
+    Continue,
+    /// Stop after this turn's sends.
+    Stop,
+}
+
+/// What a daemon's protocol state offers the driver. Times are since the driver started.
+pub trait Machine {
+    /// One datagram from `source` (its payload may be changed in place, e.g. decrypted).
+    fn on_datagram(&mut self, now: Duration, source: SocketAddrV4, datagram: &mut [u8]);
+
+    /// The rest of a turn, after the datagrams that arrived: commands, timers that are due, events.
+    fn on_turn(&mut self, now: Duration) -> Flow;
+
+    /// Writes the next datagram to send into `buf` and says where it goes; `None` when nothing is due.
+    fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<(SocketAddrV4, usize)>;
+
+    /// When the next turn is due even if nothing arrives (`None`: only on I/O or a wake-up).
+    fn poll_timeout(&self) -> Option<Duration>;
+}
+
+/// How a driver is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DriverConfig {
+    /// Datagrams per receive and per send batch.
+    pub batch: usize,
+    /// Largest datagram received (longer ones arrive truncated and are dropped, counted).
+    pub rx_datagram: usize,
+    /// Largest datagram the machine writes.
+    pub tx_datagram: usize,
+    /// The longest wait, whatever the timers say (so stop flags and clocks are looked at).
+    pub max_wait: Duration,
+    /// Waits shorter than this yield the CPU instead of sleeping.
+    pub spin_below: Duration,
+}
+
+impl DriverConfig {
+    /// 64-datagram batches of `rx_datagram` and `tx_datagram` bytes, waits of at most 100 ms,
+    /// spinning below 200 µs.
+    pub fn new(rx_datagram: usize, tx_datagram: usize) -> DriverConfig {
+        DriverConfig {
+            batch: 64,
+            rx_datagram,
+            tx_datagram,
+            max_wait: Duration::from_millis(100),
+            spin_below: Duration::from_micros(200),
+        }
+    }
+}
+
+/// What the driver counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Turns of the loop.
+    pub turns: u64,
+    /// Waits in the backend (sleeps).
+    pub waits: u64,
+    /// Waits ended by the waker.
+    pub woken: u64,
+    /// Turns that yielded instead of sleeping (a timer was too close).
+    pub spins: u64,
+    /// Datagrams received.
+    pub rx_datagrams: u64,
+    /// Datagrams received truncated (longer than the receive slots), dropped.
+    pub rx_truncated: u64,
+    /// Datagrams sent.
+    pub tx_datagrams: u64,
+    /// Datagrams the backend refused, dropped.
+    pub tx_errors: u64,
+    /// Turns that found the backend full and kept datagrams for the next.
+    pub tx_blocked: u64,
+}
+
+/// The event loop. See the module docs.
+pub struct Driver {
+    io: Box<dyn PacketIo + Send>,
+    rx: RxBatch,
+    tx: TxBatch,
+    start: Instant,
+    waker: Option<Arc<dyn AsFd + Send + Sync>>,
+    config: DriverConfig,
+    stats: DriverStats,
+    /// The backend took fewer datagrams than were pending: wait for writability too.
+    blocked: bool,
+}
+
+impl std::fmt::Debug for Driver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Driver")
+            .field("io", &self.io.capabilities().summary())
+            .field("config", &self.config)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Driver {
+    /// A driver over `io`, its clock starting now.
+    pub fn new(io: Box<dyn PacketIo + Send>, config: DriverConfig) -> Result<Driver, BatchError> {
+        Ok(Driver {
+            rx: RxBatch::new(config.batch, config.rx_datagram)?,
+            tx: TxBatch::new(config.batch, config.tx_datagram)?,
+            io,
+            start: Instant::now(),
+            waker: None,
+            config,
+            stats: DriverStats::default(),
+            blocked: false,
+        })
+    }
+
+    /// Also wakes when `waker` is readable (an eventfd that other threads signal after queueing a
+    /// command); the machine drains it in [`Machine::on_turn`].
+    pub fn with_waker(mut self, waker: Arc<dyn AsFd + Send + Sync>) -> Driver {
+        self.waker = Some(waker);
+        self
+    }
+
+    /// The backend.
+    pub fn io(&self) -> &dyn PacketIo {
+        &*self.io
+    }
+
+    /// The time since the driver started.
+    pub fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> DriverStats {
+        self.stats
+    }
+
+    /// Datagrams queued and not yet taken by the backend.
+    pub fn pending(&self) -> usize {
+        self.tx.pending()
+    }
+
+    /// Turns until the machine says stop, then sends what it has left (waiting up to `flush_limit`
+    /// for room).
+    pub fn run(&mut self, machine: &mut dyn Machine, flush_limit: Duration) -> Result<(), IoError> {
+        while self.turn(machine)? == Flow::Continue {}
+        self.flush(machine, flush_limit)
+    }
+
+    /// One turn: receive, [`Machine::on_turn`], send, wait (unless stopping).
+    pub fn turn(&mut self, machine: &mut dyn Machine) -> Result<Flow, IoError> {
+        self.stats.turns += 1;
+        self.receive(machine)?;
+        let flow = machine.on_turn(self.now());
+        self.transmit(machine)?;
+        if flow == Flow::Continue {
+            self.sleep(machine)?;
+        }
+        Ok(flow)
+    }
+
+    /// Sends everything the machine has to send, waiting for room up to `limit` in all.
+    pub fn flush(&mut self, machine: &mut dyn Machine, limit: Duration) -> Result<(), IoError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.transmit(machine)?;
+            if !self.blocked || Instant::now() >= deadline {
+                if self.blocked {
+                    tracing::warn!("backend full: {} datagrams not sent at the end", self.tx.pending());
+                }
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            self.io.wait(Interest::WRITABLE, Some(left.min(Duration::from_millis(10))))?;
+        }
+    }
+
+    fn receive(&mut self, machine: &mut dyn Machine) -> Result<(), IoError> {
+        for _ in 0..RX_ROUNDS {
+            let n = self.io.recv_batch(&mut self.rx)?;
+            let now = self.now();
+            self.stats.rx_datagrams += n as u64;
+            for i in 0..n {
+                let Some((source, truncated)) = self.rx.get(i).map(|d| (d.source, d.truncated)) else { continue };
+                if truncated {
+                    self.stats.rx_truncated += 1;
+                    continue;
+                }
+                if let Some(payload) = self.rx.payload_mut(i) {
+                    machine.on_datagram(now, source, payload);
+                }
+            }
+            if n < self.rx.capacity() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what is pending, then what the machine has, batch by batch, until the machine has
+    /// nothing more or the backend is full.
+    fn transmit(&mut self, machine: &mut dyn Machine) -> Result<(), IoError> {
+        loop {
+            if self.tx.is_sent() {
+                self.tx.clear();
+                let now = self.now();
+                while !self.tx.is_full() {
+                    let queued = self.tx.push_addressed(|buf| machine.poll_transmit(now, buf));
+                    match queued {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(e) => {
+                            // A machine that claims more than the slot: a bug, not input. Drop it.
+                            tracing::error!("datagram not queued: {e}");
+                            self.stats.tx_errors += 1;
+                        }
+                    }
+                }
+                if self.tx.is_empty() {
+                    self.blocked = false;
+                    return Ok(());
+                }
+            }
+            let before = self.tx.sent();
+            match self.io.send_batch(&mut self.tx) {
+                Ok(_) => {}
+                Err(e @ IoError::Send { .. }) => {
+                    // One datagram was dropped (counted as sent); the protocol repairs it like a loss.
+                    tracing::warn!("{e}");
+                    self.stats.tx_errors += 1;
+                }
+                Err(e) => return Err(e),
+            }
+            self.stats.tx_datagrams += (self.tx.sent() - before) as u64;
+            if !self.tx.is_sent() {
+                if self.tx.sent() == before {
+                    self.stats.tx_blocked += 1;
+                    self.blocked = true;
+                    return Ok(());
+                }
+                // Partial progress: try the rest at once.
+                continue;
+            }
+            if !self.tx.is_full() {
+                // The machine had nothing more due.
+                self.blocked = false;
+                return Ok(());
+            }
+        }
+    }
+
+    /// Waits for a datagram, room to send (when blocked), the waker, or the machine's next timer.
+    fn sleep(&mut self, machine: &mut dyn Machine) -> Result<(), IoError> {
+        let now = self.now();
+        let mut wait = self.config.max_wait;
+        if let Some(t) = machine.poll_timeout() {
+            wait = wait.min(t.saturating_sub(now));
+        }
+        if wait < self.config.spin_below && !self.blocked {
+            self.stats.spins += 1;
+            std::thread::yield_now();
+            return Ok(());
+        }
+        let interest = if self.blocked { Interest::BOTH } else { Interest::READABLE };
+        self.stats.waits += 1;
+        let ready = self.io.wait_with(interest, Some(wait), self.waker.as_ref().map(|w| w.as_fd()))?;
+        if ready.woken {
+            self.stats.woken += 1;
+        }
+        Ok(())
+    }
+}
