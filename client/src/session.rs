@@ -2,16 +2,15 @@
 //! and stores every page it carries into a [`PageCache`].
 //!
 //! The session only moves bytes: datagrams from the socket go into the protocol's
-//! [`Receiver`], the pages it produces go into the cache, and the datagrams it wants sent go to the
-//! server's unicast address. Every protocol decision (requests, read-ahead, NAKs, repair, timers) is
-//! the receiver's. One thread drives a session:
+//! [`HostEndpoint`] (following this one session), the pages it produces go into the cache, and the
+//! datagrams it wants sent go to the server. Every protocol decision (requests, read-ahead, NAKs,
+//! repair, timers, epochs) is the endpoint's. The same [`Driver`] loop as the host daemon's runs it:
 //!
 //! ```text
-//!  loop: recv_batch ─> Receiver::handle_datagram ─> CacheSink ─> PageCache::insert / insert_zero
-//!        handle_timeout when due; faults/prefetches (fetch mode: a window of faults in page order)
-//!        poll_transmit ─> TxBatch ─> send_batch (unicast to the server)
-//!        poll_event: ServerLost ─> error, Ended ─> stop, ServerRestarted ─> log
-//!        wait(READABLE, min(poll_timeout, 100 ms))
+//!  turn: recv_batch ─> HostEndpoint::handle_datagram ─> CacheSink ─> PageCache::insert / insert_zero
+//!        on_turn: timers; events (ServerLost ─> error, Ended ─> done or error); a window of faults
+//!        poll_transmit ─> send_batch (to the server)
+//!        wait_with(READABLE, until the endpoint's next timer)
 //! ```
 //!
 //! [`Session::fetch`] pulls a whole image, like a multicast file receiver.
@@ -19,12 +18,15 @@
 use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use netio::driver::{Driver, DriverConfig, Flow, Machine};
 use netio::udp::UdpConfig;
-use netio::{Interest, IoError, IoKind, PacketIo, RxBatch, TxBatch};
-use spindrift_protocol::receiver::{PageSink, Receiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
+use netio::{IoError, IoKind};
+use spindrift_protocol::endpoint::{ids, HostConfig, HostEndpoint, HostEvent, SessionInfo};
+use spindrift_protocol::receiver::{PageSink, ReceiverStats};
 use spindrift_protocol::wire::{self, NodeId, SessionId, SessionKey};
 use spindrift_protocol::Time;
 
@@ -34,10 +36,6 @@ use crate::cache::{CacheError, PageCache, CACHE_PAGE_SIZE};
 pub const PAGE_SHIFT: u8 = 12;
 /// The server's default UDP port.
 pub const DEFAULT_PORT: u16 = 7700;
-/// The longest the loop sleeps without looking at its timers.
-const MAX_SLEEP: Duration = Duration::from_millis(100);
-/// Datagrams per receive/send batch.
-const BATCH: usize = 64;
 
 /// Errors of the session: bad settings, socket set-up, I/O, and the server going away.
 #[derive(Debug, thiserror::Error)]
@@ -180,12 +178,12 @@ pub fn pages_for_bytes(bytes: u64) -> Result<u32, SessionError> {
 
 /// The default node id of a host: its interface address as a number (unique in the subnet).
 pub fn default_node(interface: Ipv4Addr) -> u32 {
-    u32::from(interface)
+    ids::node_id_for(interface).0
 }
 
-/// A packet number no earlier run of this host used: the current unix time in microseconds.
+/// A packet number no earlier run of this host used (the wall clock in microseconds).
 pub fn first_packet_number() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+    ids::packet_number_base(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default())
 }
 
 /// How a session is set up.
@@ -280,48 +278,33 @@ impl SessionConfig {
     }
 }
 
-/// Sends everything in `tx` (to `whom`, for the log), waiting up to 200 ms for socket space; what still
-/// does not fit is dropped and logged (the receiver's timers ask again, as after a loss). Clears `tx`.
-pub(crate) fn flush_batch(io: &mut dyn PacketIo, tx: &mut TxBatch, whom: &str) -> Result<(), IoError> {
-    let deadline = Instant::now() + Duration::from_millis(200);
-    while !tx.is_sent() {
-        match io.send_batch(tx) {
-            Ok(_) => {}
-            // One datagram failed (and was dropped): the receiver's timers will ask again.
-            Err(e @ IoError::Send { .. }) => tracing::warn!("{e}"),
-            Err(e) => return Err(e),
-        }
-        if !tx.is_sent() {
-            if Instant::now() >= deadline {
-                tracing::warn!("socket full: dropping {} datagrams to {whom}", tx.pending());
-                break;
-            }
-            io.wait(Interest::WRITABLE, Some(Duration::from_millis(10)))?;
-        }
-    }
-    tx.clear();
-    Ok(())
-}
-
-/// Stores the receiver's pages into the page cache.
-pub(crate) struct CacheSink<'a> {
+/// Stores the receiver's pages into a page cache; pages the cache refuses are logged and counted
+/// in `errors` (shared, so the count outlives the session).
+pub(crate) struct CacheSink {
     /// The cache to fill.
-    pub(crate) cache: &'a PageCache,
-    /// Pages the cache refused (logged).
-    pub(crate) errors: u64,
+    pub(crate) cache: Arc<PageCache>,
+    /// Pages the cache refused.
+    pub(crate) errors: Arc<AtomicU64>,
 }
 
-impl PageSink for CacheSink<'_> {
+impl CacheSink {
+    /// A sink into `cache`, counting refusals in `errors`.
+    pub(crate) fn new(cache: Arc<PageCache>, errors: Arc<AtomicU64>) -> CacheSink {
+        CacheSink { cache, errors }
+    }
+}
+
+impl PageSink for CacheSink {
     fn store(&mut self, page: u32, data: &[u8]) {
         if let Err(e) = self.cache.insert(u64::from(page), data) {
-            self.errors += 1;
+            self.errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!("page {page} not stored: {e}");
         }
     }
 
     fn store_zero(&mut self, first_page: u32, count: u32) {
         if let Err(e) = self.cache.insert_zero(u64::from(first_page), u64::from(count)) {
-            self.errors += 1;
+            self.errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!("zero pages {first_page}+{count} not stored: {e}");
         }
     }
@@ -359,34 +342,21 @@ pub struct FetchReport {
     pub receiver: ReceiverStats,
 }
 
-/// Why [`Session::poll`] returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Polled {
-    /// Keep going.
-    Running,
-    /// The server ended the session.
-    Ended,
-}
-
-/// One host's side of a session: a receiver, its socket and the cache it fills. See the module docs.
+/// One host's side of a session: a host endpoint following it, its packet I/O and the cache it
+/// fills. See the module docs.
 pub struct Session {
     config: SessionConfig,
-    receiver: Receiver,
-    io: Box<dyn PacketIo + Send>,
+    driver: Driver,
+    endpoint: HostEndpoint<CacheSink>,
     cache: Arc<PageCache>,
-    rx: RxBatch,
-    tx: TxBatch,
-    start: Instant,
-    ended: bool,
-    sink_errors: u64,
-    server_timeout: Duration,
+    sink_errors: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("config", &self.config)
-            .field("io", &self.io.capabilities().summary())
+            .field("io", &self.driver.io().capabilities().summary())
             .field("present", &self.cache.present_count())
             .finish_non_exhaustive()
     }
@@ -394,38 +364,29 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// Opens a session: validates `config`, binds `0.0.0.0:port` joined to the group on the
-    /// interface, and sets up the receiver. `cache` must hold exactly `config.pages` pages.
+    /// interface, and follows the session. `cache` must hold exactly `config.pages` pages.
     pub fn open(config: SessionConfig, cache: Arc<PageCache>) -> Result<Session, SessionError> {
         config.validate()?;
         if cache.page_count() != u64::from(config.pages) {
             return Err(SessionError::CacheSize { cache: cache.page_count(), session: config.pages });
         }
         let io = netio::open(config.io, &UdpConfig::new(config.interface, config.port).join(config.group))?;
-        let start = Instant::now();
-        let mut rc = ReceiverConfig::new(
+        let driver = Driver::new(io, DriverConfig::new(wire::MAX_DATAGRAM, wire::MIN_DATAGRAM))?;
+        let mut hc = HostConfig::new(NodeId(config.node), config.key.clone(), PAGE_SHIFT);
+        hc.read_ahead = config.read_ahead;
+        hc.max_sessions = 1;
+        hc.first_packet_number = first_packet_number();
+        hc.seed = hc.first_packet_number ^ u64::from(config.node);
+        let mut endpoint = HostEndpoint::new(hc)?;
+        let sink_errors = Arc::new(AtomicU64::new(0));
+        endpoint.follow(
+            Time::ZERO,
             SessionId(config.session),
-            NodeId(config.node),
-            config.key.clone(),
-            PAGE_SHIFT,
             config.pages,
-        );
-        rc.read_ahead = config.read_ahead;
-        rc.first_packet_number = first_packet_number();
-        rc.seed = rc.first_packet_number ^ u64::from(config.node);
-        let server_timeout = rc.server_timeout;
-        let receiver = Receiver::new(rc, Time::ZERO)?;
-        Ok(Session {
-            receiver,
-            io,
-            cache,
-            rx: RxBatch::new(BATCH, wire::MAX_DATAGRAM)?,
-            tx: TxBatch::new(BATCH, wire::MIN_DATAGRAM)?,
-            start,
-            ended: false,
-            sink_errors: 0,
-            server_timeout,
-            config,
-        })
+            config.server,
+            CacheSink::new(cache.clone(), sink_errors.clone()),
+        )?;
+        Ok(Session { config, driver, endpoint, cache, sink_errors })
     }
 
     /// Opens a session with a new cache of the right size.
@@ -440,8 +401,8 @@ impl Session {
     }
 
     /// The receiver's counters.
-    pub fn stats(&self) -> &ReceiverStats {
-        self.receiver.stats()
+    pub fn stats(&self) -> ReceiverStats {
+        self.endpoint.session(SessionId(self.config.session)).map(|s| s.stats().clone()).unwrap_or_default()
     }
 
     /// The configuration.
@@ -451,126 +412,7 @@ impl Session {
 
     /// Pages the cache could not store (should stay 0).
     pub fn sink_errors(&self) -> u64 {
-        self.sink_errors
-    }
-
-    fn now(&self) -> Time {
-        Time::from_nanos(u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX))
-    }
-
-    /// A clone touched `page`: true when it is present, else it is requested (with read-ahead).
-    pub fn fault(&mut self, page: u32) -> bool {
-        let now = self.now();
-        self.receiver.fault(now, page)
-    }
-
-    /// Asks for pages ahead of need, at the lowest priority.
-    pub fn prefetch(&mut self, pages: &[u32]) {
-        self.receiver.prefetch(pages);
-    }
-
-    /// True when the receiver holds `page`.
-    pub fn has_page(&self, page: u32) -> bool {
-        self.receiver.has_page(page)
-    }
-
-    /// One turn of the event loop: takes what arrived, runs due timers, sends what the receiver
-    /// wants sent, handles its events, then sleeps until a datagram arrives, the receiver's next
-    /// timer, or `max_wait` (at most 100 ms).
-    pub fn poll(&mut self, max_wait: Duration) -> Result<Polled, SessionError> {
-        self.receive()?;
-        let now = self.now();
-        if self.receiver.poll_timeout().is_some_and(|t| t <= now) {
-            self.receiver.handle_timeout(now);
-        }
-        self.transmit()?;
-        if let Some(polled) = self.events()? {
-            return Ok(polled);
-        }
-        let now = self.now();
-        let mut wait = max_wait.min(MAX_SLEEP);
-        if let Some(t) = self.receiver.poll_timeout() {
-            wait = wait.min(t.saturating_since(now));
-        }
-        if !wait.is_zero() {
-            self.io.wait(Interest::READABLE, Some(wait))?;
-        }
-        Ok(if self.ended { Polled::Ended } else { Polled::Running })
-    }
-
-    /// Drains the socket into the receiver (and the receiver's pages into the cache).
-    fn receive(&mut self) -> Result<(), SessionError> {
-        let mut sink = CacheSink { cache: &self.cache, errors: 0 };
-        let result = loop {
-            let n = match self.io.recv_batch(&mut self.rx) {
-                Ok(n) => n,
-                Err(e) => break Err(e),
-            };
-            let now = Time::from_nanos(u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX));
-            for i in 0..n {
-                if self.rx.get(i).is_some_and(|d| d.truncated) {
-                    tracing::debug!("dropping a truncated datagram");
-                    continue;
-                }
-                if let Some(payload) = self.rx.payload_mut(i) {
-                    self.receiver.handle_datagram(now, payload, &mut sink);
-                }
-            }
-            if n < self.rx.capacity() {
-                break Ok(());
-            }
-        };
-        self.sink_errors += sink.errors;
-        Ok(result?)
-    }
-
-    /// Sends everything the receiver has to send, to the server.
-    fn transmit(&mut self) -> Result<(), SessionError> {
-        let now = self.now();
-        loop {
-            let receiver = &mut self.receiver;
-            let queued = self.tx.push_with(self.config.server, |buf| receiver.poll_transmit(now, buf))?;
-            if queued.is_none() || self.tx.is_full() {
-                self.flush()?;
-            }
-            if queued.is_none() {
-                return Ok(());
-            }
-        }
-    }
-
-    fn flush(&mut self) -> Result<(), SessionError> {
-        Ok(flush_batch(&mut self.io, &mut self.tx, "the server")?)
-    }
-
-    fn events(&mut self) -> Result<Option<Polled>, SessionError> {
-        while let Some(event) = self.receiver.poll_event() {
-            match event {
-                ReceiverEvent::ServerLost => {
-                    return Err(SessionError::ServerLost {
-                        server: self.config.server,
-                        timeout: self.server_timeout,
-                        present: self.cache.present_count(),
-                        pages: self.config.pages,
-                    });
-                }
-                ReceiverEvent::Ended => {
-                    tracing::info!("server {} ended the session", self.config.server);
-                    self.ended = true;
-                    return Ok(Some(Polled::Ended));
-                }
-                ReceiverEvent::ServerRestarted { epoch } => {
-                    tracing::warn!(
-                        "server {} restarted (epoch {epoch}): waiting pages asked again",
-                        self.config.server
-                    );
-                }
-                ReceiverEvent::Blob { kind, id, bytes } => {
-                    tracing::debug!("blob {kind:?} {id} ({} bytes) ignored in fetch mode", bytes.len());
-                }
-            }
-        }
-        Ok(None)
+        self.sink_errors.load(Ordering::Relaxed)
     }
 
     /// Pulls the whole image into the cache: faults the pages in order, keeping `window` faults
@@ -579,59 +421,31 @@ impl Session {
     pub fn fetch(&mut self, mut progress: impl FnMut(&Progress)) -> Result<FetchReport, SessionError> {
         let pages = self.config.pages;
         let started = Instant::now();
-        let deadline = started + self.config.timeout;
+        let id = SessionId(self.config.session);
         if self.config.prefetch_all {
             let all: Vec<u32> = (0..pages).collect();
-            self.receiver.prefetch(&all);
+            self.endpoint.prefetch(id, &all);
         }
-        let mut next = 0u32;
-        let mut outstanding: VecDeque<u32> = VecDeque::with_capacity(self.config.window);
-        let (mut last_report, mut last_present) = (started, 0u64);
-        loop {
-            while outstanding.front().is_some_and(|&p| self.receiver.has_page(p)) {
-                outstanding.pop_front();
-            }
-            let now = self.now();
-            while outstanding.len() < self.config.window && next < pages {
-                if !self.receiver.fault(now, next) {
-                    outstanding.push_back(next);
-                }
-                next += 1;
-            }
-            let present = self.cache.present_count();
-            if present >= u64::from(pages) && outstanding.is_empty() && next >= pages {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return Err(SessionError::Timeout { timeout: self.config.timeout, present, pages });
-            }
-            if last_report.elapsed() >= Duration::from_secs(1) {
-                let dt = last_report.elapsed().as_secs_f64();
-                progress(&Progress {
-                    present,
-                    pages,
-                    elapsed: started.elapsed(),
-                    pages_per_sec: present.saturating_sub(last_present) as f64 / dt,
-                });
-                (last_report, last_present) = (Instant::now(), present);
-            }
-            if self.poll(Duration::from_millis(20))? == Polled::Ended && !self.cache.all_present(0, u64::from(pages)) {
-                // Take what is still queued on the socket before judging.
-                self.receive()?;
-                if !self.cache.all_present(0, u64::from(pages)) {
-                    return Err(SessionError::EndedEarly {
-                        server: self.config.server,
-                        present: self.cache.present_count(),
-                        pages,
-                    });
-                }
-            }
+        let mut fetch = Fetch {
+            endpoint: &mut self.endpoint,
+            config: &self.config,
+            cache: &self.cache,
+            id,
+            next: 0,
+            outstanding: VecDeque::with_capacity(self.config.window),
+            deadline: started + self.config.timeout,
+            started,
+            last_report: (started, 0),
+            progress: &mut progress,
+            outcome: None,
+        };
+        self.driver.run(&mut fetch, Duration::from_millis(200))?;
+        if let Some(Err(e)) = fetch.outcome {
+            return Err(e);
         }
-        // Tell the server what we hold now rather than at the next status tick.
-        self.transmit()?;
         let seconds = started.elapsed().as_secs_f64();
         let bytes = u64::from(pages) * CACHE_PAGE_SIZE;
-        let stats = self.receiver.stats().clone();
+        let stats = self.stats();
         Ok(FetchReport {
             pages,
             bytes,
@@ -642,4 +456,136 @@ impl Session {
             receiver: stats,
         })
     }
+}
+
+/// A whole-image fetch as the driver's machine: a window of faults in page order.
+struct Fetch<'a> {
+    endpoint: &'a mut HostEndpoint<CacheSink>,
+    config: &'a SessionConfig,
+    cache: &'a PageCache,
+    id: SessionId,
+    next: u32,
+    outstanding: VecDeque<u32>,
+    deadline: Instant,
+    started: Instant,
+    /// When progress was last reported, and the pages present then.
+    last_report: (Instant, u64),
+    progress: &'a mut dyn FnMut(&Progress),
+    /// Set when the fetch is over: done, or why not.
+    outcome: Option<Result<(), SessionError>>,
+}
+
+impl Fetch<'_> {
+    fn present(&self) -> u64 {
+        self.cache.present_count()
+    }
+
+    /// What the endpoint says about the session: an error ends the fetch.
+    fn events(&mut self) -> Option<Result<(), SessionError>> {
+        let pages = self.config.pages;
+        while let Some(event) = self.endpoint.poll_event() {
+            match event {
+                HostEvent::ServerLost(_) => {
+                    return Some(Err(SessionError::ServerLost {
+                        server: self.config.server,
+                        timeout: self.endpoint.config().server_timeout,
+                        present: self.present(),
+                        pages,
+                    }));
+                }
+                HostEvent::Ended(_) => {
+                    tracing::info!("server {} ended the session", self.config.server);
+                    if !self.cache.all_present(0, u64::from(pages)) {
+                        return Some(Err(SessionError::EndedEarly {
+                            server: self.config.server,
+                            present: self.present(),
+                            pages,
+                        }));
+                    }
+                }
+                HostEvent::Restarted { epoch, .. } => {
+                    tracing::warn!(
+                        "server {} restarted (epoch {epoch}): waiting pages asked again",
+                        self.config.server
+                    );
+                }
+                HostEvent::ServerMoved { from, to, .. } => tracing::warn!("server moved from {from} to {to}"),
+                HostEvent::Blob { kind, id, bytes, .. } => {
+                    tracing::debug!("blob {kind:?} {id} ({} bytes) ignored in fetch mode", bytes.len());
+                }
+                HostEvent::Started(_)
+                | HostEvent::Refused { .. }
+                | HostEvent::ServerBack(_)
+                | HostEvent::Retired { .. } => {}
+            }
+        }
+        None
+    }
+}
+
+impl Machine for Fetch<'_> {
+    fn on_datagram(&mut self, now: Duration, source: SocketAddrV4, datagram: &mut [u8]) {
+        let mut no_new_sessions = |_: &SessionInfo| Err("this fetch follows one session".to_string());
+        self.endpoint.handle_datagram(time(now), source, datagram, &mut no_new_sessions);
+    }
+
+    fn on_turn(&mut self, now: Duration) -> Flow {
+        let now = time(now);
+        if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
+            self.endpoint.handle_timeout(now);
+        }
+        if let Some(outcome) = self.events() {
+            self.outcome = Some(outcome);
+            return Flow::Stop;
+        }
+        let pages = self.config.pages;
+        let Some(session) = self.endpoint.session(self.id) else {
+            self.outcome =
+                Some(Err(SessionError::EndedEarly { server: self.config.server, present: self.present(), pages }));
+            return Flow::Stop;
+        };
+        while self.outstanding.front().is_some_and(|&p| session.has_page(p)) {
+            self.outstanding.pop_front();
+        }
+        while self.outstanding.len() < self.config.window && self.next < pages {
+            if !self.endpoint.fault(now, self.id, self.next) {
+                self.outstanding.push_back(self.next);
+            }
+            self.next += 1;
+        }
+        let present = self.present();
+        if present >= u64::from(pages) && self.outstanding.is_empty() && self.next >= pages {
+            self.outcome = Some(Ok(()));
+            return Flow::Stop;
+        }
+        if Instant::now() >= self.deadline {
+            self.outcome = Some(Err(SessionError::Timeout { timeout: self.config.timeout, present, pages }));
+            return Flow::Stop;
+        }
+        let (at, before) = self.last_report;
+        if at.elapsed() >= Duration::from_secs(1) {
+            let dt = at.elapsed().as_secs_f64();
+            (self.progress)(&Progress {
+                present,
+                pages,
+                elapsed: self.started.elapsed(),
+                pages_per_sec: present.saturating_sub(before) as f64 / dt,
+            });
+            self.last_report = (Instant::now(), present);
+        }
+        Flow::Continue
+    }
+
+    fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<(SocketAddrV4, usize)> {
+        self.endpoint.poll_transmit(time(now), buf).map(|t| (t.destination, t.len))
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        self.endpoint.poll_timeout().map(|t| Duration::from_nanos(t.as_nanos()))
+    }
+}
+
+/// The driver's clock as the protocol's time.
+pub(crate) fn time(d: Duration) -> Time {
+    Time::from_nanos(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }

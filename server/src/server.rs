@@ -1,4 +1,5 @@
-//! The event loop: moves bytes between the UDP socket and the protocol's sender, nothing more.
+//! The server's side of the [`Driver`] loop: moves bytes between the packet I/O and the protocol's
+//! sender, nothing more (the same loop drives the host daemon and `fetch`).
 //!
 //! [`serve_source`] is the library entry point: any [`PageSource`] (a mapped file, a memfd handed
 //! over by a local VMM, a forked VMM's own guest memory) is served under a [`ServerConfig`] until a
@@ -11,8 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use netio::driver::{Driver, DriverConfig, Flow, Machine};
 use netio::udp::{Bind, UdpConfig};
-use netio::{Interest, IoError, PacketIo, RxBatch, TxBatch};
+use netio::IoError;
 use spindrift_protocol::sender::{PageSource, PushPolicy, Sender, SenderEvent, SenderStats};
 use spindrift_protocol::wire::{BlobKind, EndReason, Priority, MIN_DATAGRAM};
 use spindrift_protocol::Time;
@@ -21,17 +23,10 @@ use crate::config::{ConfigError, ImageInput, ServerConfig, PAGE_SHIFT};
 use crate::handover::HandoverError;
 use crate::image::MmapImage;
 
-/// Datagrams per `recvmmsg`/`sendmmsg`.
-const BATCH: usize = 64;
-/// Longest sleep between looks at the clock, the stop flag and the command channel.
-const MAX_WAIT: Duration = Duration::from_millis(100);
 /// How often the one-line summary is logged.
 const SUMMARY_EVERY: Duration = Duration::from_secs(2);
 /// Longest time spent flushing the End messages after a stop.
 const END_FLUSH_LIMIT: Duration = Duration::from_secs(2);
-/// Below this, a timer is waited for by yielding rather than sleeping (the socket wait has
-/// millisecond granularity and the pacer keeps no credit for late sends).
-const SPIN_BELOW: Duration = Duration::from_micros(200);
 /// The default interval of [`ServeOptions::stats_every`].
 pub const DEFAULT_STATS_EVERY: Duration = Duration::from_secs(1);
 
@@ -216,21 +211,24 @@ pub fn serve_source<S: PageSource>(
         config.max_datagram,
         if config.flow_control { "on" } else { "off" }
     );
+    let driver_config = DriverConfig::new(config.max_datagram.max(MIN_DATAGRAM), config.max_datagram);
+    let mut driver = Driver::new(io, driver_config)?;
     let mut server = Server {
         sender,
         group: SocketAddrV4::new(config.group, config.port),
-        rx: RxBatch::new(BATCH, config.max_datagram.max(MIN_DATAGRAM))?,
-        tx: TxBatch::new(BATCH, config.max_datagram)?,
-        io,
-        start: Instant::now(),
         duration: config.duration,
         options,
         stats_json: config.stats_json.as_deref(),
+        stop,
+        ending: None,
+        next_summary: Instant::now() + SUMMARY_EVERY,
+        next_stats: Instant::now(),
     };
-    let result = server.run(stop);
+    server.next_stats += server.options.stats_every;
+    let result = driver.run(&mut server, END_FLUSH_LIMIT);
     let stats = server.sender.stats().clone();
     tracing::info!("final: {}", summary(&stats));
-    if let Some(c) = server.io.counters() {
+    if let Some(c) = driver.io().counters() {
         tracing::info!("packet I/O: {c}");
     }
     if let Some(f) = server.options.on_stats.as_mut() {
@@ -239,7 +237,8 @@ pub fn serve_source<S: PageSource>(
     if let Some(path) = &config.stats_json {
         write_stats(path, &stats)?;
     }
-    result.map(|()| stats)
+    result?;
+    Ok(stats)
 }
 
 /// Writes `stats` as JSON to `path` atomically: to a temporary file beside it, renamed over it, so
@@ -279,79 +278,88 @@ pub fn summary(s: &SenderStats) -> String {
     )
 }
 
+/// The server's side of the driver loop: the sender, the commands, the counters' outlets.
 struct Server<'a, S: PageSource> {
     sender: Sender<S>,
-    io: Box<dyn PacketIo + Send>,
     group: SocketAddrV4,
-    rx: RxBatch,
-    tx: TxBatch,
-    start: Instant,
     duration: Option<Duration>,
     options: ServeOptions,
     stats_json: Option<&'a Path>,
+    stop: &'a AtomicBool,
+    /// When the session was ended (End going out), if it was.
+    ending: Option<Instant>,
+    next_summary: Instant,
+    next_stats: Instant,
 }
 
-impl<S: PageSource> Server<'_, S> {
-    fn now(&self) -> Time {
-        Time::from_nanos(u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX))
+fn time(d: Duration) -> Time {
+    Time::from_nanos(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+impl<S: PageSource> Machine for Server<'_, S> {
+    fn on_datagram(&mut self, now: Duration, _source: SocketAddrV4, datagram: &mut [u8]) {
+        self.sender.handle_datagram(time(now), datagram);
     }
 
-    fn run(&mut self, stop: &AtomicBool) -> Result<(), ServerError> {
-        let mut ending: Option<Instant> = None;
-        let mut next_summary = Instant::now() + SUMMARY_EVERY;
-        let mut next_stats = Instant::now() + self.options.stats_every;
-        loop {
-            if ending.is_none() {
-                let reason = if stop.load(Ordering::Relaxed) || self.duration.is_some_and(|d| self.start.elapsed() >= d)
-                {
-                    Some(EndReason::Shutdown)
-                } else {
-                    self.commands()
-                };
-                if let Some(reason) = reason {
-                    tracing::info!("stopping: ending the session ({reason:?})");
-                    self.sender.end(self.now(), reason);
-                    ending = Some(Instant::now());
-                }
+    fn on_turn(&mut self, elapsed: Duration) -> Flow {
+        let now = time(elapsed);
+        if self.ending.is_none() {
+            let expired = self.duration.is_some_and(|d| elapsed >= d);
+            let reason =
+                if self.stop.load(Ordering::Relaxed) || expired { Some(EndReason::Shutdown) } else { self.commands() };
+            if let Some(reason) = reason {
+                tracing::info!("stopping: ending the session ({reason:?})");
+                self.sender.end(now, reason);
+                self.ending = Some(Instant::now());
             }
-            self.receive()?;
-            let now = self.now();
-            if self.sender.poll_timeout().is_some_and(|t| t <= now) {
-                self.sender.handle_timeout(now);
+        }
+        if self.sender.poll_timeout().is_some_and(|t| t <= now) {
+            self.sender.handle_timeout(now);
+        }
+        while let Some(ev) = self.sender.poll_event() {
+            match &ev {
+                SenderEvent::ReceiverJoined(node) => tracing::info!("receiver {} joined", node.0),
+                SenderEvent::ReceiverLost(node) => tracing::info!("receiver {} lost", node.0),
+                SenderEvent::CloneReport { node, fork, clone, status, result } => tracing::info!(
+                    "receiver {}: clone {fork}/{clone} exited with status {status} ({} result bytes)",
+                    node.0,
+                    result.len()
+                ),
             }
-            let blocked = self.transmit()?;
-            while let Some(ev) = self.sender.poll_event() {
-                match &ev {
-                    SenderEvent::ReceiverJoined(node) => tracing::info!("receiver {} joined", node.0),
-                    SenderEvent::ReceiverLost(node) => tracing::info!("receiver {} lost", node.0),
-                    SenderEvent::CloneReport { node, fork, clone, status, result } => tracing::info!(
-                        "receiver {}: clone {fork}/{clone} exited with status {status} ({} result bytes)",
-                        node.0,
-                        result.len()
-                    ),
-                }
-                if let Some(f) = self.options.on_event.as_mut() {
-                    f(&ev);
-                }
+            if let Some(f) = self.options.on_event.as_mut() {
+                f(&ev);
             }
-            if Instant::now() >= next_summary {
-                next_summary += SUMMARY_EVERY;
-                tracing::info!("{}", summary(self.sender.stats()));
-            }
-            if Instant::now() >= next_stats {
-                next_stats = Instant::now() + self.options.stats_every;
-                self.report_stats();
-            }
-            if let Some(since) = ending {
-                let flushed = self.sender.poll_timeout().is_none() && self.tx.is_sent();
-                if flushed || since.elapsed() >= END_FLUSH_LIMIT {
-                    return Ok(());
-                }
-            }
-            self.sleep(blocked)?;
+        }
+        if Instant::now() >= self.next_summary {
+            self.next_summary += SUMMARY_EVERY;
+            tracing::info!("{}", summary(self.sender.stats()));
+        }
+        if Instant::now() >= self.next_stats {
+            self.next_stats = Instant::now() + self.options.stats_every;
+            self.report_stats();
+        }
+        match self.ending {
+            // The End messages are all out once the sender has no timer left (the driver then
+            // flushes what it still holds).
+            Some(since) if self.sender.poll_timeout().is_none() || since.elapsed() >= END_FLUSH_LIMIT => Flow::Stop,
+            _ => Flow::Continue,
         }
     }
 
+    fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<(SocketAddrV4, usize)> {
+        self.sender.poll_transmit(time(now), buf).map(|t| (self.group, t.len))
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        let timer = self.sender.poll_timeout().map(|t| Duration::from_nanos(t.as_nanos()));
+        match (timer, self.duration.filter(|_| self.ending.is_none())) {
+            (Some(t), Some(d)) => Some(t.min(d)),
+            (t, d) => t.or(d),
+        }
+    }
+}
+
+impl<S: PageSource> Server<'_, S> {
     /// Applies the commands waiting; returns the end reason if one asked to end.
     fn commands(&mut self) -> Option<EndReason> {
         let rx = self.options.commands.as_ref()?;
@@ -378,76 +386,5 @@ impl<S: PageSource> Server<'_, S> {
                 tracing::warn!("{e}");
             }
         }
-    }
-
-    /// Feeds every datagram waiting to the sender.
-    fn receive(&mut self) -> Result<(), ServerError> {
-        loop {
-            let n = self.io.recv_batch(&mut self.rx)?;
-            let now = self.now();
-            for i in 0..n {
-                if let Some(payload) = self.rx.payload_mut(i) {
-                    self.sender.handle_datagram(now, payload);
-                }
-            }
-            if n < self.rx.capacity() {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Sends what the sender has due; returns true if the socket is full and datagrams wait.
-    fn transmit(&mut self) -> Result<bool, ServerError> {
-        loop {
-            if self.tx.is_sent() {
-                self.tx.clear();
-                let now = self.now();
-                while !self.tx.is_full() {
-                    let sender = &mut self.sender;
-                    let pushed = self.tx.push_with(self.group, |buf| sender.poll_transmit(now, buf).map(|t| t.len))?;
-                    if pushed.is_none() {
-                        break;
-                    }
-                }
-                if self.tx.is_empty() {
-                    return Ok(false);
-                }
-            }
-            if let Err(e) = self.io.send_batch(&mut self.tx) {
-                // One datagram was dropped (counted as sent); the protocol repairs it like a loss.
-                tracing::warn!("{e}");
-            }
-            if !self.tx.is_sent() {
-                return Ok(true);
-            }
-            if !self.tx.is_full() {
-                // The sender had nothing more due.
-                return Ok(false);
-            }
-        }
-    }
-
-    /// Sleeps until a datagram arrives, the socket can take more (when `blocked`), the sender's next
-    /// timer, or [`MAX_WAIT`].
-    fn sleep(&mut self, blocked: bool) -> Result<(), ServerError> {
-        let now = self.now();
-        let mut wait = MAX_WAIT;
-        if let Some(t) = self.sender.poll_timeout() {
-            wait = wait.min(t.saturating_since(now));
-        }
-        if let Some(d) = self.duration {
-            wait = wait.min(d.saturating_sub(self.start.elapsed()).max(Duration::from_millis(1)));
-        }
-        if blocked {
-            self.io.wait(Interest::BOTH, Some(wait))?;
-        } else if wait < SPIN_BELOW {
-            // Also covers a timer already due: give the other threads a turn and look again.
-            std::thread::yield_now();
-        } else if wait < Duration::from_millis(1) {
-            std::thread::sleep(wait);
-        } else {
-            self.io.wait(Interest::READABLE, Some(wait - Duration::from_micros(500)))?;
-        }
-        Ok(())
     }
 }

@@ -75,9 +75,14 @@ struct DaemonArgs {
     /// Pages read ahead after each faulting page.
     #[arg(long, default_value_t = 16)]
     read_ahead: u16,
-    /// Most sessions followed at once.
+    /// Most sessions live at once: sessions whose server ended them (or was lost) and that no clone
+    /// uses do not count, and make room for new ones.
     #[arg(long, default_value_t = 8)]
     max_sessions: usize,
+    /// How long an ended session that no clone uses keeps its cache, seconds (its server may start
+    /// it again; a new session may take its place sooner).
+    #[arg(long, default_value_t = 30.0)]
+    session_linger_s: f64,
     /// Packet I/O backend: udp (kernel sockets), xdp (AF_XDP kernel bypass; fails if it cannot be
     /// used) or auto (AF_XDP if possible, else UDP with the reason logged). AF_XDP takes the
     /// interface's XDP hook and every datagram to --port: one AF_XDP process per interface and port.
@@ -290,6 +295,7 @@ fn daemon(args: DaemonArgs) -> Result<(), CliError> {
     config.stats_json = args.stats_json;
     config.server_timeout = seconds("--server-timeout-s", args.server_timeout_s)?;
     config.session_wait = seconds("--session-wait-s", args.session_wait_s)?;
+    config.session_linger = seconds("--session-linger-s", args.session_linger_s)?;
     config.read_ahead = args.read_ahead;
     config.io = args.io;
     config.max_sessions = args.max_sessions;

@@ -70,8 +70,10 @@ pub struct DaemonConfig {
     pub server_timeout: Duration,
     /// Pages read ahead after each faulting page.
     pub read_ahead: u16,
-    /// Most sessions followed at once.
+    /// Most sessions live at once (ended sessions no clone uses do not count).
     pub max_sessions: usize,
+    /// How long an ended session that no clone uses keeps its cache (its server may start it again).
+    pub session_linger: Duration,
     /// How long a handoff waits for its session to be announced.
     pub session_wait: Duration,
     /// How often the summary line is logged.
@@ -83,7 +85,7 @@ pub struct DaemonConfig {
 impl DaemonConfig {
     /// A configuration with defaults: port 7700, node id from the interface address, run directory
     /// `<tmp>/spindrift-client-<iface>`, `spindrift-vmm` as the clone program, 10 s server timeout,
-    /// read-ahead 16, 8 sessions, 10 s session wait, a summary every 5 s.
+    /// read-ahead 16, 8 live sessions, ended sessions kept 30 s, 10 s session wait, a summary every 5 s.
     pub fn new(interface: Ipv4Addr, group: Ipv4Addr, key: SessionKey, socket: PathBuf) -> DaemonConfig {
         DaemonConfig {
             interface,
@@ -98,6 +100,7 @@ impl DaemonConfig {
             server_timeout: Duration::from_secs(10),
             read_ahead: 16,
             max_sessions: 8,
+            session_linger: Duration::from_secs(30),
             session_wait: Duration::from_secs(10),
             summary_every: Duration::from_secs(5),
             io: IoKind::Udp,
@@ -200,6 +203,7 @@ pub fn run(config: &DaemonConfig, stop: &AtomicBool) -> Result<DaemonReport, Dae
         read_ahead: config.read_ahead,
         server_timeout: config.server_timeout,
         max_sessions: config.max_sessions,
+        linger: config.session_linger,
         io: config.io,
     };
     let (net_thread, net) = net::NetThread::open(settings, registry.clone(), stats.clone(), blob_tx, halt.clone())?;

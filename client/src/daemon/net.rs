@@ -1,51 +1,47 @@
-//! The network thread: one UDP socket joined to the group, and one protocol [`Receiver`] per session.
+//! The network thread: one packet I/O backend joined to the group, one [`HostEndpoint`] for every
+//! session, one [`Driver`] loop.
 //!
-//! Sessions are discovered: the first authenticated Announce of an unknown session id creates its
-//! receiver and [`PageCache`] (page count from the Announce, server address from the datagram's
-//! source, keys derived from the group key given to the daemon). Every datagram is routed by the
-//! session id in its header; the receiver does all protocol work (authentication, repair, requests,
-//! timers). The thread only moves bytes:
+//! Every protocol matter (which sessions exist, authentication, epochs, when a session ends and
+//! goes) is the endpoint's; the thread only moves bytes and tells the rest of the daemon what
+//! happened:
 //!
 //! ```text
-//!  clone threads ──NetCommand (crossbeam)──┐ + Waker (eventfd)
+//!  clone threads ──NetCommand (crossbeam)──┐ + Waker (eventfd, in the driver's one wait)
 //!                                          v
-//!  loop: take commands ─> Receiver::fault / report
-//!        recv_batch ─> peek header ─> session's Receiver::handle_datagram ─> PageCache (wakes clones)
-//!        timers, poll_transmit ─> send_batch (unicast to each session's server)
-//!        events: ServerLost / Ended ─> Registry::fail_session; blobs ─> the children thread
-//!        poll(socket, waker, next timer)
+//!  Driver turn: recv_batch ─> HostEndpoint::handle_datagram ─> the session's CacheSink (wakes clones)
+//!               on_turn: commands ─> fault / report; timers; which sessions clones use;
+//!                        events: Started ─> Registry::add_session, Ended / ServerLost ─> fail_session,
+//!                        Restarted / ServerBack ─> recover, Retired ─> Registry::retire, blobs ─> children
+//!               poll_transmit ─> send_batch (to each session's server)
+//!               wait_with(socket queues + waker, until the endpoint's next timer)
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver as ChannelRx, Sender as ChannelTx, TryRecvError};
+use crossbeam_channel::{Receiver as ChannelRx, Sender as ChannelTx};
+use netio::driver::{Driver, DriverConfig, Flow, Machine};
 use netio::udp::UdpConfig;
-use netio::{IoError, IoKind, PacketIo, RxBatch, TxBatch};
-use spindrift_protocol::receiver::{Receiver, ReceiverConfig, ReceiverEvent, ReceiverStats};
+use netio::{IoError, IoKind, PacketIo};
+use spindrift_protocol::endpoint::{HostConfig, HostEndpoint, HostEvent, SessionInfo};
+use spindrift_protocol::receiver::PageSink;
 use spindrift_protocol::wire::{
-    self, Announce, BlobKind, Header, Keys, Message, MsgType, NodeId, SessionId, SessionKey, FLAG_ENCRYPTED,
-    HEADER_LEN, TAG_LEN,
+    self, BlobKind, Message, MsgType, NodeId, SessionId, SessionKey, FLAG_ENCRYPTED, HEADER_LEN, TAG_LEN,
 };
 use spindrift_protocol::Time;
 
 use super::registry::Registry;
 use super::stats::{DaemonStats, SessionSnapshot};
 use crate::cache::{PageCache, CACHE_PAGE_SIZE};
-use crate::session::{first_packet_number, flush_batch, CacheSink, PAGE_SHIFT};
+use crate::session::{first_packet_number, CacheSink, PAGE_SHIFT};
 use crate::waker::{Waker, WakerError};
 
-/// Datagrams per receive/send batch.
-const BATCH: usize = 64;
-/// The longest the loop sleeps without looking at its timers and the stop flag.
-const MAX_SLEEP: Duration = Duration::from_millis(100);
-/// How often the sessions' counters are published to the stats.
+/// How often the sessions' counters are published to the stats (and which sessions clones use is
+/// looked up).
 const PUBLISH_EVERY: Duration = Duration::from_millis(250);
-/// Refused session ids remembered (to log each once).
-const REFUSED_KEPT: usize = 1024;
 
 /// Errors of the network thread.
 #[derive(Debug, thiserror::Error)]
@@ -71,9 +67,9 @@ pub enum NetError {
     /// Receiving, sending or waiting failed.
     #[error("network I/O: {0}")]
     Io(#[from] IoError),
-    /// poll(2) failed.
-    #[error("waiting for datagrams and commands (poll): {0}")]
-    Poll(std::io::Error),
+    /// The protocol endpoint refused its configuration.
+    #[error("host endpoint: {0}")]
+    Endpoint(spindrift_protocol::receiver::ConfigError),
 }
 
 /// What clone threads ask of the network thread.
@@ -146,317 +142,54 @@ pub(crate) struct NetSettings {
     pub(crate) read_ahead: u16,
     pub(crate) server_timeout: Duration,
     pub(crate) max_sessions: usize,
+    pub(crate) linger: Duration,
     pub(crate) io: IoKind,
 }
 
-/// One followed session.
-struct NetSession {
-    receiver: Receiver,
-    cache: Arc<PageCache>,
-    server: SocketAddrV4,
-    epoch: u32,
-    /// The server was declared lost; `heard_mark` is the authentic-datagram count at that moment.
-    lost: bool,
-    heard_mark: u64,
-    ended: bool,
-    restarts: u64,
+/// A session's page cache, as the endpoint's sink: what the receiver produces is stored here.
+pub(crate) struct SessionCache {
+    sink: CacheSink,
     faults_forwarded: u64,
 }
 
-/// Datagrams the receiver accepted as authentic and current.
-fn authentic(r: &ReceiverStats) -> u64 {
-    r.rx_packets.saturating_sub(r.rx_malformed + r.rx_unauthenticated + r.rx_stale)
-}
-
-/// Authenticates an Announce of `session` (a copy of the datagram is opened, so the original stays
-/// intact for the receiver) and returns its header and parameters.
-fn authentic_announce(key: &SessionKey, header: &Header, datagram: &[u8]) -> Option<(Header, Announce)> {
-    let keys = Keys::derive(key, header.session, header.epoch);
-    let mut copy = datagram.to_vec();
-    let (h, body) = wire::open(&mut copy, &keys).ok()?;
-    match Message::parse(h.msg_type, body) {
-        Ok(Message::Announce(a)) => Some((h, a)),
-        _ => None,
+impl PageSink for SessionCache {
+    fn store(&mut self, page: u32, data: &[u8]) {
+        self.sink.store(page, data);
     }
-}
-
-/// The sessions and what discovering one needs.
-struct Sessions {
-    settings: NetSettings,
-    map: BTreeMap<u64, NetSession>,
-    refused: BTreeSet<u64>,
-    registry: Arc<Registry>,
-    stats: Arc<DaemonStats>,
-    blobs: ChannelTx<BlobEvent>,
-}
-
-impl Sessions {
-    fn new_receiver(&self, session: u64, pages: u32, now: Time) -> Option<Receiver> {
-        let s = &self.settings;
-        let mut rc = ReceiverConfig::new(SessionId(session), NodeId(s.node), s.key.clone(), PAGE_SHIFT, pages);
-        rc.read_ahead = s.read_ahead;
-        rc.server_timeout = s.server_timeout;
-        rc.first_packet_number = first_packet_number();
-        rc.seed = rc.first_packet_number ^ u64::from(s.node) ^ session;
-        match Receiver::new(rc, now) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::error!("session {session}: cannot set up a receiver: {e}");
-                None
-            }
-        }
-    }
-
-    fn refuse(&mut self, session: u64, why: &str) {
-        DaemonStats::bump(&self.stats.counters.sessions_refused);
-        if self.refused.len() < REFUSED_KEPT && self.refused.insert(session) {
-            tracing::warn!("session {session} refused: {why}");
-        }
-    }
-
-    /// Routes one datagram from `source` to its session, discovering new sessions from Announces.
-    fn handle(&mut self, now: Time, datagram: &mut [u8], source: SocketAddrV4) {
-        let header = match wire::peek_header(datagram) {
-            Ok(h) => h,
-            Err(e) => {
-                DaemonStats::bump(&self.stats.counters.datagrams_malformed);
-                tracing::trace!("dropping a datagram from {source}: {e}");
-                return;
-            }
-        };
-        if header.node != NodeId::SERVER {
-            DaemonStats::bump(&self.stats.counters.datagrams_from_hosts);
-            return;
-        }
-        let id = header.session.0;
-        if header.msg_type == MsgType::Announce {
-            self.on_announce(now, &header, datagram, source);
-        }
-        let Some(s) = self.map.get_mut(&id) else {
-            DaemonStats::bump(&self.stats.counters.datagrams_unknown_session);
-            return;
-        };
-        let mut sink = CacheSink { cache: &s.cache, errors: 0 };
-        s.receiver.handle_datagram(now, datagram, &mut sink);
-        if sink.errors > 0 {
-            self.stats.counters.sink_errors.fetch_add(sink.errors, Ordering::Relaxed);
-        }
-        if s.lost && authentic(s.receiver.stats()) > s.heard_mark {
-            s.lost = false;
-            self.registry.recover(id);
-            tracing::info!("session {id}: server {} is back; new clones are served again", s.server);
-        }
-    }
-
-    /// An Announce: discovers a new session, follows a server that moved, or renews an ended session
-    /// whose server started again (new epoch; the cache is kept: the image is the same).
-    fn on_announce(&mut self, now: Time, header: &Header, datagram: &[u8], source: SocketAddrV4) {
-        let id = header.session.0;
-        if let Some(s) = self.map.get(&id) {
-            let renew = s.ended && header.epoch > s.epoch;
-            if source == s.server && !renew {
-                return;
-            }
-            let Some((h, a)) = authentic_announce(&self.settings.key, header, datagram) else {
-                DaemonStats::bump(&self.stats.counters.announces_unauthenticated);
-                return;
-            };
-            if u64::from(a.page_count) != s.cache.page_count() {
-                tracing::warn!(
-                    "session {id}: announce from {source} says {} pages, not {}: ignored",
-                    a.page_count,
-                    s.cache.page_count()
-                );
-                return;
-            }
-            let receiver = if renew { self.new_receiver(id, a.page_count, now) } else { None };
-            let Some(s) = self.map.get_mut(&id) else { return };
-            if source != s.server {
-                tracing::warn!("session {id}: server moved from {} to {source}", s.server);
-                s.server = source;
-            }
-            if let Some(receiver) = receiver {
-                tracing::info!("session {id}: server {source} started the ended session again (epoch {})", h.epoch);
-                s.receiver = receiver;
-                s.ended = false;
-                s.lost = false;
-                s.epoch = h.epoch;
-                s.restarts += 1;
-                self.registry.recover(id);
-            }
-            return;
-        }
-        if self.refused.contains(&id) {
-            DaemonStats::bump(&self.stats.counters.sessions_refused);
-            return;
-        }
-        let Some((h, a)) = authentic_announce(&self.settings.key, header, datagram) else {
-            DaemonStats::bump(&self.stats.counters.announces_unauthenticated);
-            return;
-        };
-        if self.map.len() >= self.settings.max_sessions {
-            let why = format!("already following {} sessions (--max-sessions)", self.map.len());
-            self.refuse(id, &why);
-            return;
-        }
-        if a.page_shift != PAGE_SHIFT {
-            let why = format!("page shift {} (only 4 KiB pages are served)", a.page_shift);
-            self.refuse(id, &why);
-            return;
-        }
-        let cache = match PageCache::new(u64::from(a.page_count) * CACHE_PAGE_SIZE) {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
-                self.refuse(id, &format!("page cache for {} pages: {e}", a.page_count));
-                return;
-            }
-        };
-        let Some(receiver) = self.new_receiver(id, a.page_count, now) else {
-            self.refuse(id, "receiver set-up failed");
-            return;
-        };
-        tracing::info!(
-            "session {id}: discovered; {} pages ({} MiB), server {source}, epoch {}, descriptor blob {}",
-            a.page_count,
-            (u64::from(a.page_count) * CACHE_PAGE_SIZE) >> 20,
-            h.epoch,
-            a.descriptor
-        );
-        self.map.insert(
-            id,
-            NetSession {
-                receiver,
-                cache: cache.clone(),
-                server: source,
-                epoch: h.epoch,
-                lost: false,
-                heard_mark: 0,
-                ended: false,
-                restarts: 0,
-                faults_forwarded: 0,
-            },
-        );
-        self.registry.add_session(id, cache);
-    }
-
-    fn command(&mut self, now: Time, command: NetCommand) {
-        match command {
-            NetCommand::Faults { session, pages } => {
-                let Some(s) = self.map.get_mut(&session) else {
-                    tracing::warn!("faults for unknown session {session} dropped");
-                    return;
-                };
-                for page in pages {
-                    match u32::try_from(page) {
-                        Ok(p) => {
-                            s.receiver.fault(now, p);
-                            s.faults_forwarded += 1;
-                        }
-                        Err(_) => tracing::warn!("session {session}: page {page} is past the protocol's range"),
-                    }
-                }
-            }
-            NetCommand::Report { session, fork, clone, status, result } => match self.map.get_mut(&session) {
-                Some(s) => {
-                    tracing::info!("session {session}: clone {clone} of fork {fork} reports status {status}");
-                    s.receiver.report(fork, clone, status, result);
-                }
-                None => tracing::warn!("report of clone {clone} for unknown session {session} dropped"),
-            },
-        }
-    }
-
-    fn timers(&mut self, now: Time) {
-        for s in self.map.values_mut() {
-            if s.receiver.poll_timeout().is_some_and(|t| t <= now) {
-                s.receiver.handle_timeout(now);
-            }
-        }
-    }
-
-    fn events(&mut self) {
-        for (&id, s) in self.map.iter_mut() {
-            while let Some(event) = s.receiver.poll_event() {
-                match event {
-                    ReceiverEvent::ServerLost => {
-                        let reason = format!(
-                            "session {id}: server {} lost: silent for more than {:?} while pages were wanted",
-                            s.server, self.settings.server_timeout
-                        );
-                        s.lost = true;
-                        s.heard_mark = authentic(s.receiver.stats());
-                        let n = self.registry.fail_session(id, &reason);
-                        tracing::error!("{reason}; failing the faults of {n} clones");
-                    }
-                    ReceiverEvent::Ended => {
-                        s.ended = true;
-                        let reason = format!("session {id}: server {} ended the session", s.server);
-                        let n = self.registry.fail_session(id, &reason);
-                        tracing::warn!("{reason}; failing the waiting faults of {n} clones");
-                    }
-                    ReceiverEvent::ServerRestarted { epoch } => {
-                        s.epoch = epoch;
-                        s.restarts += 1;
-                        tracing::warn!(
-                            "session {id}: server {} restarted (epoch {epoch}); waiting pages are asked again",
-                            s.server
-                        );
-                    }
-                    ReceiverEvent::Blob { kind, id: blob, bytes } => {
-                        DaemonStats::bump(&self.stats.counters.blobs_received);
-                        tracing::info!("session {id}: {kind:?} blob {blob} arrived ({} bytes)", bytes.len());
-                        if self.blobs.send(BlobEvent { session: id, kind, id: blob, bytes }).is_err() {
-                            tracing::warn!("session {id}: blob {blob} dropped: the children thread is gone");
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn publish(&self) {
-        let snapshots = self
-            .map
-            .iter()
-            .map(|(&id, s)| {
-                let r = s.receiver.stats();
-                SessionSnapshot {
-                    session: id,
-                    server: s.server.to_string(),
-                    epoch: s.epoch,
-                    pages: u32::try_from(s.cache.page_count()).unwrap_or(u32::MAX),
-                    pages_present: s.cache.present_count(),
-                    lost: s.lost,
-                    ended: s.ended,
-                    restarts: s.restarts,
-                    faults_forwarded: s.faults_forwarded,
-                    requests: r.requests,
-                    naks: r.naks,
-                    receiver: r.clone(),
-                }
-            })
-            .collect();
-        self.stats.publish_sessions(snapshots);
-        let forwarded: u64 = self.map.values().map(|s| s.faults_forwarded).sum();
-        self.stats.counters.pages_faulted_to_network.store(forwarded, Ordering::Relaxed);
+    fn store_zero(&mut self, first_page: u32, count: u32) {
+        self.sink.store_zero(first_page, count);
     }
 }
 
 /// The network thread's state. See the module docs.
 pub(crate) struct NetThread {
-    io: Box<dyn PacketIo + Send>,
-    rx: RxBatch,
-    tx: TxBatch,
-    sessions: Sessions,
+    driver: Driver,
+    node: NetNode,
+}
+
+/// The daemon's side of the driver loop.
+struct NetNode {
+    endpoint: HostEndpoint<SessionCache>,
+    server_timeout: Duration,
+    registry: Arc<Registry>,
+    stats: Arc<DaemonStats>,
+    blobs: ChannelTx<BlobEvent>,
     commands: ChannelRx<NetCommand>,
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,
-    start: Instant,
     last_publish: Instant,
+    faults_forwarded: u64,
+    rx_truncated: u64,
+    /// Pages the caches refused, over all sessions.
+    sink_errors: Arc<AtomicU64>,
+}
+
+fn time(d: Duration) -> Time {
+    Time::from_nanos(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 impl NetThread {
-    /// Opens the socket (joined to the group) and returns the thread's state and a handle to it.
+    /// Opens the packet I/O (joined to the group) and returns the thread's state and a handle to it.
     pub(crate) fn open(
         settings: NetSettings,
         registry: Arc<Registry>,
@@ -471,139 +204,248 @@ impl NetThread {
             group: settings.group,
             source,
         })?;
+        Self::with_io(settings, io, registry, stats, blobs, stop)
+    }
+
+    /// As [`NetThread::open`], over a packet I/O the caller opened (the in-memory network in tests).
+    pub(crate) fn with_io(
+        settings: NetSettings,
+        io: Box<dyn PacketIo + Send>,
+        registry: Arc<Registry>,
+        stats: Arc<DaemonStats>,
+        blobs: ChannelTx<BlobEvent>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<(NetThread, NetHandle), NetError> {
         stats.set_io(io.capabilities().summary());
         tracing::info!(io = %io.capabilities().summary(), "packet I/O open");
+        let mut hc = HostConfig::new(NodeId(settings.node), settings.key.clone(), PAGE_SHIFT);
+        hc.read_ahead = settings.read_ahead;
+        hc.server_timeout = settings.server_timeout;
+        hc.max_sessions = settings.max_sessions;
+        hc.linger = settings.linger;
+        hc.first_packet_number = first_packet_number();
+        hc.seed = hc.first_packet_number ^ u64::from(settings.node);
+        let endpoint = HostEndpoint::new(hc).map_err(NetError::Endpoint)?;
         let waker = Arc::new(Waker::new()?);
         let (tx, commands) = crossbeam_channel::unbounded();
-        let thread = NetThread {
-            io,
-            rx: RxBatch::new(BATCH, wire::MAX_DATAGRAM)?,
-            tx: TxBatch::new(BATCH, wire::MIN_DATAGRAM)?,
-            sessions: Sessions { settings, map: BTreeMap::new(), refused: BTreeSet::new(), registry, stats, blobs },
+        let driver = Driver::new(io, DriverConfig::new(wire::MAX_DATAGRAM, wire::MIN_DATAGRAM))?
+            .with_waker(waker.clone() as Arc<dyn AsFd + Send + Sync>);
+        let node = NetNode {
+            endpoint,
+            server_timeout: settings.server_timeout,
+            registry,
+            stats,
+            blobs,
             commands,
             waker: waker.clone(),
             stop,
-            start: Instant::now(),
             last_publish: Instant::now(),
+            faults_forwarded: 0,
+            rx_truncated: 0,
+            sink_errors: Arc::default(),
         };
-        Ok((thread, NetHandle { tx, waker }))
+        Ok((NetThread { driver, node }, NetHandle { tx, waker }))
     }
 
-    fn now(&self) -> Time {
-        Time::from_nanos(u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX))
-    }
-
-    /// Runs until the stop flag is set (or the socket fails).
+    /// Runs until the stop flag is set (or the packet I/O fails).
     pub(crate) fn run(mut self) -> Result<(), NetError> {
-        let result = self.run_loop();
-        self.publish();
-        if let Some(c) = self.io.counters() {
+        let result = self.driver.run(&mut self.node, Duration::from_millis(200));
+        self.node.rx_truncated = self.driver.stats().rx_truncated;
+        self.node.publish(&self.driver);
+        if let Some(c) = self.driver.io().counters() {
             tracing::info!("packet I/O: {c}");
         }
-        result
+        Ok(result?)
     }
+}
 
-    fn run_loop(&mut self) -> Result<(), NetError> {
-        while !self.stop.load(Ordering::SeqCst) {
-            self.waker.take();
-            self.take_commands();
-            self.receive()?;
-            let now = self.now();
-            self.sessions.timers(now);
-            self.transmit()?;
-            self.sessions.events();
-            if self.last_publish.elapsed() >= PUBLISH_EVERY {
-                self.publish();
-                self.last_publish = Instant::now();
-            }
-            self.sleep()?;
-        }
-        Ok(())
-    }
-
-    fn publish(&mut self) {
-        self.sessions.publish();
-        if let Some(c) = self.io.counters() {
-            self.sessions.stats.set_io_counters(c);
-        }
-    }
-
-    fn take_commands(&mut self) {
-        loop {
-            match self.commands.try_recv() {
-                Ok(command) => {
-                    let now = self.now();
-                    self.sessions.command(now, command);
-                }
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => return,
-            }
-        }
-    }
-
-    fn receive(&mut self) -> Result<(), NetError> {
-        loop {
-            let n = self.io.recv_batch(&mut self.rx)?;
-            let now = self.now();
-            for i in 0..n {
-                let Some((source, truncated)) = self.rx.get(i).map(|d| (d.source, d.truncated)) else { continue };
-                if truncated {
-                    DaemonStats::bump(&self.sessions.stats.counters.datagrams_malformed);
-                    continue;
-                }
-                if let Some(payload) = self.rx.payload_mut(i) {
-                    self.sessions.handle(now, payload, source);
-                }
-            }
-            if n < self.rx.capacity() {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Sends what every session's receiver wants sent, to its server.
-    fn transmit(&mut self) -> Result<(), NetError> {
-        let now = self.now();
-        let ids: Vec<u64> = self.sessions.map.keys().copied().collect();
-        for id in ids {
-            loop {
-                if self.tx.is_full() {
-                    self.flush()?;
-                }
-                let Some(s) = self.sessions.map.get_mut(&id) else { break };
-                let receiver = &mut s.receiver;
-                let Some(index) = self.tx.push_with(s.server, |buf| receiver.poll_transmit(now, buf))? else { break };
-                if let Some(pages) = self.tx.get(index).and_then(|d| requested_pages(d.payload)) {
-                    self.sessions.stats.record_request(pages);
-                }
-            }
-        }
-        self.flush()
-    }
-
-    fn flush(&mut self) -> Result<(), NetError> {
-        Ok(flush_batch(&mut self.io, &mut self.tx, "servers")?)
-    }
-
-    /// Sleeps until a datagram or a command arrives, or the next receiver timer.
-    fn sleep(&mut self) -> Result<(), NetError> {
-        let now = self.now();
-        let mut wait = MAX_SLEEP;
-        for s in self.sessions.map.values() {
-            if let Some(t) = s.receiver.poll_timeout() {
-                wait = wait.min(t.saturating_since(now));
-            }
-        }
-        if wait.is_zero() {
-            return Ok(());
-        }
-        let Some(socket) = self.io.poll_fd() else {
-            std::thread::sleep(wait);
-            return Ok(());
+impl Machine for NetNode {
+    fn on_datagram(&mut self, now: Duration, source: SocketAddrV4, datagram: &mut [u8]) {
+        let sink_errors = &self.sink_errors;
+        let mut open = |info: &SessionInfo| -> Result<SessionCache, String> {
+            let bytes = u64::from(info.page_count) * CACHE_PAGE_SIZE;
+            let cache = PageCache::new(bytes).map_err(|e| format!("page cache for {} pages: {e}", info.page_count))?;
+            Ok(SessionCache { sink: CacheSink::new(Arc::new(cache), sink_errors.clone()), faults_forwarded: 0 })
         };
-        let mut revents = [0i16; 2];
-        let fds = [(socket, libc::POLLIN), (std::os::fd::AsFd::as_fd(&*self.waker), libc::POLLIN)];
-        crate::waker::poll(&fds, &mut revents, Some(wait)).map_err(NetError::Poll)?;
-        Ok(())
+        self.endpoint.handle_datagram(time(now), source, datagram, &mut open);
+    }
+
+    fn on_turn(&mut self, now: Duration) -> Flow {
+        if self.stop.load(Ordering::SeqCst) {
+            return Flow::Stop;
+        }
+        let now = time(now);
+        self.waker.take();
+        self.take_commands(now);
+        if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
+            self.endpoint.handle_timeout(now);
+        }
+        self.events();
+        if self.last_publish.elapsed() >= PUBLISH_EVERY {
+            self.last_publish = Instant::now();
+            let in_use = self.registry.sessions_in_use();
+            let ids: Vec<SessionId> = self.endpoint.sessions().map(|s| s.id()).collect();
+            for id in ids {
+                self.endpoint.set_in_use(id, in_use.contains(&id.0));
+            }
+            self.publish_sessions();
+        }
+        Flow::Continue
+    }
+
+    fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<(SocketAddrV4, usize)> {
+        let t = self.endpoint.poll_transmit(time(now), buf)?;
+        if let Some(pages) = buf.get(..t.len).and_then(requested_pages) {
+            self.stats.record_request(pages);
+        }
+        Some((t.destination, t.len))
+    }
+
+    fn poll_timeout(&self) -> Option<Duration> {
+        self.endpoint.poll_timeout().map(|t| Duration::from_nanos(t.as_nanos()))
+    }
+}
+
+impl NetNode {
+    fn take_commands(&mut self, now: Time) {
+        while let Ok(command) = self.commands.try_recv() {
+            match command {
+                NetCommand::Faults { session, pages } => {
+                    let id = SessionId(session);
+                    if self.endpoint.session(id).is_none() {
+                        tracing::warn!("faults for unknown session {session} dropped");
+                        continue;
+                    }
+                    let mut forwarded = 0;
+                    for page in pages {
+                        match u32::try_from(page) {
+                            Ok(p) => {
+                                self.endpoint.fault(now, id, p);
+                                forwarded += 1;
+                            }
+                            Err(_) => tracing::warn!("session {session}: page {page} is past the protocol's range"),
+                        }
+                    }
+                    self.faults_forwarded += forwarded;
+                    if let Some(sink) = self.endpoint.sink_mut(id) {
+                        sink.faults_forwarded += forwarded;
+                    }
+                }
+                NetCommand::Report { session, fork, clone, status, result } => {
+                    if self.endpoint.report(SessionId(session), fork, clone, status, result) {
+                        tracing::info!("session {session}: clone {clone} of fork {fork} reports status {status}");
+                    } else {
+                        tracing::warn!("report of clone {clone} for unknown session {session} dropped");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells the rest of the daemon what the endpoint decided.
+    fn events(&mut self) {
+        while let Some(event) = self.endpoint.poll_event() {
+            match event {
+                HostEvent::Started(info) => {
+                    let id = info.session.0;
+                    tracing::info!(
+                        "session {id}: discovered; {} pages ({} MiB), server {}, epoch {}, descriptor blob {}",
+                        info.page_count,
+                        (u64::from(info.page_count) * CACHE_PAGE_SIZE) >> 20,
+                        info.server,
+                        info.epoch,
+                        info.descriptor
+                    );
+                    if let Some(s) = self.endpoint.session(info.session) {
+                        self.registry.add_session(id, s.sink().sink.cache.clone());
+                    }
+                }
+                HostEvent::Refused { session, reason } => tracing::warn!("session {} refused: {reason}", session.0),
+                HostEvent::ServerMoved { session, from, to } => {
+                    tracing::warn!("session {}: server moved from {from} to {to}", session.0);
+                }
+                HostEvent::Restarted { session, epoch } => {
+                    tracing::warn!(
+                        "session {}: server restarted (epoch {epoch}); waiting pages are asked again",
+                        session.0
+                    );
+                    self.registry.recover(session.0);
+                }
+                HostEvent::Blob { session, kind, id, bytes } => {
+                    DaemonStats::bump(&self.stats.counters.blobs_received);
+                    tracing::info!("session {}: {kind:?} blob {id} arrived ({} bytes)", session.0, bytes.len());
+                    if self.blobs.send(BlobEvent { session: session.0, kind, id, bytes }).is_err() {
+                        tracing::warn!("session {}: blob {id} dropped: the children thread is gone", session.0);
+                    }
+                }
+                HostEvent::Ended(session) => {
+                    let reason = format!("session {}: the server ended the session", session.0);
+                    let n = self.registry.fail_session(session.0, &reason);
+                    tracing::warn!("{reason}; failing the waiting faults of {n} clones");
+                }
+                HostEvent::ServerLost(session) => {
+                    let server = self.endpoint.session(session).map(|s| s.server().to_string()).unwrap_or_default();
+                    let reason = format!(
+                        "session {}: server {server} lost: silent for more than {:?} while pages were wanted",
+                        session.0, self.server_timeout
+                    );
+                    let n = self.registry.fail_session(session.0, &reason);
+                    tracing::error!("{reason}; failing the faults of {n} clones");
+                }
+                HostEvent::ServerBack(session) => {
+                    self.registry.recover(session.0);
+                    tracing::info!("session {}: the server is back; new clones are served again", session.0);
+                }
+                HostEvent::Retired { session, reason } => {
+                    tracing::info!(
+                        "session {}: retired ({reason:?}); its cache is freed once no clone holds it",
+                        session.0
+                    );
+                    self.registry.retire(session.0);
+                }
+            }
+        }
+    }
+
+    fn publish_sessions(&self) {
+        let snapshots = self
+            .endpoint
+            .sessions()
+            .map(|s| {
+                let r = s.stats();
+                SessionSnapshot {
+                    session: s.id().0,
+                    server: s.server().to_string(),
+                    epoch: s.epoch().unwrap_or(0),
+                    pages: s.page_count(),
+                    pages_present: s.sink().sink.cache.present_count(),
+                    lost: s.is_server_lost(),
+                    ended: s.is_ended(),
+                    restarts: s.restarts(),
+                    faults_forwarded: s.sink().faults_forwarded,
+                    requests: r.requests,
+                    naks: r.naks,
+                    receiver: r.clone(),
+                }
+            })
+            .collect();
+        self.stats.publish_sessions(snapshots);
+        let c = &self.stats.counters;
+        let h = self.endpoint.stats();
+        c.pages_faulted_to_network.store(self.faults_forwarded, Ordering::Relaxed);
+        c.datagrams_malformed.store(h.malformed + self.rx_truncated, Ordering::Relaxed);
+        c.datagrams_from_hosts.store(h.from_hosts, Ordering::Relaxed);
+        c.datagrams_unknown_session.store(h.unknown_session, Ordering::Relaxed);
+        c.announces_unauthenticated.store(h.announces_unauthenticated, Ordering::Relaxed);
+        c.sessions_refused.store(h.sessions_refused, Ordering::Relaxed);
+        c.sink_errors.store(self.sink_errors.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    fn publish(&mut self, driver: &Driver) {
+        self.publish_sessions();
+        if let Some(c) = driver.io().counters() {
+            self.stats.set_io_counters(c);
+        }
     }
 }
 

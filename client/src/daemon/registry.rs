@@ -2,7 +2,7 @@
 //! sessions and learns when their server is lost) and the clone threads (which look up the page cache
 //! of the session a handoff names and register their fault servers, so a lost server fails them).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,8 @@ pub enum LookupError {
 /// One session as the clone threads see it.
 struct Entry {
     cache: Arc<PageCache>,
+    /// The network side retired the session: the entry goes with its last clone.
+    retired: bool,
     /// Why the session's faults fail (server lost, session ended), while that holds.
     failed: Option<String>,
     /// The fault servers of its clones, by the daemon's connection number.
@@ -66,7 +68,19 @@ impl Registry {
 
     /// A newly discovered session and its cache; wakes handoffs waiting for it.
     pub(crate) fn add_session(&self, session: u64, cache: Arc<PageCache>) {
-        self.lock().sessions.insert(session, Entry { cache, failed: None, clones: HashMap::new() });
+        let mut inner = self.lock();
+        match inner.sessions.get_mut(&session) {
+            // A retired session that clones still hold, started again: new clones get the new cache.
+            Some(e) => {
+                e.cache = cache;
+                e.retired = false;
+                e.failed = None;
+            }
+            None => {
+                inner.sessions.insert(session, Entry { cache, retired: false, failed: None, clones: HashMap::new() });
+            }
+        }
+        drop(inner);
         self.changed.notify_all();
     }
 
@@ -81,19 +95,18 @@ impl Registry {
             }
             match wanted {
                 Some(id) => {
-                    if let Some(e) = inner.sessions.get(&id) {
+                    if let Some(e) = inner.sessions.get(&id).filter(|e| !e.retired) {
                         return Ok((id, e.cache.clone()));
                     }
                 }
-                None => match inner.sessions.len() {
-                    0 => {}
-                    1 => {
-                        if let Some((&id, e)) = inner.sessions.iter().next() {
-                            return Ok((id, e.cache.clone()));
-                        }
+                None => {
+                    let mut live = inner.sessions.iter().filter(|(_, e)| !e.retired);
+                    match (live.next(), live.count()) {
+                        (None, _) => {}
+                        (Some((&id, e)), 0) => return Ok((id, e.cache.clone())),
+                        (Some(_), more) => return Err(LookupError::Ambiguous { count: more + 1 }),
                     }
-                    count => return Err(LookupError::Ambiguous { count }),
-                },
+                }
             }
             let now = Instant::now();
             if now >= deadline {
@@ -125,11 +138,39 @@ impl Registry {
         entry.clones.insert(clone, handle);
     }
 
-    /// Forgets a clone whose server stopped.
+    /// Forgets a clone whose server stopped (and a retired session with its last clone).
     pub(crate) fn detach(&self, session: u64, clone: u64) {
-        if let Some(entry) = self.lock().sessions.get_mut(&session) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.sessions.get_mut(&session) {
             entry.clones.remove(&clone);
+            if entry.retired && entry.clones.is_empty() {
+                inner.sessions.remove(&session);
+            }
         }
+    }
+
+    /// The network side retired the session (it ended and no clone used it): it goes now, or with
+    /// its last clone if one attached since, and its cache with it. Handoffs no longer find it.
+    pub(crate) fn retire(&self, session: u64) {
+        let mut inner = self.lock();
+        if let Some(entry) = inner.sessions.get_mut(&session) {
+            if entry.clones.is_empty() {
+                inner.sessions.remove(&session);
+            } else {
+                entry.retired = true;
+            }
+        }
+    }
+
+    /// The sessions some clone uses now.
+    pub(crate) fn sessions_in_use(&self) -> BTreeSet<u64> {
+        self.lock().sessions.iter().filter(|(_, e)| !e.clones.is_empty()).map(|(&id, _)| id).collect()
+    }
+
+    /// Sessions known now (retired ones that clones still hold included).
+    #[cfg(test)]
+    pub(crate) fn session_count(&self) -> usize {
+        self.lock().sessions.len()
     }
 
     /// Fails every waiting and later fault of the session's clones, and of clones that arrive until
@@ -205,5 +246,21 @@ mod tests {
         assert!(!r.is_failed(6));
         r.shut_down("bye");
         assert_eq!(r.wait_for(Some(5), short).unwrap_err(), LookupError::ShuttingDown);
+    }
+
+    #[test]
+    fn retired_sessions_go_and_are_not_found() {
+        let r = Registry::default();
+        let short = Duration::from_millis(10);
+        let cache = Arc::new(PageCache::new(4096).unwrap());
+        r.add_session(1, cache.clone());
+        r.add_session(2, cache.clone());
+        assert!(r.sessions_in_use().is_empty());
+        r.retire(1);
+        assert_eq!(r.session_count(), 1, "a retired session without clones goes at once");
+        assert_eq!(r.wait_for(Some(1), short).unwrap_err(), LookupError::Unknown { session: 1, waited: short });
+        assert_eq!(r.wait_for(None, short).unwrap().0, 2, "only the live session is left to pick");
+        r.add_session(1, cache);
+        assert_eq!(r.wait_for(Some(1), short).unwrap().0, 1, "a session started again is found again");
     }
 }

@@ -612,6 +612,11 @@ impl<S: PageSink> HostEndpoint<S> {
         self.sessions.get(&id).map(|session| SessionView { id, session })
     }
 
+    /// The owner's sink of `session`, to change what it keeps beside the pages.
+    pub fn sink_mut(&mut self, session: SessionId) -> Option<&mut S> {
+        self.sessions.get_mut(&session).map(|s| &mut s.sink)
+    }
+
     /// Sessions followed now (live or lingering).
     pub fn session_count(&self) -> usize {
         self.sessions.len()
