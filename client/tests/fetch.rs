@@ -1,5 +1,5 @@
 //! Fetch mode over a real multicast session: the memory server library (`serve_source`) on h0 of a netlab lab, three hosts fetching the whole image at once with 5% receive
-//! loss each. Needs root (network namespaces); skipped otherwise. Also checks flag validation.
+//! loss each. Needs root (network namespaces) and nftables: skipped otherwise, or failed with `NETLAB_REQUIRE=1`. Also checks flag validation.
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,8 +43,7 @@ fn client_config(server: Ipv4Addr, iface: Ipv4Addr, pages: u32) -> SessionConfig
 
 #[test]
 fn three_hosts_fetch_one_image_with_loss() {
-    if let Err(e) = netlab::check_prerequisites() {
-        eprintln!("SKIPPED three_hosts_fetch_one_image_with_loss: netlab unavailable (needs root): {e}");
+    if !netlab::require::lossy_lab("three_hosts_fetch_one_image_with_loss") {
         return;
     }
     let deadline = Instant::now() + Duration::from_secs(60);

@@ -1,7 +1,8 @@
 //! The server in a two-host netlab: h0 runs `serve` in-process, h1 runs a minimal receiver loop
 //! (the protocol's `Receiver` over `netio`) that faults on every page in order, with 5% loss on
 //! h1's receive side. The received image must equal the file, and the server must have sent less
-//! than twice the image. Needs root (and nft); prints SKIPPED otherwise.
+//! than twice the image. Needs root (and nft); prints SKIPPED otherwise, or fails with
+//! `NETLAB_REQUIRE=1`.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
@@ -25,17 +26,6 @@ const KEY: &str = "5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5ab1e5
 const SESSION: u64 = 9;
 const IMAGE_BYTES: usize = 8 << 20;
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn can_run_lab(test: &str) -> bool {
-    let check = netlab::check_prerequisites().and_then(|()| netlab::preflight::check_nft());
-    match check {
-        Ok(()) => true,
-        Err(e) => {
-            eprintln!("SKIPPED {test}: {e}");
-            false
-        }
-    }
-}
 
 /// 8 MiB of mixed content (zero, text-like and random pages), from the simulator's generator.
 fn make_image() -> Vec<u8> {
@@ -163,7 +153,7 @@ fn serves_raw_encrypted_pages_to_a_lossy_host_in_under_twice_the_image() {
 
 /// Runs the server in h0 with `extra` flags and the test's receiver in h1, and checks the outcome.
 fn run_lab(test: &str, extra: &[&str]) {
-    if !can_run_lab(test) {
+    if !netlab::require::lossy_lab(test) {
         return;
     }
     let image = Arc::new(make_image());
