@@ -40,9 +40,8 @@ struct Row {
 }
 
 fn main() {
-    let uffd_ok = Uffd::create(0);
-    if let Err(e) = uffd_ok {
-        println!("SKIPPED fault_latency: userfaultfd unavailable: {e}");
+    let uffd_ok = Uffd::create(0).map_err(|e| format!("userfaultfd unavailable: {e}"));
+    if netlab::require::ok_or_skip("fault_latency", uffd_ok).is_none() {
         return;
     }
     let cache = Arc::new(PageCache::new(PAGES * PAGE).unwrap());

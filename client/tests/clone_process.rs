@@ -147,7 +147,7 @@ fn serve_until_stopped(server: &mut FaultServer, mut on_missing: impl FnMut(&mut
 
 #[test]
 fn clone_exit_is_noticed_through_its_pidfd() {
-    if uffd_or_skip("clone_exit", 0).is_none() {
+    if uffd_or_skip("clone_exit_is_noticed_through_its_pidfd", 0).is_none() {
         return;
     }
     let cache = Arc::new(PageCache::new(PAGES * PAGE as u64).unwrap());
@@ -164,7 +164,7 @@ fn clone_exit_is_noticed_through_its_pidfd() {
 
 #[test]
 fn a_failed_server_poisons_the_waiting_fault_and_the_clone_gets_sigbus() {
-    if uffd_or_skip("failed_server", 0).is_none() {
+    if uffd_or_skip("a_failed_server_poisons_the_waiting_fault_and_the_clone_gets_sigbus", 0).is_none() {
         return;
     }
     let cache = Arc::new(PageCache::new(PAGES * PAGE as u64).unwrap());
@@ -187,7 +187,7 @@ fn a_failed_server_poisons_the_waiting_fault_and_the_clone_gets_sigbus() {
 /// cache are installed; only a fault that would wait for the network gets SIGBUS.
 #[test]
 fn a_failed_server_still_serves_cached_pages_and_poisons_only_missing_ones() {
-    if uffd_or_skip("failed_server_cached", 0).is_none() {
+    if uffd_or_skip("a_failed_server_still_serves_cached_pages_and_poisons_only_missing_ones", 0).is_none() {
         return;
     }
     let cache = Arc::new(PageCache::new(PAGES * PAGE as u64).unwrap());

@@ -48,20 +48,6 @@ fn lab_lock() -> MutexGuard<'static, ()> {
     LAB.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn lab_available(test: &str) -> bool {
-    let check = netlab::check_prerequisites().and_then(|()| netlab::preflight::check_nft());
-    match check {
-        Ok(()) => true,
-        Err(e) if std::env::var("NETLAB_REQUIRE").as_deref() == Ok("1") => {
-            panic!("{test}: NETLAB_REQUIRE=1 but netlab cannot run here: {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED {test}: netlab unavailable (needs root and nftables): {e}");
-            false
-        }
-    }
-}
-
 /// A scratch directory, removed when the test passes and kept (with the logs) when it fails or
 /// `SPINDRIFT_KEEP_LOGS` is set.
 struct Scratch {
@@ -423,7 +409,7 @@ fn show_latency(name: &str, stats: &Value) {
 /// then a second process on h1 touches the same pages, which must come from h1's cache.
 fn four_hosts_touch_a_tenth(test: &str, image_mib: u64, bound: Duration, net: Net) {
     let _lock = lab_lock();
-    if !lab_available(test) {
+    if !netlab::require::lossy_lab(test) {
         return;
     }
     let deadline = Instant::now() + bound;
@@ -556,7 +542,7 @@ fn a_server_killed_and_restarted_mid_transfer_is_resumed_over_af_xdp_mtu_9000() 
 
 fn server_restart(test: &str, net: Net) {
     let _lock = lab_lock();
-    if !lab_available(test) {
+    if !netlab::require::lossy_lab(test) {
         return;
     }
     let deadline = Instant::now() + BOUND;
@@ -604,7 +590,7 @@ fn a_killed_daemon_fails_its_clone_visibly_and_spares_the_others_over_af_xdp_mtu
 
 fn daemon_killed(test: &str, net: Net) {
     let _lock = lab_lock();
-    if !lab_available(test) {
+    if !netlab::require::lossy_lab(test) {
         return;
     }
     let deadline = Instant::now() + BOUND;
@@ -650,7 +636,7 @@ fn clones_fail_within_the_server_timeout_when_the_server_is_gone_for_good_over_a
 
 fn server_gone(test: &str, net: Net) {
     let _lock = lab_lock();
-    if !lab_available(test) {
+    if !netlab::require::lossy_lab(test) {
         return;
     }
     let deadline = Instant::now() + BOUND;
@@ -772,7 +758,7 @@ fn fake_clone() {
 fn a_fork_plan_starts_clones_that_verify_pages_and_report_back() {
     let test = "fork_plan";
     let _lock = lab_lock();
-    if !lab_available(test) {
+    if !netlab::require::lossy_lab(test) {
         return;
     }
     let deadline = Instant::now() + BOUND;

@@ -33,7 +33,11 @@ fn crosswise(base: u64) -> (Vec<spindrift_client::Region>, impl Fn(u64) -> u64 +
 
 #[test]
 fn concurrent_touches_see_every_byte_and_missing_pages_arrive_on_request() {
-    let Some(uffd) = uffd_or_skip("concurrent_touches", FEATURE_EVENT_REMOVE) else { return };
+    let Some(uffd) =
+        uffd_or_skip("concurrent_touches_see_every_byte_and_missing_pages_arrive_on_request", FEATURE_EVENT_REMOVE)
+    else {
+        return;
+    };
     let deadline = Instant::now() + DEADLINE;
     let cache = Arc::new(PageCache::new(PAGES * PAGE as u64).unwrap());
     fill_cache(&cache, is_zero, is_missing);
@@ -97,7 +101,7 @@ fn concurrent_touches_see_every_byte_and_missing_pages_arrive_on_request() {
 
 #[test]
 fn parked_fault_waits_for_the_page_and_wakes_when_it_is_inserted() {
-    let Some(uffd) = uffd_or_skip("parked_fault", 0) else { return };
+    let Some(uffd) = uffd_or_skip("parked_fault_waits_for_the_page_and_wakes_when_it_is_inserted", 0) else { return };
     let deadline = Instant::now() + DEADLINE;
     let cache = Arc::new(PageCache::new(16 * PAGE as u64).unwrap());
     fill_cache(&cache, |_| false, |p| p == 5);
@@ -126,7 +130,7 @@ fn parked_fault_waits_for_the_page_and_wakes_when_it_is_inserted() {
 
 #[test]
 fn eexist_from_a_racing_copy_still_wakes_the_faulting_thread() {
-    let Some(uffd) = uffd_or_skip("eexist", 0) else { return };
+    let Some(uffd) = uffd_or_skip("eexist_from_a_racing_copy_still_wakes_the_faulting_thread", 0) else { return };
     let deadline = Instant::now() + DEADLINE;
     let cache = Arc::new(PageCache::new(16 * PAGE as u64).unwrap());
     fill_cache(&cache, |_| false, |_| false);
@@ -156,7 +160,10 @@ fn eexist_from_a_racing_copy_still_wakes_the_faulting_thread() {
 
 #[test]
 fn madvise_dontneed_forgets_the_range_and_retouch_reads_zeros() {
-    let Some(uffd) = uffd_or_skip("madvise_remove", FEATURE_EVENT_REMOVE) else { return };
+    let Some(uffd) = uffd_or_skip("madvise_dontneed_forgets_the_range_and_retouch_reads_zeros", FEATURE_EVENT_REMOVE)
+    else {
+        return;
+    };
     let deadline = Instant::now() + DEADLINE;
     let pages = 64u64;
     let cache = Arc::new(PageCache::new(pages * PAGE as u64).unwrap());
@@ -203,7 +210,7 @@ fn madvise_dontneed_forgets_the_range_and_retouch_reads_zeros() {
 
 #[test]
 fn prefetch_installs_cached_pages_before_any_fault() {
-    let Some(uffd) = uffd_or_skip("prefetch", 0) else { return };
+    let Some(uffd) = uffd_or_skip("prefetch_installs_cached_pages_before_any_fault", 0) else { return };
     let deadline = Instant::now() + DEADLINE;
     let pages = 64u64;
     let cache = Arc::new(PageCache::new(pages * PAGE as u64).unwrap());
@@ -239,11 +246,19 @@ fn free_huge_pages() -> u64 {
 
 #[test]
 fn huge_page_regions_are_served_whole() {
-    let Some(uffd) = uffd_or_skip("huge_pages", 0) else { return };
+    const TEST: &str = "huge_page_regions_are_served_whole";
+    let Some(uffd) = uffd_or_skip(TEST, 0) else { return };
     let len = 2 * spindrift_client::PAGE_2M;
-    let mapping = if free_huge_pages() >= 2 { Mapping::new_huge(len as usize) } else { None };
+    let free = free_huge_pages();
+    let mapping = if free >= 2 { Mapping::new_huge(len as usize) } else { None };
     let Some(mut mem) = mapping else {
-        eprintln!("SKIPPED huge_page_regions_are_served_whole: fewer than 2 free 2 MiB huge pages (vm.nr_hugepages)");
+        netlab::require::skip_or_fail(
+            TEST,
+            format_args!(
+                "needs 2 free 2 MiB huge pages, /proc/meminfo has HugePages_Free {free}: reserve some with \
+                 scripts/setup.sh as root (or sysctl vm.nr_hugepages=8)"
+            ),
+        );
         return;
     };
     let deadline = Instant::now() + DEADLINE;

@@ -29,7 +29,9 @@ fn recv_json_with_devnull(json: &str) -> HandoffError {
 
 #[test]
 fn firecracker_bare_array_is_accepted_with_page_size_or_page_size_kib() {
-    let Some(uffd) = uffd_or_skip("firecracker_bare_array", 0) else { return };
+    let Some(uffd) = uffd_or_skip("firecracker_bare_array_is_accepted_with_page_size_or_page_size_kib", 0) else {
+        return;
+    };
     for json in [
         r#"[{"base_host_virt_addr":1048576,"size":8192,"offset":0,"page_size":4096},
             {"base_host_virt_addr":4194304,"size":2097152,"offset":8192,"page_size":4096}]"#,
@@ -54,7 +56,7 @@ fn firecracker_bare_array_is_accepted_with_page_size_or_page_size_kib() {
 
 #[test]
 fn send_uffd_speaks_firecracker_and_send_handoff_speaks_spindrift() {
-    let Some(uffd) = uffd_or_skip("send_both_shapes", 0) else { return };
+    let Some(uffd) = uffd_or_skip("send_uffd_speaks_firecracker_and_send_handoff_speaks_spindrift", 0) else { return };
     let regions = vec![Region { base_host_virt_addr: 0x4000_0000, size: 2 * PAGE_2M, offset: 0, page_size: PAGE_2M }];
 
     let (vmm, daemon) = pair();
@@ -79,7 +81,9 @@ fn send_uffd_speaks_firecracker_and_send_handoff_speaks_spindrift() {
 
 #[test]
 fn spindrift_object_ignores_unknown_fields_and_may_arrive_in_pieces() {
-    let Some(uffd) = uffd_or_skip("object_in_pieces", 0) else { return };
+    let Some(uffd) = uffd_or_skip("spindrift_object_ignores_unknown_fields_and_may_arrive_in_pieces", 0) else {
+        return;
+    };
     let json = r#"{"regions":[{"base_host_virt_addr":4096,"size":4096,"offset":0,"page_size":4096}],
                    "clone_id":3,"future_field":{"x":1}}"#;
     let (vmm, daemon) = pair();
@@ -184,7 +188,7 @@ fn early_close_and_silence_end_in_bounded_errors() {
 
 #[test]
 fn a_userfaultfd_without_uffdio_api_is_refused_by_the_server() {
-    if uffd_or_skip("uninitialised_uffd", 0).is_none() {
+    if uffd_or_skip("a_userfaultfd_without_uffdio_api_is_refused_by_the_server", 0).is_none() {
         return;
     }
     // SAFETY: userfaultfd(2) takes flags and returns a new descriptor (checked below) that we own.

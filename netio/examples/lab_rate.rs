@@ -43,8 +43,7 @@ fn receive(mut rx: UdpIo, batch: usize, stop: Arc<AtomicBool>) -> Result<(u64, u
 }
 
 fn main() -> Result<(), Error> {
-    if let Err(e) = netlab::check_prerequisites() {
-        println!("SKIPPED lab_rate: {e}");
+    if !netlab::require::lab("lab_rate") {
         return Ok(());
     }
     let args: Vec<String> = std::env::args().collect();

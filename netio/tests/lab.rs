@@ -7,16 +7,17 @@ mod common;
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
-use common::{can_run_lab, check_all, payload, recv_n, send_all, test_group};
+use common::{check_all, payload, recv_n, send_all, test_group};
 use netio::udp::{UdpConfig, UdpError, UdpIo};
 use netio::{PacketIo, RxBatch, TxBatch};
+use netlab::require;
 
 const LIMIT: Duration = Duration::from_secs(5);
 const PORT: u16 = 7000;
 
 #[test]
 fn multicast_reaches_receivers_in_two_namespaces() {
-    if !can_run_lab("multicast_reaches_receivers_in_two_namespaces") {
+    if !require::lab("multicast_reaches_receivers_in_two_namespaces") {
         return;
     }
     let lab = netlab::Lab::create(&netlab::LabConfig::new(netlab::unique_lab_name("netio"), 3)).expect("create lab");
@@ -66,7 +67,7 @@ fn multicast_reaches_receivers_in_two_namespaces() {
 /// back to plain (fragmented) sends for that size, and still uses GSO for smaller ones.
 #[test]
 fn gso_multicast_reaches_two_namespaces_and_falls_back_for_long_datagrams() {
-    if !can_run_lab("gso_multicast_reaches_two_namespaces_and_falls_back_for_long_datagrams") {
+    if !require::lab("gso_multicast_reaches_two_namespaces_and_falls_back_for_long_datagrams") {
         return;
     }
     let lab = netlab::Lab::create(&netlab::LabConfig::new(netlab::unique_lab_name("netio"), 3)).expect("create lab");
@@ -106,7 +107,7 @@ fn gso_multicast_reaches_two_namespaces_and_falls_back_for_long_datagrams() {
 
 #[test]
 fn multicast_loop_is_off_by_default_and_can_be_turned_on() {
-    if !can_run_lab("multicast_loop_is_off_by_default_and_can_be_turned_on") {
+    if !require::lab("multicast_loop_is_off_by_default_and_can_be_turned_on") {
         return;
     }
     let lab = netlab::Lab::create(&netlab::LabConfig::new(netlab::unique_lab_name("netio"), 2)).expect("create lab");
@@ -140,7 +141,7 @@ fn multicast_loop_is_off_by_default_and_can_be_turned_on() {
 
 #[test]
 fn address_of_another_host_is_a_clear_error() {
-    if !can_run_lab("address_of_another_host_is_a_clear_error") {
+    if !require::lab("address_of_another_host_is_a_clear_error") {
         return;
     }
     let lab = netlab::Lab::create(&netlab::LabConfig::new(netlab::unique_lab_name("netio"), 2)).expect("create lab");

@@ -18,10 +18,11 @@ mod common;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::Duration;
 
-use common::{can_run_lab, can_run_lossy_lab, check_all, payload, recv_n, say, send_all, test_group, Got};
+use common::{check_all, payload, recv_n, say, send_all, test_group, Got};
 use netio::udp::{UdpConfig, UdpIo};
 use netio::xdp::{XdpConfig, XdpIo};
 use netio::{IoKind, PacketIo, RxBatch, TxBatch};
+use netlab::require;
 
 const LIMIT: Duration = Duration::from_secs(5);
 const PORT: u16 = 7400;
@@ -164,7 +165,7 @@ fn xdp_to_xdp(mtu: u32, size: usize, count: usize) {
 
 #[test]
 fn xdp_to_xdp_mtu_1500_with_loss() {
-    if !can_run_lossy_lab("xdp_to_xdp_mtu_1500_with_loss") {
+    if !require::lossy_lab("xdp_to_xdp_mtu_1500_with_loss") {
         return;
     }
     xdp_to_xdp(1500, 1472, 400);
@@ -172,7 +173,7 @@ fn xdp_to_xdp_mtu_1500_with_loss() {
 
 #[test]
 fn xdp_to_xdp_mtu_9000_multi_buffer_with_loss() {
-    if !can_run_lossy_lab("xdp_to_xdp_mtu_9000_multi_buffer_with_loss") {
+    if !require::lossy_lab("xdp_to_xdp_mtu_9000_multi_buffer_with_loss") {
         return;
     }
     xdp_to_xdp(9000, 8972, 300);
@@ -223,7 +224,7 @@ fn xdp_and_udp(mtu: u32, size: usize, count: usize) {
 
 #[test]
 fn xdp_and_udp_interoperate_mtu_1500_with_loss() {
-    if !can_run_lossy_lab("xdp_and_udp_interoperate_mtu_1500_with_loss") {
+    if !require::lossy_lab("xdp_and_udp_interoperate_mtu_1500_with_loss") {
         return;
     }
     xdp_and_udp(1500, 1472, 400);
@@ -231,7 +232,7 @@ fn xdp_and_udp_interoperate_mtu_1500_with_loss() {
 
 #[test]
 fn xdp_and_udp_interoperate_mtu_9000_with_loss() {
-    if !can_run_lossy_lab("xdp_and_udp_interoperate_mtu_9000_with_loss") {
+    if !require::lossy_lab("xdp_and_udp_interoperate_mtu_9000_with_loss") {
         return;
     }
     xdp_and_udp(9000, 8972, 300);
@@ -241,7 +242,7 @@ fn xdp_and_udp_interoperate_mtu_9000_with_loss() {
 /// the XDP host reaches its kernel socket, and TCP works.
 #[test]
 fn arp_ping_tcp_and_other_ports_reach_the_kernel_while_attached() {
-    if !can_run_lab("arp_ping_tcp_and_other_ports_reach_the_kernel_while_attached") {
+    if !require::lab("arp_ping_tcp_and_other_ports_reach_the_kernel_while_attached") {
         return;
     }
     let lab = lab("xk", 2, 1500, &[]);
@@ -283,7 +284,7 @@ fn arp_ping_tcp_and_other_ports_reach_the_kernel_while_attached() {
 /// message naming the cause; so does an address that is not the host's.
 #[test]
 fn auto_falls_back_to_udp_and_xdp_errors_are_clear() {
-    if !can_run_lab("auto_falls_back_to_udp_and_xdp_errors_are_clear") {
+    if !require::lab("auto_falls_back_to_udp_and_xdp_errors_are_clear") {
         return;
     }
     let lab = lab("xa", 2, 1500, &[]);
@@ -341,7 +342,7 @@ fn crash_child_holds_the_program() {
 /// link is a file descriptor, and the kernel closes it (detaching the program) as the process dies.
 #[test]
 fn program_is_detached_when_the_process_is_killed() {
-    if !can_run_lab("program_is_detached_when_the_process_is_killed") {
+    if !require::lab("program_is_detached_when_the_process_is_killed") {
         return;
     }
     let lab = lab("xc", 2, 1500, &[]);
@@ -429,14 +430,14 @@ fn checksum_offload(mtu: u32, size: usize) {
 
 #[test]
 fn checksum_offload_mtu_1500() {
-    if can_run_lab("checksum_offload_mtu_1500") {
+    if require::lab("checksum_offload_mtu_1500") {
         checksum_offload(1500, 1472);
     }
 }
 
 #[test]
 fn checksum_offload_mtu_9000_multi_buffer() {
-    if can_run_lab("checksum_offload_mtu_9000_multi_buffer") {
+    if require::lab("checksum_offload_mtu_9000_multi_buffer") {
         checksum_offload(9000, 8972);
     }
 }

@@ -84,6 +84,12 @@
 //! * [`Host::command`]: `ip netns exec <netns> PROGRAM` as a
 //!   [`std::process::Command`], for tools nobody here wrote (iperf3, ...).
 //!
+//! # Tests that cannot run everywhere
+//!
+//! [`require`] holds the workspace's one rule for a test whose prerequisites (root, nftables,
+//! `/dev/kvm`, userfaultfd, huge pages, a tool) are missing here: print `SKIPPED <test>: <why>` and
+//! return, or fail the test when `NETLAB_REQUIRE=1` (as `.ci/run` sets it).
+//!
 //! # Lifetime and state
 //!
 //! [`Lab::create`] returns a value that owns the lab: dropping it (also while
@@ -134,6 +140,7 @@ pub mod lock;
 pub mod names;
 pub mod netns;
 pub mod preflight;
+pub mod require;
 pub mod state;
 
 pub use addressing::{MAX_HOSTS, MAX_LABS};

@@ -10,7 +10,8 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{assert_gone, can_run, namespaces_of, Collector, KillOnDrop};
+use common::{assert_gone, namespaces_of, Collector, KillOnDrop};
+use netlab::require::lossy_lab;
 use netlab::{unique_lab_name, Lab, LabConfig, LabError, LinkConditions, Loss, Rate};
 
 fn busy_conditions() -> LinkConditions {
@@ -53,7 +54,7 @@ fn exited(child: &mut KillOnDrop) -> bool {
 
 #[test]
 fn drop_removes_everything_and_kills_processes_inside() {
-    if !can_run("drop_removes_everything_and_kills_processes_inside") {
+    if !lossy_lab("drop_removes_everything_and_kills_processes_inside") {
         return;
     }
     let name = unique_lab_name("drop");
@@ -70,7 +71,7 @@ fn drop_removes_everything_and_kills_processes_inside() {
 
 #[test]
 fn a_panicking_test_leaves_nothing_behind() {
-    if !can_run("a_panicking_test_leaves_nothing_behind") {
+    if !lossy_lab("a_panicking_test_leaves_nothing_behind") {
         return;
     }
     let name = unique_lab_name("panic");
@@ -87,7 +88,7 @@ fn a_panicking_test_leaves_nothing_behind() {
 
 #[test]
 fn a_failed_creation_leaves_nothing_behind_and_spares_an_existing_lab() {
-    if !can_run("a_failed_creation_leaves_nothing_behind_and_spares_an_existing_lab") {
+    if !lossy_lab("a_failed_creation_leaves_nothing_behind_and_spares_an_existing_lab") {
         return;
     }
     // An existing lab of the same name must survive a second, failing creation.
@@ -112,7 +113,7 @@ fn a_failed_creation_leaves_nothing_behind_and_spares_an_existing_lab() {
 
 #[test]
 fn persisted_lab_can_be_reopened_listed_changed_and_removed() {
-    if !can_run("persisted_lab_can_be_reopened_listed_changed_and_removed") {
+    if !lossy_lab("persisted_lab_can_be_reopened_listed_changed_and_removed") {
         return;
     }
     let name = unique_lab_name("persist");
@@ -143,7 +144,7 @@ fn persisted_lab_can_be_reopened_listed_changed_and_removed() {
 
 #[test]
 fn clean_removes_leftover_labs_by_prefix() {
-    if !can_run("clean_removes_leftover_labs_by_prefix") {
+    if !lossy_lab("clean_removes_leftover_labs_by_prefix") {
         return;
     }
     // Only this test's labs: other tests run in parallel and must not be hit.
@@ -169,7 +170,7 @@ fn clean_removes_leftover_labs_by_prefix() {
 
 #[test]
 fn two_labs_at_once_have_separate_names_and_subnets() {
-    if !can_run("two_labs_at_once_have_separate_names_and_subnets") {
+    if !lossy_lab("two_labs_at_once_have_separate_names_and_subnets") {
         return;
     }
     let a = Lab::create(&LabConfig::new(unique_lab_name("twin"), 2)).expect("lab a");
@@ -228,7 +229,7 @@ fn stderr(o: &std::process::Output) -> String {
 
 #[test]
 fn command_line_round_trip() {
-    if !can_run("command_line_round_trip") {
+    if !lossy_lab("command_line_round_trip") {
         return;
     }
     let name = unique_lab_name("cli");
@@ -301,7 +302,7 @@ fn command_line_round_trip() {
 
 #[test]
 fn command_line_up_in_foreground_removes_the_lab_on_sigterm() {
-    if !can_run("command_line_up_in_foreground_removes_the_lab_on_sigterm") {
+    if !lossy_lab("command_line_up_in_foreground_removes_the_lab_on_sigterm") {
         return;
     }
     let name = unique_lab_name("fg");

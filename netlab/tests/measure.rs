@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{can_run, Collector};
+use common::Collector;
+use netlab::require::lossy_lab;
 use netlab::{unique_lab_name, Lab, LabConfig, LinkConditions, Loss, Rate};
 
 fn loss(p: f64) -> Loss {
@@ -33,7 +34,7 @@ fn assert_binomial(what: &str, lost: u64, n: u64, p: f64) {
 
 #[test]
 fn multicast_from_one_host_reaches_all_others() {
-    if !can_run("multicast_from_one_host_reaches_all_others") {
+    if !lossy_lab("multicast_from_one_host_reaches_all_others") {
         return;
     }
     let lab = Lab::create(&LabConfig::new(unique_lab_name("mcast"), 4)).expect("lab");
@@ -57,7 +58,7 @@ fn multicast_from_one_host_reaches_all_others() {
 
 #[test]
 fn multicast_with_igmp_snooping_reaches_joined_hosts_only() {
-    if !can_run("multicast_with_igmp_snooping_reaches_joined_hosts_only") {
+    if !lossy_lab("multicast_with_igmp_snooping_reaches_joined_hosts_only") {
         return;
     }
     let lab = Lab::create(&LabConfig::new(unique_lab_name("snoop"), 3).igmp_snooping(true)).expect("lab");
@@ -99,7 +100,7 @@ fn switch_port_tx_packets(lab: &Lab, index: usize) -> u64 {
 
 #[test]
 fn receive_loss_matches_setting() {
-    if !can_run("receive_loss_matches_setting") {
+    if !lossy_lab("receive_loss_matches_setting") {
         return;
     }
     let p = 0.05;
@@ -125,7 +126,7 @@ fn receive_loss_matches_setting() {
 
 #[test]
 fn send_loss_on_multicast_sender_hits_all_receivers_alike() {
-    if !can_run("send_loss_on_multicast_sender_hits_all_receivers_alike") {
+    if !lossy_lab("send_loss_on_multicast_sender_hits_all_receivers_alike") {
         return;
     }
     let p = 0.10;
@@ -207,7 +208,7 @@ fn unicast_delivered(from: &netlab::Host, to: &netlab::Host, n: u32) -> u64 {
 /// clearing the loss removes the table.
 #[test]
 fn loss_on_one_link_applies_in_both_directions_at_the_switch_port() {
-    if !can_run("loss_on_one_link_applies_in_both_directions_at_the_switch_port") {
+    if !lossy_lab("loss_on_one_link_applies_in_both_directions_at_the_switch_port") {
         return;
     }
     let (p_rx, p_tx) = (0.05, 0.10);
@@ -251,7 +252,7 @@ fn loss_on_one_link_applies_in_both_directions_at_the_switch_port() {
 
 #[test]
 fn rate_limit_holds_and_changes_on_a_running_lab() {
-    if !can_run("rate_limit_holds_and_changes_on_a_running_lab") {
+    if !lossy_lab("rate_limit_holds_and_changes_on_a_running_lab") {
         return;
     }
     let rate = Rate::mbit(50).expect("rate");
@@ -290,7 +291,7 @@ fn rate_limit_holds_and_changes_on_a_running_lab() {
 
 #[test]
 fn cut_host_receives_nothing_and_recovers_after_restore() {
-    if !can_run("cut_host_receives_nothing_and_recovers_after_restore") {
+    if !lossy_lab("cut_host_receives_nothing_and_recovers_after_restore") {
         return;
     }
     let lab = Lab::create(&LabConfig::new(unique_lab_name("cut"), 3)).expect("lab");
@@ -357,14 +358,10 @@ fn cut_host_receives_nothing_and_recovers_after_restore() {
 
 #[test]
 fn iperf3_between_two_hosts_is_capped_by_the_rate() {
-    if !can_run("iperf3_between_two_hosts_is_capped_by_the_rate") {
+    if !lossy_lab("iperf3_between_two_hosts_is_capped_by_the_rate") {
         return;
     }
-    if netlab::cmd::find_program("iperf3").is_none() {
-        common::say("SKIPPED netlab test iperf3_between_two_hosts_is_capped_by_the_rate: iperf3 is not installed (apt-get install -y iperf3)");
-        if std::env::var("NETLAB_REQUIRE").is_ok_and(|v| v == "1") {
-            panic!("iperf3 missing and NETLAB_REQUIRE=1");
-        }
+    if !netlab::require::program("iperf3_between_two_hosts_is_capped_by_the_rate", "iperf3", "iperf3") {
         return;
     }
     let rate = Rate::mbit(50).expect("rate");
@@ -426,7 +423,7 @@ fn iperf3_between_two_hosts_is_capped_by_the_rate() {
 
 #[test]
 fn thirty_two_hosts_come_up_fast_and_all_hear_multicast() {
-    if !can_run("thirty_two_hosts_come_up_fast_and_all_hear_multicast") {
+    if !lossy_lab("thirty_two_hosts_come_up_fast_and_all_hear_multicast") {
         return;
     }
     let started = Instant::now();

@@ -88,7 +88,7 @@ fn wait_child(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
 
 #[test]
 fn clone_process_runs_from_a_descriptor_served_by_the_daemon_socket() {
-    if !common::can_run("clone_process_runs_from_a_descriptor") {
+    if !common::can_run("clone_process_runs_from_a_descriptor_served_by_the_daemon_socket") {
         return;
     }
     let (desc, image, expected) = record_fork();

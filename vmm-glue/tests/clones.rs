@@ -108,7 +108,7 @@ fn parallel_job_with_four_local_clones() {
 
 #[test]
 fn zero_and_discarded_pages_are_never_fetched_and_clones_fetch_little() {
-    if !common::can_run("zero_and_discarded_pages_are_never_fetched") {
+    if !common::can_run("zero_and_discarded_pages_are_never_fetched_and_clones_fetch_little") {
         return;
     }
     let Run { outcome, mut host, .. } =
@@ -138,7 +138,7 @@ fn zero_and_discarded_pages_are_never_fetched_and_clones_fetch_little() {
 
 #[test]
 fn captured_descriptor_roundtrips_and_describes_the_fork() {
-    if !common::can_run("captured_descriptor_roundtrips") {
+    if !common::can_run("captured_descriptor_roundtrips_and_describes_the_fork") {
         return;
     }
     let (outcome, rec, layout) = common::bounded(Duration::from_secs(60), "recording run", || {

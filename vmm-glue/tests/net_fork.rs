@@ -15,20 +15,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+/// KVM and userfaultfd, and a netlab lab with loss (root, nftables).
 fn can_run_lab(test: &str) -> bool {
-    if !common::can_run(test) {
-        return false;
-    }
-    match netlab::check_prerequisites().and_then(|()| netlab::preflight::check_nft()) {
-        Ok(()) => true,
-        Err(e) if std::env::var("NETLAB_REQUIRE").as_deref() == Ok("1") => {
-            panic!("{test}: required (NETLAB_REQUIRE=1) but {e}")
-        }
-        Err(e) => {
-            eprintln!("SKIPPED {test}: {e}");
-            false
-        }
-    }
+    common::can_run(test) && netlab::require::lossy_lab(test)
 }
 
 /// Runs the demo with `args` (bounded) and returns its JSON report.

@@ -22,12 +22,14 @@ use spindrift_client::{
 pub const DEADLINE: Duration = Duration::from_secs(30);
 pub const PAGE: usize = 4096;
 
-/// A userfaultfd, or `None` after printing why the test skips.
+/// A userfaultfd, or `None` after printing why the test skips (failing it instead with
+/// `NETLAB_REQUIRE=1`: see `netlab::require`).
 pub fn uffd_or_skip(test: &str, features: u64) -> Option<Uffd> {
     match Uffd::create(features) {
         Ok(u) => Some(u),
-        Err(UffdError::Create(cause)) => {
-            eprintln!("SKIPPED {test}: userfaultfd unavailable (not root, vm.unprivileged_userfaultfd=0?): {cause}");
+        Err(e @ UffdError::Create(_)) => {
+            let cause = std::error::Error::source(&e).map(|c| format!(" ({c})")).unwrap_or_default();
+            netlab::require::skip_or_fail(test, format_args!("userfaultfd unavailable: {e}{cause}"));
             None
         }
         Err(e) => panic!("{test}: creating a userfaultfd failed: {e}"),

@@ -1,5 +1,5 @@
-//! Helpers shared by the integration tests: bounded send and receive loops, payload patterns,
-//! and skipping lab tests without root.
+//! Helpers shared by the integration tests: bounded send and receive loops and payload patterns.
+//! (Skipping lab tests without root is `netlab::require`.)
 //!
 //! Every loop here has a deadline, so a failing test ends in bounded time.
 
@@ -79,32 +79,7 @@ pub fn test_group(salt: u8) -> Ipv4Addr {
     Ipv4Addr::new(239, 255, (pid % 250) as u8 + 1, salt)
 }
 
-/// Writes straight to stderr, bypassing the test harness's capture, so a skip is always visible.
+/// Writes straight to stderr, bypassing the test harness's capture, so a figure is always visible.
 pub fn say(msg: &str) {
     let _ = writeln!(std::io::stderr(), "{msg}");
-}
-
-/// True if lab tests can run here (root, `ip`, `tc`). Otherwise prints why the test is skipped;
-/// with `NETLAB_REQUIRE=1` a missing prerequisite fails the test instead (for CI).
-pub fn can_run_lab(test: &str) -> bool {
-    available(test, netlab::check_prerequisites())
-}
-
-/// [`can_run_lab`], and `nft` (nftables) is installed for netlab's loss rules.
-pub fn can_run_lossy_lab(test: &str) -> bool {
-    available(test, netlab::check_prerequisites().and_then(|()| netlab::preflight::check_nft()))
-}
-
-fn available(test: &str, check: Result<(), impl std::fmt::Display>) -> bool {
-    match check {
-        Ok(()) => true,
-        Err(e) => {
-            let msg = format!("SKIPPED netio test {test}: {e}");
-            if std::env::var("NETLAB_REQUIRE").is_ok_and(|v| v == "1") {
-                panic!("{msg} (NETLAB_REQUIRE=1 forbids skipping)");
-            }
-            say(&msg);
-            false
-        }
-    }
 }

@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: skipping without root, measuring
-//! UDP delivery and TCP goodput inside a lab, and checking for leftovers.
+//! Helpers shared by the integration tests: measuring UDP delivery and TCP
+//! goodput inside a lab, and checking for leftovers. (Skipping without root is
+//! `netlab::require`.)
 //!
 //! Every socket has a timeout and every child process is killed on drop, so a
 //! failing test ends in bounded time; every lab is a `Lab` value, removed on drop.
@@ -15,30 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netlab::Host;
-
-/// Writes straight to the process's stderr, bypassing the test harness's
-/// capture, so a skip is visible in every `cargo test` run.
-pub fn say(msg: &str) {
-    let _ = writeln!(std::io::stderr(), "{msg}");
-}
-
-/// True if lab tests can run here. Otherwise prints why the test is skipped;
-/// with `NETLAB_REQUIRE=1` in the environment a missing prerequisite fails the
-/// test instead (for CI, where the tests must really run).
-pub fn can_run(test: &str) -> bool {
-    let problem = netlab::check_prerequisites().and_then(|()| netlab::preflight::check_nft()).err();
-    match problem {
-        None => true,
-        Some(e) => {
-            let msg = format!("SKIPPED netlab test {test}: {e}");
-            if std::env::var("NETLAB_REQUIRE").is_ok_and(|v| v == "1") {
-                panic!("{msg} (NETLAB_REQUIRE=1 forbids skipping)");
-            }
-            say(&msg);
-            false
-        }
-    }
-}
 
 /// A port number no other test in this process uses.
 pub fn port() -> u16 {

@@ -1,4 +1,5 @@
-//! Shared test helpers: skip (or, with NETLAB_REQUIRE=1, fail) when KVM or userfaultfd is unavailable.
+//! Shared test helpers: skip (or, with NETLAB_REQUIRE=1, fail; see `netlab::require`) when KVM or
+//! userfaultfd is unavailable, bounded runs, and a recording clone host.
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -6,31 +7,21 @@ use std::time::Duration;
 
 use vmm_glue::{CloneHost, CloneReport, Descriptor, GuestMemory, HostError};
 
-/// Whether this machine can run the VMM tests; prints why not and returns false (or panics when
-/// `NETLAB_REQUIRE=1`).
+/// Whether this machine can run the VMM tests (`/dev/kvm` and userfaultfd); prints why not and
+/// returns false (or panics when `NETLAB_REQUIRE=1`).
 pub fn can_run(test: &str) -> bool {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_test_writer()
         .try_init();
-    let why = if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
-        Some("/dev/kvm is not usable (not root, or no KVM)".to_string())
-    } else {
-        match spindrift_client::uffd::Uffd::create(0) {
-            Ok(_) => None,
-            Err(e) => Some(format!("userfaultfd unavailable: {e}")),
-        }
+    let check = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Err(e) => Err(format!("/dev/kvm is not usable ({e}): run as root on a machine with KVM")),
+        Ok(_) => spindrift_client::uffd::Uffd::create(0).map(drop).map_err(|e| {
+            let cause = std::error::Error::source(&e).map(|c| format!(" ({c})")).unwrap_or_default();
+            format!("userfaultfd unavailable: {e}{cause}")
+        }),
     };
-    match why {
-        None => true,
-        Some(why) if std::env::var("NETLAB_REQUIRE").as_deref() == Ok("1") => {
-            panic!("{test}: required (NETLAB_REQUIRE=1) but {why}")
-        }
-        Some(why) => {
-            eprintln!("SKIPPED {test}: {why}");
-            false
-        }
-    }
+    netlab::require::available(test, check)
 }
 
 /// Runs `f` on a thread and fails the test if it takes longer than `limit` (the thread is left behind).
