@@ -243,6 +243,11 @@ impl Setup {
 
     /// The server on h0 with `epoch` and extra flags; only requested pages travel (`--push none`).
     fn server(&self, epoch: u32, extra: &[&str]) -> Proc {
+        self.server_of(SESSION, epoch, extra)
+    }
+
+    /// As [`Setup::server`], for `session`.
+    fn server_of(&self, session: u64, epoch: u32, extra: &[&str]) -> Proc {
         let h0 = self.host(0);
         let mut args: Vec<String> = [
             "--image",
@@ -254,7 +259,7 @@ impl Setup {
             "--port",
             &PORT.to_string(),
             "--session",
-            &SESSION.to_string(),
+            &session.to_string(),
             "--key-hex",
             KEY_HEX,
             "--epoch",
@@ -264,7 +269,7 @@ impl Setup {
             "--duration-s",
             "120",
             "--stats-json",
-            self.scratch.path(&format!("server-{epoch}.json")).to_str().unwrap(),
+            self.scratch.path(&format!("server-{session}-{epoch}.json")).to_str().unwrap(),
             "--io",
             self.net.io,
             "--mtu",
@@ -278,8 +283,8 @@ impl Setup {
         cmd.args(["--exact", "server_child", "--nocapture", "--test-threads=1"])
             .env("SPINDRIFT_TEST_SERVER_ARGS", serde_json::to_string(&args).unwrap())
             .stdout(Stdio::null())
-            .stderr(self.scratch.log(&format!("server-{epoch}.log")));
-        Proc::spawn(format!("server (epoch {epoch})"), &mut cmd)
+            .stderr(self.scratch.log(&format!("server-{session}-{epoch}.log")));
+        Proc::spawn(format!("server (session {session}, epoch {epoch})"), &mut cmd)
     }
 
     /// A daemon on host `i`.
@@ -312,12 +317,26 @@ impl Setup {
     }
 
     fn touch_with(&self, daemon: &Daemon, tag: &str, pattern: &str, fraction: f64, seed: u64, extra: &[&str]) -> Touch {
+        self.touch_of(SESSION, daemon, tag, pattern, fraction, seed, extra)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn touch_of(
+        &self,
+        session: u64,
+        daemon: &Daemon,
+        tag: &str,
+        pattern: &str,
+        fraction: f64,
+        seed: u64,
+        extra: &[&str],
+    ) -> Touch {
         let json = self.scratch.path(&format!("touch-{tag}.json"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_spindrift-client"));
         cmd.arg("touch")
             .arg("--daemon-socket")
             .arg(&daemon.socket)
-            .args(["--session", &SESSION.to_string(), "--image-bytes", &self.image_bytes.to_string()])
+            .args(["--session", &session.to_string(), "--image-bytes", &self.image_bytes.to_string()])
             .args(["--pattern", pattern, "--fraction", &fraction.to_string(), "--seed", &seed.to_string()])
             .arg("--verify")
             .arg(&self.image)
@@ -538,6 +557,35 @@ fn a_server_killed_and_restarted_mid_transfer_is_resumed() {
 #[test]
 fn a_server_killed_and_restarted_mid_transfer_is_resumed_over_af_xdp_mtu_9000() {
     server_restart("server_restart_xdp", Net::XDP_9000);
+}
+
+/// One daemon, twelve memory servers one after another (sessions 1..=12, as successive forks make
+/// them), each checked by a verifying clone. Before sessions ended on a host, the ninth was refused
+/// ("not announced by any server within 10s"): ended sessions counted against `--max-sessions 8`.
+#[test]
+fn one_daemon_serves_twelve_successive_sessions() {
+    let test = "one_daemon_serves_twelve_successive_sessions";
+    let _lock = lab_lock();
+    if !netlab::require::lossy_lab(test) {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let s = Setup::new(test, 2, 4);
+    let daemon = s.daemon(1, 10, &["--session-linger-s", "3600"]);
+    for session in 1..=12u64 {
+        let mut server = s.server_of(session, 1, &[]);
+        let mut touch = s.touch_of(session, &daemon, &format!("s{session}"), "random", 0.25, session, &[]);
+        let report = touch.expect_success(deadline);
+        assert!(report["pages_touched"].as_u64().unwrap_or(0) > 0, "session {session}: nothing touched: {report}");
+        let status = server.stop();
+        assert!(status.success(), "session {session}: server exited with {status:?}");
+    }
+    let v = daemon.wait_stats("twelve sessions", deadline, |v| {
+        v["counters"]["sessions_refused"].as_u64() == Some(0) && v["sessions"].as_array().is_some()
+    });
+    let held = v["sessions"].as_array().map_or(0, Vec::len);
+    assert!(held <= 8, "the daemon holds {held} sessions");
+    assert!(Instant::now() < deadline, "{test} ran past its bound");
 }
 
 fn server_restart(test: &str, net: Net) {

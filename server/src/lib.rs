@@ -38,6 +38,7 @@ pub mod sys;
 pub use config::{epoch_now, restart_safe_epoch, Args, ConfigError, ImageInput, Push, ServerConfig};
 pub use image::{MemoryImage, MmapImage, PAGE_SIZE};
 pub use server::{
-    serve, serve_source, summary, write_stats, EventHook, ServeCommand, ServeOptions, ServerError, StatsHook,
+    serve, serve_source, serve_source_on, summary, write_stats, EventHook, ServeCommand, ServeOptions, ServerError,
+    StatsHook,
 };
 pub use spindrift_protocol::sender::{PageSource, PushPolicy, SenderEvent, SenderStats};

@@ -186,15 +186,27 @@ pub fn serve(config: &ServerConfig, stop: &AtomicBool) -> Result<SenderStats, Se
 pub fn serve_source<S: PageSource>(
     config: &ServerConfig,
     source: S,
+    options: ServeOptions,
+    stop: &AtomicBool,
+) -> Result<SenderStats, ServerError> {
+    let udp = UdpConfig::new(config.iface, config.port).bind(Bind::Interface).multicast_ttl(1);
+    let io = netio::open(config.io, &udp)?;
+    serve_source_on(config, source, options, stop, io)
+}
+
+/// As [`serve_source`], over a packet I/O the caller opened (bound to the server's address; the
+/// in-memory network of the tests, say) instead of the one `config.io` names.
+pub fn serve_source_on<S: PageSource>(
+    config: &ServerConfig,
+    source: S,
     mut options: ServeOptions,
     stop: &AtomicBool,
+    io: Box<dyn netio::PacketIo + Send>,
 ) -> Result<SenderStats, ServerError> {
     let pages = source.page_count();
     if pages == 0 || source.page(0).len() != 1 << PAGE_SHIFT {
         return Err(ServerError::Source(pages));
     }
-    let udp = UdpConfig::new(config.iface, config.port).bind(Bind::Interface).multicast_ttl(1);
-    let io = netio::open(config.io, &udp)?;
     let mut sender = Sender::new(config.sender_config(options.push.take()), source, Time::ZERO)?;
     for (kind, id, bytes) in std::mem::take(&mut options.blobs) {
         sender.publish_blob(kind, id, bytes);

@@ -23,6 +23,8 @@
 
 mod children;
 mod clones;
+#[cfg(test)]
+mod mem_tests;
 mod net;
 mod registry;
 mod stats;

@@ -360,7 +360,7 @@ pub struct Snapshot {
     /// Daemon-wide counters.
     pub counters: CounterSnapshot,
     /// Per session.
-    sessions: Vec<SessionSnapshot>,
+    pub(crate) sessions: Vec<SessionSnapshot>,
     /// Fault-service latency, microseconds.
     pub latency_us: LatencySnapshot,
     /// Pages per Request datagram.
