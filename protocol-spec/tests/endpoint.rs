@@ -345,3 +345,27 @@ fn an_idle_session_without_clones_is_retired() {
     assert!(gone);
     assert!(world.events.iter().any(|e| matches!(e, HostEvent::Retired { reason: RetireReason::Idle, .. })));
 }
+
+#[test]
+fn each_session_sends_to_its_own_server_in_turn() {
+    let mut host = host(4);
+    let other = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 99), 7700);
+    let cache = || Cache { pages: vec![None; PAGES as usize] };
+    host.follow(Time::ZERO, SessionId(1), PAGES, SERVER, cache()).expect("follow");
+    host.follow(Time::ZERO, SessionId(2), PAGES, other, cache()).expect("follow");
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let now = Time::ZERO + Duration::from_millis(1);
+    for page in [0, 8, 16] {
+        assert!(!host.fault(now, SessionId(1), page));
+        assert!(!host.fault(now, SessionId(2), page));
+    }
+    let mut sent = Vec::new();
+    while let Some(t) = host.poll_transmit(now, &mut buf) {
+        let header = wire::peek_header(&buf[..t.len]).expect("header");
+        assert_eq!(header.session, t.session);
+        sent.push((t.session.0, t.destination));
+    }
+    assert!(sent.contains(&(1, SERVER)) && sent.contains(&(2, other)), "{sent:?}");
+    assert!(sent.iter().all(|&(s, d)| (s == 1) == (d == SERVER)), "a datagram went to the other session's server");
+    assert_eq!(host.poll_transmit(now, &mut buf), None);
+}

@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddrV4;
+use std::ops::Bound;
 use std::time::Duration;
 
 use crate::receiver::{ConfigError, PageSink, Receiver, ReceiverConfig, ReceiverEvent, ReceiverStats, DEFAULT_WINDOW};
@@ -258,7 +259,8 @@ pub struct HostEndpoint<S: PageSink> {
     refused: BTreeSet<SessionId>,
     events: VecDeque<HostEvent>,
     stats: HostStats,
-    /// The session `poll_transmit` asks first (round robin, so one busy session cannot starve others).
+    /// The session that sent last: `poll_transmit` asks the next one first (round robin, so one busy
+    /// session cannot starve the others).
     next_tx: Option<SessionId>,
     now: Time,
 }
@@ -547,18 +549,24 @@ impl<S: PageSink> HostEndpoint<S> {
     /// bytes), taking the sessions in turn.
     pub fn poll_transmit(&mut self, now: Time, buf: &mut [u8]) -> Option<Transmit> {
         self.now = self.now.max(now);
-        let start = self.next_tx.filter(|id| self.sessions.contains_key(id));
-        let order: Vec<SessionId> = match start {
-            Some(first) => {
-                self.sessions.range(first..).chain(self.sessions.range(..first)).map(|(&id, _)| id).collect()
-            }
-            None => self.sessions.keys().copied().collect(),
+        // Round robin: from the session after the one that sent last, in id order, wrapping once.
+        let last = self.next_tx;
+        let (after, before) = match last {
+            Some(l) => (self.sessions.range_mut((Bound::Excluded(l), Bound::Unbounded)), Some(l)),
+            None => (self.sessions.range_mut(..), None),
         };
-        for id in order {
-            let Some(s) = self.sessions.get_mut(&id) else { continue };
+        for (&id, s) in after {
             if let Some(len) = s.receiver.poll_transmit(now, buf) {
                 self.next_tx = Some(id);
                 return Some(Transmit { len, destination: s.server, session: id });
+            }
+        }
+        if let Some(l) = before {
+            for (&id, s) in self.sessions.range_mut(..=l) {
+                if let Some(len) = s.receiver.poll_transmit(now, buf) {
+                    self.next_tx = Some(id);
+                    return Some(Transmit { len, destination: s.server, session: id });
+                }
             }
         }
         self.next_tx = None;
