@@ -28,9 +28,7 @@ use netio::udp::UdpConfig;
 use netio::{IoError, IoKind, PacketIo};
 use spindrift_protocol::endpoint::{HostConfig, HostEndpoint, HostEvent, SessionInfo};
 use spindrift_protocol::receiver::PageSink;
-use spindrift_protocol::wire::{
-    self, BlobKind, Message, MsgType, NodeId, SessionId, SessionKey, FLAG_ENCRYPTED, HEADER_LEN, TAG_LEN,
-};
+use spindrift_protocol::wire::{self, BlobKind, NodeId, SessionId, SessionKey};
 use spindrift_protocol::Time;
 
 use super::registry::Registry;
@@ -295,8 +293,8 @@ impl Machine for NetNode {
 
     fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<(SocketAddrV4, usize)> {
         let t = self.endpoint.poll_transmit(time(now), buf)?;
-        if let Some(pages) = buf.get(..t.len).and_then(requested_pages) {
-            self.stats.record_request(pages);
+        if t.pages_requested > 0 {
+            self.stats.record_request(t.pages_requested);
         }
         Some((t.destination, t.len))
     }
@@ -446,19 +444,5 @@ impl NetNode {
         if let Some(c) = driver.io().counters() {
             self.stats.set_io_counters(c);
         }
-    }
-}
-
-/// Pages asked for by a Request datagram this host is sending (`None` for other messages). Reads
-/// our own, authenticated-only datagram; no key is needed.
-fn requested_pages(datagram: &[u8]) -> Option<u64> {
-    let header = wire::peek_header(datagram).ok()?;
-    if header.msg_type != MsgType::Request || header.flags & FLAG_ENCRYPTED != 0 {
-        return None;
-    }
-    let body = datagram.get(HEADER_LEN..datagram.len().checked_sub(TAG_LEN)?)?;
-    match Message::parse(MsgType::Request, body).ok()? {
-        Message::Request(r) => Some(r.runs.iter().flatten().map(|run| u64::from(run.count)).sum()),
-        _ => None,
     }
 }

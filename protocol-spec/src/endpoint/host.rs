@@ -183,6 +183,8 @@ pub struct Transmit {
     pub destination: SocketAddrV4,
     /// The session it belongs to.
     pub session: SessionId,
+    /// Pages it asks the server for (0 unless it is a Request).
+    pub pages_requested: u64,
 }
 
 /// The endpoint's own counters (each session's receiver keeps its own, see [`HostEndpoint::receiver`]).
@@ -556,21 +558,28 @@ impl<S: PageSink> HostEndpoint<S> {
             None => (self.sessions.range_mut(..), None),
         };
         for (&id, s) in after {
-            if let Some(len) = s.receiver.poll_transmit(now, buf) {
+            if let Some(t) = Self::transmit_of(id, s, now, buf) {
                 self.next_tx = Some(id);
-                return Some(Transmit { len, destination: s.server, session: id });
+                return Some(t);
             }
         }
         if let Some(l) = before {
             for (&id, s) in self.sessions.range_mut(..=l) {
-                if let Some(len) = s.receiver.poll_transmit(now, buf) {
+                if let Some(t) = Self::transmit_of(id, s, now, buf) {
                     self.next_tx = Some(id);
-                    return Some(Transmit { len, destination: s.server, session: id });
+                    return Some(t);
                 }
             }
         }
         self.next_tx = None;
         None
+    }
+
+    fn transmit_of(id: SessionId, s: &mut HostSession<S>, now: Time, buf: &mut [u8]) -> Option<Transmit> {
+        let before = s.receiver.stats().pages_requested;
+        let len = s.receiver.poll_transmit(now, buf)?;
+        let pages_requested = s.receiver.stats().pages_requested - before;
+        Some(Transmit { len, destination: s.server, session: id, pages_requested })
     }
 
     /// The next event, if any.

@@ -130,6 +130,8 @@ pub struct ReceiverStats {
     pub tx_packets: u64,
     /// Requests sent.
     pub requests: u64,
+    /// Pages asked for in the requests sent (a page asked again counts again).
+    pub pages_requested: u64,
     /// NAKs sent.
     pub naks: u64,
     /// Requests that insisted (pages re-requested in vain several times: sent without a stream
@@ -819,6 +821,7 @@ impl Receiver {
                 continue;
             }
             self.stats.requests += 1;
+            self.stats.pages_requested += runs.iter().map(|r| u64::from(r.count)).sum::<u64>();
             if insist {
                 self.stats.insisted_requests += 1;
             }
