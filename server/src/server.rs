@@ -223,7 +223,11 @@ pub fn serve_source_on<S: PageSource>(
         config.max_datagram,
         if config.flow_control { "on" } else { "off" }
     );
-    let driver_config = DriverConfig::new(config.max_datagram.max(MIN_DATAGRAM), config.max_datagram);
+    // The pacer keeps no credit for late sends: below 200 µs the loop yields, below 1 ms it naps
+    // (requests arriving meanwhile are answered together; see netio::driver for the figures).
+    let driver_config = DriverConfig::new(config.max_datagram.max(MIN_DATAGRAM), config.max_datagram)
+        .spin_below(Duration::from_micros(200))
+        .nap_below(Duration::from_millis(1));
     let mut driver = Driver::new(io, driver_config)?;
     let mut server = Server {
         sender,

@@ -245,10 +245,12 @@ impl<S> HostSession<S> {
         if self.in_use {
             return None;
         }
-        Some(match self.phase {
+        let (at, reason) = match self.phase {
             Phase::Live => (self.heard + config.idle_limit, RetireReason::Idle),
             Phase::Over { since, reason } => (since + config.linger, reason),
-        })
+        };
+        // A limit of `Duration::MAX` means never.
+        (at != Time::from_nanos(u64::MAX)).then_some((at, reason))
     }
 }
 
@@ -320,8 +322,21 @@ impl<S: PageSink> HostEndpoint<S> {
         server: SocketAddrV4,
         sink: S,
     ) -> Result<(), ConfigError> {
+        self.follow_with(now, self.receiver_config(session, page_count, now), server, sink)
+    }
+
+    /// As [`HostEndpoint::follow`], with a receiver configuration of the caller's (the simulator
+    /// sets stream starts, windows and round-trip hints per host).
+    pub fn follow_with(
+        &mut self,
+        now: Time,
+        config: ReceiverConfig,
+        server: SocketAddrV4,
+        sink: S,
+    ) -> Result<(), ConfigError> {
         self.now = self.now.max(now);
-        let receiver = Receiver::new(self.receiver_config(session, page_count, now), now)?;
+        let session = config.session;
+        let receiver = Receiver::new(config, now)?;
         self.insert(session, receiver, sink, server, now);
         Ok(())
     }

@@ -281,12 +281,14 @@ pub fn add_receiver_stats(a: &mut ReceiverStats, b: &ReceiverStats) {
     a.pages_stored += b.pages_stored;
     a.tx_packets += b.tx_packets;
     a.requests += b.requests;
+    a.pages_requested += b.pages_requested;
     a.naks += b.naks;
     a.insisted_requests += b.insisted_requests;
     a.statuses += b.statuses;
     a.rx_malformed += b.rx_malformed;
     a.rx_unauthenticated += b.rx_unauthenticated;
     a.rx_stale += b.rx_stale;
+    a.rx_mismatched += b.rx_mismatched;
 }
 
 /// Adds `b` into `a`, field by field.

@@ -3,8 +3,10 @@
 //! Every state machine is driven as the crate docs prescribe: after each input (a datagram, a timer, a
 //! fault), drain `poll_transmit` into the links, drain `poll_event`, then (re)schedule a wakeup at
 //! `poll_timeout()`. Each node keeps the wakeup it scheduled last; a timer event for any other time is
-//! stale and ignored.
+//! stale and ignored. Each host is a [`HostEndpoint`], as in the host daemon: the same routing, the
+//! same session lifecycle, with the session followed from the host's start.
 
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -18,7 +20,8 @@ use super::rng::{self, Domain};
 use super::sink::VerifyingSink;
 use super::workload::{self, WorkingSet};
 use super::{Push, SimConfig, SimError, Workload};
-use crate::receiver::{Receiver, ReceiverConfig, ReceiverEvent, MIN_WINDOW};
+use crate::endpoint::{HostConfig, HostEndpoint, HostEvent};
+use crate::receiver::{ReceiverConfig, ReceiverStats, MIN_WINDOW};
 use crate::sender::{PushPolicy, Sender, SenderConfig, SenderEvent};
 use crate::wire::{Keys, NodeId, SessionId, SessionKey, MAX_DATAGRAM};
 use crate::Time;
@@ -32,6 +35,8 @@ use trace::{describe, msg_type};
 const MAX_DRAIN: u64 = 10_000_000;
 /// Most events at one instant of virtual time before the run is declared a livelock.
 const MAX_SAME_INSTANT: u64 = 5_000_000;
+/// The server's address as the hosts see it (the simulated links do not route by address).
+const SERVER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 7700);
 
 enum Ev {
     /// A multicast datagram reaches the downlinks' fault stage (all receivers at once).
@@ -72,8 +77,11 @@ impl Ev {
 
 struct Node {
     config: Option<ReceiverConfig>,
-    receiver: Option<Receiver>,
-    sink: VerifyingSink,
+    /// The host's endpoint: it follows the session from the host's start.
+    host: HostEndpoint<VerifyingSink>,
+    /// The host's sink until it starts (then the endpoint holds it).
+    idle_sink: Option<VerifyingSink>,
+    started: bool,
     downlink: Faults,
     uplink: Faults,
     uplink_pipe: Pipe,
@@ -88,8 +96,32 @@ struct Node {
     done: Option<Time>,
 }
 
+impl Node {
+    /// The host's page sink (its cache): the endpoint holds it once the host started.
+    fn sink(&self, session: SessionId) -> Option<&VerifyingSink> {
+        self.host.session(session).map(|s| s.sink()).or(self.idle_sink.as_ref())
+    }
+
+    /// True when the host's cache holds `page`.
+    fn has(&self, session: SessionId, page: u32) -> bool {
+        self.sink(session).is_some_and(|s| s.has(page))
+    }
+
+    /// The receiver's counters, with what the endpoint dropped before routing (malformed headers,
+    /// other sessions) counted as the receiver did when it was fed every datagram.
+    fn receiver_stats(&self, session: SessionId) -> Option<ReceiverStats> {
+        let mut r = self.host.session(session)?.stats().clone();
+        let h = self.host.stats();
+        r.rx_packets += h.malformed + h.from_hosts + h.unknown_session;
+        r.rx_malformed += h.malformed;
+        r.rx_stale += h.from_hosts + h.unknown_session;
+        Some(r)
+    }
+}
+
 pub(super) struct World {
     cfg: SimConfig,
+    session: SessionId,
     ws: WorkingSet,
     /// The session's keys, to decode datagrams for traces.
     keys: Keys,
@@ -189,10 +221,16 @@ impl World {
                 Workload::Shuffled => ws.order_for(seed, i),
                 Workload::Sequential | Workload::Passive => ws.pages().to_vec(),
             };
+            let mut hc = HostConfig::new(node, key.clone(), PAGE_SHIFT);
+            hc.max_sessions = 1;
+            hc.linger = Duration::MAX;
+            hc.idle_limit = Duration::MAX;
+            let host = HostEndpoint::new(hc).map_err(|source| SimError::Receiver { node: node.0, source })?;
             nodes.push(Node {
                 config: Some(rc),
-                receiver: None,
-                sink: VerifyingSink::new(image.clone()),
+                host,
+                idle_sink: Some(VerifyingSink::new(image.clone())),
+                started: false,
                 downlink: Faults::new(faults, rng::stream(seed, Domain::Downlink, u64::from(i)), slot),
                 uplink: Faults::new(faults, rng::stream(seed, Domain::Uplink, u64::from(i)), slot),
                 uplink_pipe: Pipe::new(Some(cfg.host_rate_bps), cfg.queue_bytes),
@@ -208,6 +246,7 @@ impl World {
         }
 
         let mut world = World {
+            session,
             ws,
             keys: Keys::derive(&key, session, 1),
             sender,
@@ -340,8 +379,8 @@ impl World {
                 if self.nodes[i].timer == Some(self.now) {
                     tracing::trace!(target: "spindrift_sim", t_us = us_t(self.now), node = i + 1, "receiver timeout");
                     self.nodes[i].timer = None;
-                    if let Some(r) = self.nodes[i].receiver.as_mut() {
-                        r.handle_timeout(self.now);
+                    if self.nodes[i].started {
+                        self.nodes[i].host.handle_timeout(self.now);
                     }
                     self.drive_receiver(i);
                     self.check_unblock(i);
@@ -352,10 +391,13 @@ impl World {
             Ev::Step(rx) => self.step(rx as usize),
             Ev::Start(rx) => {
                 let i = rx as usize;
-                if let Some(rc) = self.nodes[i].config.take() {
+                let n = &mut self.nodes[i];
+                if let (Some(rc), Some(sink)) = (n.config.take(), n.idle_sink.take()) {
                     let node = rc.node.0;
-                    let r = Receiver::new(rc, self.now).map_err(|source| SimError::Receiver { node, source })?;
-                    self.nodes[i].receiver = Some(r);
+                    n.host
+                        .follow_with(self.now, rc, SERVER, sink)
+                        .map_err(|source| SimError::Receiver { node, source })?;
+                    n.started = true;
                     self.drive_receiver(i);
                     self.step(i);
                 }
@@ -368,7 +410,7 @@ impl World {
     fn multicast(&mut self, pkt: &Rc<[u8]>) {
         let len = pkt.len();
         for i in 0..self.nodes.len() {
-            if self.nodes[i].receiver.is_none() {
+            if !self.nodes[i].started {
                 continue; // not in the group yet
             }
             match self.nodes[i].downlink.fate(self.now, len) {
@@ -406,8 +448,11 @@ impl World {
         self.scratch[..len].copy_from_slice(pkt);
         corruption.apply(&mut self.scratch[..len]);
         let node = &mut self.nodes[i];
-        let Some(r) = node.receiver.as_mut() else { return };
-        r.handle_datagram(self.now, &mut self.scratch[..len], &mut node.sink);
+        if !node.started {
+            return;
+        }
+        let mut no_other_sessions = |_: &crate::endpoint::SessionInfo| Err("one session is simulated".to_string());
+        node.host.handle_datagram(self.now, SERVER, &mut self.scratch[..len], &mut no_other_sessions);
         self.drive_receiver(i);
         self.check_unblock(i);
     }
@@ -452,9 +497,11 @@ impl World {
     fn drive_receiver(&mut self, i: usize) {
         let now = self.now;
         let node = &mut self.nodes[i];
-        let Some(r) = node.receiver.as_mut() else { return };
+        if !node.started {
+            return;
+        }
         let mut n = 0u64;
-        while let Some(len) = r.poll_transmit(now, &mut self.txbuf) {
+        while let Some(len) = node.host.poll_transmit(now, &mut self.txbuf).map(|t| t.len) {
             n += 1;
             if n > MAX_DRAIN {
                 self.stop = Some(format!(
@@ -481,13 +528,13 @@ impl World {
             let at = out + self.delay + Duration::from_nanos(extra);
             self.queue.push(at, Ev::AtIngress { pkt, corruption });
         }
-        while let Some(ev) = r.poll_event() {
-            if matches!(ev, ReceiverEvent::ServerLost) {
+        while let Some(ev) = node.host.poll_event() {
+            if matches!(ev, HostEvent::ServerLost(_)) {
                 self.server_lost += 1;
                 tracing::debug!(node = i + 1, at_ms = ms(now), "receiver lost the server");
             }
         }
-        match r.poll_timeout() {
+        match node.host.poll_timeout() {
             Some(t) => {
                 let t = t.max(now);
                 if node.timer != Some(t) {
@@ -502,10 +549,11 @@ impl World {
     /// If receiver `i`'s vCPU waits for a page that has now arrived, it resumes; a passive receiver
     /// is done once every page of its working set arrived.
     fn check_unblock(&mut self, i: usize) {
+        let session = self.session;
         let node = &mut self.nodes[i];
         if self.cfg.workload == Workload::Passive {
-            if node.done.is_none() && node.receiver.is_some() {
-                while node.order.get(node.next).is_some_and(|&p| node.sink.has(p)) {
+            if node.done.is_none() && node.started {
+                while node.order.get(node.next).is_some_and(|&p| node.has(session, p)) {
                     node.next += 1;
                 }
                 if node.next == node.order.len() {
@@ -517,7 +565,7 @@ impl World {
             return;
         }
         if let Some((page, since)) = node.blocked {
-            if node.sink.has(page) {
+            if node.has(session, page) {
                 let waited = self.now.saturating_since(since);
                 tracing::trace!(target: "spindrift_sim", t_us = us_t(self.now), node = i + 1, page, waited_us = us(waited), "fault resolved");
                 self.waits.saturating_record(u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX).max(1));
@@ -531,6 +579,7 @@ impl World {
     /// Receiver `i`'s vCPU touches pages until one is missing, it must think, or it is done.
     fn step(&mut self, i: usize) {
         let now = self.now;
+        let session = self.session;
         if self.cfg.workload == Workload::Passive {
             self.drive_receiver(i);
             self.check_unblock(i);
@@ -547,9 +596,11 @@ impl World {
                 self.last_finish = self.last_finish.max(now);
                 break;
             };
-            let Some(r) = node.receiver.as_mut() else { break };
-            if r.fault(now, page) {
-                if !node.sink.has(page) {
+            if !node.started {
+                break;
+            }
+            if node.host.fault(now, session, page) {
+                if !node.has(session, page) {
                     self.phantom_hits += 1;
                     tracing::warn!(node = i + 1, page, "receiver says a page is present that was never stored");
                 }
@@ -561,7 +612,7 @@ impl World {
             } else {
                 tracing::trace!(target: "spindrift_sim", t_us = us_t(now), node = i + 1, page, "fault blocks");
                 self.misses += 1;
-                if node.sink.has(page) {
+                if node.has(session, page) {
                     self.stale_misses += 1;
                 }
                 node.blocked = Some((page, now));

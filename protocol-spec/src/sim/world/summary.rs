@@ -33,10 +33,12 @@ impl World {
                     blocked_since_ms: node.blocked.map(|(_, t)| ms(t)),
                 });
             }
-            if let Some(r) = &node.receiver {
-                report::add_receiver_stats(&mut receiver, r.stats());
+            if let Some(r) = node.receiver_stats(self.session) {
+                report::add_receiver_stats(&mut receiver, &r);
             }
-            sinks.add(node.sink.stats());
+            if let Some(sink) = node.sink(self.session) {
+                sinks.add(sink.stats());
+            }
             down.add(node.downlink.stats());
             up.add(node.uplink.stats());
             report::add_pipe_stats(&mut uplink_queues, node.uplink_pipe.stats());
@@ -47,7 +49,7 @@ impl World {
                 completion.push(t.as_nanos());
             }
             if cfg.workload != Workload::Passive {
-                missing += node.order[..node.next].iter().filter(|&&p| !node.sink.has(p)).count() as u64;
+                missing += node.order[..node.next].iter().filter(|&&p| !node.has(self.session, p)).count() as u64;
             }
         }
         let completed = self.finished == cfg.receivers - cfg.silent_receivers && self.stop.is_none();
