@@ -496,7 +496,8 @@ fn four_hosts_touch_a_tenth(test: &str, image_mib: u64, bound: Duration, net: Ne
         })
         .sum();
     server.stop();
-    let server_stats: Value = serde_json::from_slice(&std::fs::read(s.scratch.path("server-1.json")).unwrap()).unwrap();
+    let server_stats: Value =
+        serde_json::from_slice(&std::fs::read(s.scratch.path(&format!("server-{SESSION}-1.json"))).unwrap()).unwrap();
     let tx = server_stats["tx_bytes"].as_u64().unwrap_or(0);
     eprintln!(
         "{test}: 4 hosts x {touched} pages touched ({:.1} MiB working set) of a {image_mib} MiB image in {:.2} s; \

@@ -73,9 +73,13 @@ fn server(session: u64, epoch: u32) -> Sender<Image> {
 }
 
 fn host(max_sessions: usize) -> HostEndpoint<Cache> {
+    host_with(max_sessions, Duration::from_secs(3600))
+}
+
+fn host_with(max_sessions: usize, linger: Duration) -> HostEndpoint<Cache> {
     let mut c = HostConfig::new(NodeId(9), KEY, 12);
     c.max_sessions = max_sessions;
-    c.linger = Duration::from_secs(3600);
+    c.linger = linger;
     c.read_ahead = 2;
     HostEndpoint::new(c).expect("endpoint")
 }
@@ -186,9 +190,7 @@ fn fifty_successive_sessions_are_each_served_and_retired() {
 
 #[test]
 fn ended_sessions_linger_then_go() {
-    let mut c = HostConfig::new(NodeId(9), KEY, 12);
-    c.linger = Duration::from_millis(50);
-    let mut host: HostEndpoint<Cache> = HostEndpoint::new(c).expect("endpoint");
+    let mut host = host_with(8, Duration::from_millis(50));
     let mut world = World::new();
     let mut sender = server(1, 1);
     fetch_all(&mut world, &mut sender, &mut host, 1);
@@ -261,9 +263,7 @@ fn a_restarted_server_renews_an_ended_session_and_keeps_its_cache() {
 
 #[test]
 fn forged_and_stray_announces_create_nothing() {
-    let mut c = HostConfig::new(NodeId(9), KEY, 12);
-    c.linger = Duration::from_millis(50);
-    let mut host: HostEndpoint<Cache> = HostEndpoint::new(c).expect("endpoint");
+    let mut host = host_with(8, Duration::from_millis(50));
     let mut world = World::new();
     // An Announce under another key.
     let mut buf = vec![0u8; MAX_DATAGRAM];
