@@ -4,7 +4,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
-use spindrift_protocol::endpoint::{HostConfig, HostEndpoint, HostEvent, RetireReason, SessionInfo};
+use spindrift_protocol::endpoint::{HostConfig, HostEndpoint, HostEvent, RetireReason, ServerEndpoint, SessionInfo};
 use spindrift_protocol::receiver::PageSink;
 use spindrift_protocol::sender::{PageSource, Sender, SenderConfig};
 use spindrift_protocol::wire::{
@@ -368,4 +368,74 @@ fn each_session_sends_to_its_own_server_in_turn() {
     assert!(sent.contains(&(1, SERVER)) && sent.contains(&(2, other)), "{sent:?}");
     assert!(sent.iter().all(|&(s, d)| (s == 1) == (d == SERVER)), "a datagram went to the other session's server");
     assert_eq!(host.poll_transmit(now, &mut buf), None);
+}
+
+#[test]
+fn one_server_endpoint_serves_two_sessions_to_their_groups() {
+    let groups =
+        [SocketAddrV4::new(Ipv4Addr::new(239, 1, 0, 1), 7700), SocketAddrV4::new(Ipv4Addr::new(239, 1, 0, 2), 7700)];
+    let mut servers: ServerEndpoint<Image> = ServerEndpoint::new();
+    assert_eq!(servers.serve(server(1, 1), groups[0]), SessionId(1));
+    assert_eq!(servers.serve(server(2, 1), groups[1]), SessionId(2));
+    let mut host = host(4);
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut now = Time::ZERO;
+    let mut seen = [0u64; 2];
+    let done = |host: &mut HostEndpoint<Cache>, now: Time| {
+        [1u64, 2]
+            .iter()
+            .all(|&s| host.session(SessionId(s)).is_some() && (0..PAGES).all(|p| host.fault(now, SessionId(s), p)))
+    };
+    for _ in 0..100_000 {
+        now += Duration::from_micros(20);
+        if done(&mut host, now) {
+            break;
+        }
+        if servers.poll_timeout().is_some_and(|t| t <= now) {
+            servers.handle_timeout(now);
+        }
+        while let Some(t) = servers.poll_transmit(now, &mut buf) {
+            let i = usize::from(t.session == SessionId(2));
+            assert_eq!(t.destination, groups[i], "session {} sent to the wrong group", t.session.0);
+            seen[i] += 1;
+            host.handle_datagram(now, SERVER, &mut buf[..t.len], &mut open_cache);
+        }
+        while let Some(t) = host.poll_transmit(now, &mut buf) {
+            servers.handle_datagram(now, &mut buf[..t.len]);
+        }
+        if host.poll_timeout().is_some_and(|t| t <= now) {
+            host.handle_timeout(now);
+        }
+        while host.poll_event().is_some() {}
+        while servers.poll_event().is_some() {}
+    }
+    assert!(done(&mut host, now), "not every page of both sessions arrived");
+    for s in [1u64, 2] {
+        let image = Image::new(s);
+        let view = host.session(SessionId(s)).expect("followed");
+        assert!((0..PAGES).all(|p| view.sink().pages[p as usize].as_deref() == Some(image.page(p))), "session {s}");
+    }
+    assert!(seen[0] > 0 && seen[1] > 0);
+    // A datagram of a session not served here is counted, not routed.
+    let keys = wire::Keys::derive(&KEY, SessionId(3), 1);
+    let header = Header {
+        msg_type: MsgType::Status,
+        flags: 0,
+        session: SessionId(3),
+        epoch: 1,
+        node: NodeId(9),
+        packet_number: 1,
+    };
+    let status = Message::Status(wire::Status {
+        stream_start: 0,
+        received_through: 0,
+        highest_seen: 0,
+        loss_ppm: 0,
+        window: 1024,
+        pages_cached: 0,
+        flags: 0,
+    });
+    let len = wire::encode(&header, &status, &keys, &mut buf).expect("encode");
+    servers.handle_datagram(now, &mut buf[..len]);
+    assert_eq!(servers.stats().unknown_session, 1);
 }

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use netio::driver::{Driver, DriverConfig, Flow, Machine};
 use netio::udp::{Bind, UdpConfig};
 use netio::IoError;
+use spindrift_protocol::endpoint::ServerEndpoint;
 use spindrift_protocol::sender::{PageSource, PushPolicy, Sender, SenderEvent, SenderStats};
-use spindrift_protocol::wire::{BlobKind, EndReason, Priority, MIN_DATAGRAM};
+use spindrift_protocol::wire::{BlobKind, EndReason, Priority, SessionId, MIN_DATAGRAM};
 use spindrift_protocol::Time;
 
 use crate::config::{ConfigError, ImageInput, ServerConfig, PAGE_SHIFT};
@@ -229,9 +230,11 @@ pub fn serve_source_on<S: PageSource>(
         .spin_below(Duration::from_micros(200))
         .nap_below(Duration::from_millis(1));
     let mut driver = Driver::new(io, driver_config)?;
+    let mut endpoint = ServerEndpoint::new();
+    let session = endpoint.serve(sender, SocketAddrV4::new(config.group, config.port));
     let mut server = Server {
-        sender,
-        group: SocketAddrV4::new(config.group, config.port),
+        endpoint,
+        session,
         duration: config.duration,
         options,
         stats_json: config.stats_json.as_deref(),
@@ -242,7 +245,7 @@ pub fn serve_source_on<S: PageSource>(
     };
     server.next_stats += server.options.stats_every;
     let result = driver.run(&mut server, END_FLUSH_LIMIT);
-    let stats = server.sender.stats().clone();
+    let stats = server.stats();
     tracing::info!("final: {}", summary(&stats));
     if let Some(c) = driver.io().counters() {
         tracing::info!("packet I/O: {c}");
@@ -294,10 +297,11 @@ pub fn summary(s: &SenderStats) -> String {
     )
 }
 
-/// The server's side of the driver loop: the sender, the commands, the counters' outlets.
+/// The server's side of the driver loop: the endpoint (its session's sender), the commands, the
+/// counters' outlets.
 struct Server<'a, S: PageSource> {
-    sender: Sender<S>,
-    group: SocketAddrV4,
+    endpoint: ServerEndpoint<S>,
+    session: SessionId,
     duration: Option<Duration>,
     options: ServeOptions,
     stats_json: Option<&'a Path>,
@@ -314,7 +318,7 @@ fn time(d: Duration) -> Time {
 
 impl<S: PageSource> Machine for Server<'_, S> {
     fn on_datagram(&mut self, now: Duration, _source: SocketAddrV4, datagram: &mut [u8]) {
-        self.sender.handle_datagram(time(now), datagram);
+        self.endpoint.handle_datagram(time(now), datagram);
     }
 
     fn on_turn(&mut self, elapsed: Duration) -> Flow {
@@ -325,14 +329,14 @@ impl<S: PageSource> Machine for Server<'_, S> {
                 if self.stop.load(Ordering::Relaxed) || expired { Some(EndReason::Shutdown) } else { self.commands() };
             if let Some(reason) = reason {
                 tracing::info!("stopping: ending the session ({reason:?})");
-                self.sender.end(now, reason);
+                self.endpoint.end(now, reason);
                 self.ending = Some(Instant::now());
             }
         }
-        if self.sender.poll_timeout().is_some_and(|t| t <= now) {
-            self.sender.handle_timeout(now);
+        if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
+            self.endpoint.handle_timeout(now);
         }
-        while let Some(ev) = self.sender.poll_event() {
+        while let Some((_, ev)) = self.endpoint.poll_event() {
             match &ev {
                 SenderEvent::ReceiverJoined(node) => tracing::info!("receiver {} joined", node.0),
                 SenderEvent::ReceiverLost(node) => tracing::info!("receiver {} lost", node.0),
@@ -348,7 +352,7 @@ impl<S: PageSource> Machine for Server<'_, S> {
         }
         if Instant::now() >= self.next_summary {
             self.next_summary += SUMMARY_EVERY;
-            tracing::info!("{}", summary(self.sender.stats()));
+            tracing::info!("{}", summary(&self.stats()));
         }
         if Instant::now() >= self.next_stats {
             self.next_stats = Instant::now() + self.options.stats_every;
@@ -357,17 +361,17 @@ impl<S: PageSource> Machine for Server<'_, S> {
         match self.ending {
             // The End messages are all out once the sender has no timer left (the driver then
             // flushes what it still holds).
-            Some(since) if self.sender.poll_timeout().is_none() || since.elapsed() >= END_FLUSH_LIMIT => Flow::Stop,
+            Some(since) if self.endpoint.poll_timeout().is_none() || since.elapsed() >= END_FLUSH_LIMIT => Flow::Stop,
             _ => Flow::Continue,
         }
     }
 
     fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<(SocketAddrV4, usize)> {
-        self.sender.poll_transmit(time(now), buf).map(|t| (self.group, t.len))
+        self.endpoint.poll_transmit(time(now), buf).map(|t| (t.destination, t.len))
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        let timer = self.sender.poll_timeout().map(|t| Duration::from_nanos(t.as_nanos()));
+        let timer = self.endpoint.poll_timeout().map(|t| Duration::from_nanos(t.as_nanos()));
         match (timer, self.duration.filter(|_| self.ending.is_none())) {
             (Some(t), Some(d)) => Some(t.min(d)),
             (t, d) => t.or(d),
@@ -376,14 +380,33 @@ impl<S: PageSource> Machine for Server<'_, S> {
 }
 
 impl<S: PageSource> Server<'_, S> {
+    /// The session's counters, with what the endpoint dropped before the sender saw it (malformed
+    /// headers, other sessions) counted as the sender counts them.
+    fn stats(&self) -> SenderStats {
+        let mut stats = self.endpoint.sender(self.session).map(|s| s.stats().clone()).unwrap_or_default();
+        let e = self.endpoint.stats();
+        stats.rx_packets += e.malformed + e.from_servers + e.unknown_session;
+        stats.rx_malformed += e.malformed;
+        stats.rx_stale += e.from_servers + e.unknown_session;
+        stats
+    }
+
     /// Applies the commands waiting; returns the end reason if one asked to end.
     fn commands(&mut self) -> Option<EndReason> {
         let rx = self.options.commands.as_ref()?;
         let mut end = None;
         while let Ok(cmd) = rx.try_recv() {
             match cmd {
-                ServeCommand::PublishBlob { kind, id, bytes } => self.sender.publish_blob(kind, id, bytes),
-                ServeCommand::EnqueuePages { pages, priority } => self.sender.enqueue_pages(&pages, priority),
+                ServeCommand::PublishBlob { kind, id, bytes } => {
+                    if let Some(s) = self.endpoint.sender_mut(self.session) {
+                        s.publish_blob(kind, id, bytes);
+                    }
+                }
+                ServeCommand::EnqueuePages { pages, priority } => {
+                    if let Some(s) = self.endpoint.sender_mut(self.session) {
+                        s.enqueue_pages(&pages, priority);
+                    }
+                }
                 ServeCommand::End(reason) => end = Some(reason),
             }
         }
@@ -393,12 +416,12 @@ impl<S: PageSource> Server<'_, S> {
     /// Hands the counters to `on_stats` and the stats file (a failed write is logged, not fatal:
     /// the file is written once more at exit, and that failure is returned).
     fn report_stats(&mut self) {
-        let stats = self.sender.stats();
+        let stats = self.stats();
         if let Some(f) = self.options.on_stats.as_mut() {
-            f(stats);
+            f(&stats);
         }
         if let Some(path) = self.stats_json {
-            if let Err(e) = write_stats(path, stats) {
+            if let Err(e) = write_stats(path, &stats) {
                 tracing::warn!("{e}");
             }
         }

@@ -435,7 +435,7 @@ impl<S: PageSink> HostEndpoint<S> {
                 format!("page shift {} (this host serves only 2^{} pages)", a.page_shift, self.config.page_shift);
             return self.refuse(id, reason);
         }
-        if !self.make_room(now) {
+        if !self.make_room() {
             let reason = format!("already following {} live sessions (the limit)", self.config.max_sessions);
             return self.refuse(id, reason);
         }
@@ -457,7 +457,7 @@ impl<S: PageSink> HostEndpoint<S> {
 
     /// Makes room for one more session: true if there is room (retiring the longest-ended unused
     /// session if that is what it takes).
-    fn make_room(&mut self, now: Time) -> bool {
+    fn make_room(&mut self) -> bool {
         if self.sessions.values().filter(|s| s.counts()).count() >= self.config.max_sessions {
             return false;
         }
@@ -473,7 +473,7 @@ impl<S: PageSink> HostEndpoint<S> {
                 })
                 .min();
             match oldest {
-                Some((_, id)) => self.retire(id, RetireReason::Evicted, now),
+                Some((_, id)) => self.retire(id, RetireReason::Evicted),
                 None => return false,
             }
         }
@@ -487,7 +487,7 @@ impl<S: PageSink> HostEndpoint<S> {
         }
     }
 
-    fn retire(&mut self, id: SessionId, reason: RetireReason, _now: Time) {
+    fn retire(&mut self, id: SessionId, reason: RetireReason) {
         let Some(s) = self.sessions.remove(&id) else { return };
         self.stats.sessions_retired += 1;
         self.retired.insert(id, s.receiver.epoch().unwrap_or(0));
@@ -549,7 +549,7 @@ impl<S: PageSink> HostEndpoint<S> {
             .filter_map(|(&id, s)| s.retire_at(&self.config).filter(|&(t, _)| t <= now).map(|(_, r)| (id, r)))
             .collect();
         for (id, reason) in due {
-            self.retire(id, reason, now);
+            self.retire(id, reason);
         }
     }
 

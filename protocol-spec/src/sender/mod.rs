@@ -412,6 +412,11 @@ impl<S: PageSource> Sender<S> {
         })
     }
 
+    /// The session this sender serves.
+    pub fn session(&self) -> SessionId {
+        self.config.session
+    }
+
     /// Takes a datagram a receiver sent. Malformed, unauthenticated and stale datagrams are counted
     /// in [`SenderStats`] and otherwise ignored.
     pub fn handle_datagram(&mut self, now: Time, datagram: &mut [u8]) {
