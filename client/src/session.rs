@@ -526,11 +526,11 @@ impl Fetch<'_> {
 impl Machine for Fetch<'_> {
     fn on_datagram(&mut self, now: Duration, source: SocketAddrV4, datagram: &mut [u8]) {
         let mut no_new_sessions = |_: &SessionInfo| Err("this fetch follows one session".to_string());
-        self.endpoint.handle_datagram(time(now), source, datagram, &mut no_new_sessions);
+        self.endpoint.handle_datagram(Time::ZERO + now, source, datagram, &mut no_new_sessions);
     }
 
     fn on_turn(&mut self, now: Duration) -> Flow {
-        let now = time(now);
+        let now = Time::ZERO + now;
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
             self.endpoint.handle_timeout(now);
         }
@@ -577,15 +577,10 @@ impl Machine for Fetch<'_> {
     }
 
     fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<(SocketAddrV4, usize)> {
-        self.endpoint.poll_transmit(time(now), buf).map(|t| (t.destination, t.len))
+        self.endpoint.poll_transmit(Time::ZERO + now, buf).map(|t| (t.destination, t.len))
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        self.endpoint.poll_timeout().map(|t| Duration::from_nanos(t.as_nanos()))
+        self.endpoint.poll_timeout().map(|t| t - Time::ZERO)
     }
-}
-
-/// The driver's clock as the protocol's time.
-pub(crate) fn time(d: Duration) -> Time {
-    Time::from_nanos(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }

@@ -312,17 +312,13 @@ struct Server<'a, S: PageSource> {
     next_stats: Instant,
 }
 
-fn time(d: Duration) -> Time {
-    Time::from_nanos(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
 impl<S: PageSource> Machine for Server<'_, S> {
     fn on_datagram(&mut self, now: Duration, _source: SocketAddrV4, datagram: &mut [u8]) {
-        self.endpoint.handle_datagram(time(now), datagram);
+        self.endpoint.handle_datagram(Time::ZERO + now, datagram);
     }
 
     fn on_turn(&mut self, elapsed: Duration) -> Flow {
-        let now = time(elapsed);
+        let now = Time::ZERO + elapsed;
         if self.ending.is_none() {
             let expired = self.duration.is_some_and(|d| elapsed >= d);
             let reason =
@@ -367,11 +363,11 @@ impl<S: PageSource> Machine for Server<'_, S> {
     }
 
     fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<(SocketAddrV4, usize)> {
-        self.endpoint.poll_transmit(time(now), buf).map(|t| (t.destination, t.len))
+        self.endpoint.poll_transmit(Time::ZERO + now, buf).map(|t| (t.destination, t.len))
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        let timer = self.endpoint.poll_timeout().map(|t| Duration::from_nanos(t.as_nanos()));
+        let timer = self.endpoint.poll_timeout().map(|t| t - Time::ZERO);
         match (timer, self.duration.filter(|_| self.ending.is_none())) {
             (Some(t), Some(d)) => Some(t.min(d)),
             (t, d) => t.or(d),

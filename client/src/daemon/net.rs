@@ -182,10 +182,6 @@ struct NetNode {
     sink_errors: Arc<AtomicU64>,
 }
 
-fn time(d: Duration) -> Time {
-    Time::from_nanos(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
 impl NetThread {
     /// Opens the packet I/O (joined to the group) and returns the thread's state and a handle to it.
     pub(crate) fn open(
@@ -265,14 +261,14 @@ impl Machine for NetNode {
             let cache = PageCache::new(bytes).map_err(|e| format!("page cache for {} pages: {e}", info.page_count))?;
             Ok(SessionCache { sink: CacheSink::new(Arc::new(cache), sink_errors.clone()), faults_forwarded: 0 })
         };
-        self.endpoint.handle_datagram(time(now), source, datagram, &mut open);
+        self.endpoint.handle_datagram(Time::ZERO + now, source, datagram, &mut open);
     }
 
     fn on_turn(&mut self, now: Duration) -> Flow {
         if self.stop.load(Ordering::SeqCst) {
             return Flow::Stop;
         }
-        let now = time(now);
+        let now = Time::ZERO + now;
         self.waker.take();
         self.take_commands(now);
         if self.endpoint.poll_timeout().is_some_and(|t| t <= now) {
@@ -292,7 +288,7 @@ impl Machine for NetNode {
     }
 
     fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<(SocketAddrV4, usize)> {
-        let t = self.endpoint.poll_transmit(time(now), buf)?;
+        let t = self.endpoint.poll_transmit(Time::ZERO + now, buf)?;
         if t.pages_requested > 0 {
             self.stats.record_request(t.pages_requested);
         }
@@ -300,7 +296,7 @@ impl Machine for NetNode {
     }
 
     fn poll_timeout(&self) -> Option<Duration> {
-        self.endpoint.poll_timeout().map(|t| Duration::from_nanos(t.as_nanos()))
+        self.endpoint.poll_timeout().map(|t| t - Time::ZERO)
     }
 }
 

@@ -30,7 +30,7 @@ use std::ops::Bound;
 use std::time::Duration;
 
 use crate::receiver::{ConfigError, PageSink, Receiver, ReceiverConfig, ReceiverEvent, ReceiverStats, DEFAULT_WINDOW};
-use crate::wire::{self, BlobKind, Keys, Message, MsgType, NodeId, SessionId, SessionKey};
+use crate::wire::{self, BlobKind, Header, Keys, Message, MsgType, NodeId, SessionId, SessionKey};
 use crate::Time;
 
 /// Retired sessions remembered (with their epoch) against stray Announces.
@@ -376,13 +376,13 @@ impl<S: PageSink> HostEndpoint<S> {
         let id = header.session;
         let Some(s) = self.sessions.get_mut(&id) else {
             if header.msg_type == MsgType::Announce {
-                self.discover(now, source, datagram, open);
+                self.discover(now, source, header, datagram, open);
             } else {
                 self.stats.unknown_session += 1;
             }
             return;
         };
-        if !s.receiver.handle_datagram(now, datagram, &mut s.sink) {
+        if !s.receiver.handle_routed(now, &header, datagram, &mut s.sink) {
             return;
         }
         s.heard = now;
@@ -404,10 +404,10 @@ impl<S: PageSink> HostEndpoint<S> {
         &mut self,
         now: Time,
         source: SocketAddrV4,
+        header: Header,
         datagram: &mut [u8],
         open: &mut dyn FnMut(&SessionInfo) -> Result<S, String>,
     ) {
-        let Ok(header) = wire::peek_header(datagram) else { return };
         let id = header.session;
         if self.retired.get(&id).is_some_and(|&epoch| header.epoch <= epoch) {
             self.stats.announces_of_retired += 1;

@@ -349,6 +349,26 @@ impl Receiver {
             self.stats.rx_stale += 1;
             return false;
         }
+        self.open_routed(now, &header, datagram, sink)
+    }
+
+    /// Takes a datagram whose header its caller has already read and found to be of this session
+    /// and from the server (the endpoint routes by it, so it is not parsed twice). Counts it as
+    /// received. Returns what [`Receiver::handle_datagram`] does.
+    pub(crate) fn handle_routed(
+        &mut self,
+        now: Time,
+        header: &Header,
+        datagram: &mut [u8],
+        sink: &mut dyn PageSink,
+    ) -> bool {
+        self.now = self.now.max(now);
+        self.stats.rx_packets += 1;
+        self.open_routed(now, header, datagram, sink)
+    }
+
+    /// Drops a stale epoch, authenticates and opens the datagram, and takes what it carries.
+    fn open_routed(&mut self, now: Time, header: &Header, datagram: &mut [u8], sink: &mut dyn PageSink) -> bool {
         if self.epoch.is_some_and(|e| header.epoch < e) {
             self.stats.rx_stale += 1;
             return false;
