@@ -185,6 +185,19 @@ pub fn wait_all(procs: &mut [Proc], deadline: Instant) -> Vec<Option<String>> {
     }
 }
 
+/// User + system CPU seconds of this process's children that have exited and been reaped
+/// (`getrusage(RUSAGE_CHILDREN)`), so far.
+pub fn children_cpu_seconds() -> f64 {
+    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a writable rusage the call fills; RUSAGE_CHILDREN is a valid selector.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
 /// Clock ticks per second of `/proc/<pid>/stat` (USER_HZ, 100 on every Linux architecture
 /// this runs on).
 const USER_HZ: f64 = 100.0;
@@ -328,6 +341,9 @@ pub struct PushOutcome {
     pub server_cpu_s: Option<f64>,
     /// The server's final statistics (`--stats-json`).
     pub server_stats: Option<serde_json::Value>,
+    /// CPU seconds of the fetches (user + system, from `getrusage(RUSAGE_CHILDREN)` around their
+    /// wait: every thread, counted once each has exited and been reaped).
+    pub clients_cpu_s: f64,
     /// Per receiving host, h1 first.
     pub fetched: Vec<Fetched>,
 }
@@ -407,7 +423,9 @@ impl Push<'_> {
             clients.push(Proc::spawn_split(format!("fetch h{i}"), &mut c, &json, &log)?);
             outs.push((out, json));
         }
+        let children0 = children_cpu_seconds();
         let done = wait_all(&mut clients, started + self.timeout);
+        let clients_cpu_s = children_cpu_seconds() - children0;
         let wall_s = started.elapsed().as_secs_f64();
         let server_cpu_s = match (cpu0, server.cpu_seconds()) {
             (Some(a), Some(b)) => Some(b - a),
@@ -433,7 +451,7 @@ impl Push<'_> {
             }
             fetched.push(Fetched { status, out, report: read_json(&json) });
         }
-        Ok(PushOutcome { wall_s, server_cpu_s, server_stats: read_json(&stats_path), fetched })
+        Ok(PushOutcome { wall_s, server_cpu_s, server_stats: read_json(&stats_path), clients_cpu_s, fetched })
     }
 }
 

@@ -7,12 +7,14 @@
 //! bench vs-udpcast [--hosts 4] [--mib 64] [--loss 0.05] [--json]
 //! bench xdp [--hosts 4] [--size 1400,8000] [--seconds 5] [--sink hosts|switch-drop] [--json]
 //! bench xdp-daemons [--hosts 4] [--mib 64] [--mtu 1500,9000] [--io udp,xdp] [--loss 0] [--json]
+//! bench page-path [--mib 64] [--fraction 0.05] [--json]
 //! ```
 //! Logs go to stderr (`RUST_LOG=debug` for more); results go to stdout.
 
 mod args;
 mod lab_run;
 mod matrix;
+mod page_path_cmd;
 mod push_cmd;
 mod sim_cmd;
 mod udpcast_cmd;
@@ -48,6 +50,10 @@ enum Command {
     /// per server CPU-second and fault-service latency (needs root and the release spindrift-server
     /// and spindrift-client).
     XdpDaemons(xdp_daemons_cmd::XdpDaemonsArgs),
+    /// The page path from the wire to a clone's memory, stage by stage: plain UDP, a naive
+    /// handler, a whole-image fetch, faults on an idle server, cache hits, faults during a push
+    /// (needs root and the release spindrift-server and spindrift-client).
+    PagePath(page_path_cmd::PagePathArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -66,6 +72,7 @@ fn main() -> std::process::ExitCode {
         Command::VsUdpcast(args) => udpcast_cmd::run(&args),
         Command::Xdp(args) => xdp_cmd::run(&args),
         Command::XdpDaemons(args) => xdp_daemons_cmd::run(&args),
+        Command::PagePath(args) => page_path_cmd::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -360,6 +360,120 @@ fn connect(path: &Path) -> Result<UnixStream, TouchError> {
     }
 }
 
+/// What touching the pages found, before it becomes a [`TouchReport`].
+struct Timed {
+    latency: Histogram<u64>,
+    touched: u64,
+    mismatches: u64,
+    mismatched_pages: Vec<u64>,
+    elapsed: std::time::Duration,
+}
+
+impl Timed {
+    fn report(&self, image_pages: u64) -> TouchReport {
+        let us = |q: f64| self.latency.value_at_quantile(q) as f64 / 1e3;
+        TouchReport {
+            image_pages,
+            pages_touched: self.touched,
+            mismatches: self.mismatches,
+            mismatched_pages: self.mismatched_pages.clone(),
+            elapsed_s: self.elapsed.as_secs_f64(),
+            pages_per_s: self.touched as f64 / self.elapsed.as_secs_f64().max(1e-9),
+            latency_us: LatencyUs {
+                p50: us(0.5),
+                p99: us(0.99),
+                p999: us(0.999),
+                max: self.latency.max() as f64 / 1e3,
+                mean: self.latency.mean() / 1e3,
+            },
+        }
+    }
+}
+
+/// Reads the first byte of every page of `order` (timing each first access), then compares the page
+/// with the image file.
+fn touch_pages(memory: &Mapping, order: &[u64], image: &File, path: &Path) -> Result<Timed, TouchError> {
+    let image_err = |reason: String| TouchError::Image { path: path.to_path_buf(), reason };
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)
+        .map_err(|e| TouchError::Invalid(format!("latency histogram: {e}")))?;
+    let mut expected = vec![0u8; CACHE_PAGE_SIZE as usize];
+    let (mut mismatches, mut mismatched_pages) = (0u64, Vec::new());
+    let started = Instant::now();
+    for &page in order {
+        let bytes = memory.page(page);
+        let t = Instant::now();
+        // SAFETY: `bytes` is a live page of our mapping; a volatile read forces the access (and the
+        // fault) to happen here, where it is timed.
+        let _ = unsafe { std::ptr::read_volatile(bytes.as_ptr()) };
+        let took = t.elapsed();
+        latency.saturating_record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1));
+        image.read_exact_at(&mut expected, page * CACHE_PAGE_SIZE).map_err(|e| image_err(e.to_string()))?;
+        if bytes != expected.as_slice() {
+            mismatches += 1;
+            if mismatched_pages.len() < MISMATCHES_LISTED {
+                mismatched_pages.push(page);
+            }
+        }
+    }
+    Ok(Timed { latency, touched: order.len() as u64, mismatches, mismatched_pages, elapsed: started.elapsed() })
+}
+
+/// The naive baseline handler: the same touches served in this process by a thread that blocks on
+/// the userfaultfd and answers each fault with one `pread` of the page from `image` and one 4 KiB
+/// `UFFDIO_COPY` (no cache, no batching, no network): what a first userfaultfd handler does. The
+/// latency is measured in the touching thread, as for [`run`].
+pub fn run_naive(image_path: &Path, order: &[u64]) -> Result<TouchReport, TouchError> {
+    let image_err = |reason: String| TouchError::Image { path: image_path.to_path_buf(), reason };
+    let image = File::open(image_path).map_err(|e| image_err(e.to_string()))?;
+    let bytes = image.metadata().map_err(|e| image_err(e.to_string()))?.len();
+    if bytes == 0 || !bytes.is_multiple_of(CACHE_PAGE_SIZE) {
+        return Err(image_err(format!("{bytes} bytes is not a positive multiple of 4096")));
+    }
+    let pages = bytes / CACHE_PAGE_SIZE;
+    if let Some(&p) = order.iter().find(|&&p| p >= pages) {
+        return Err(TouchError::Invalid(format!("page {p} is past the image's {pages} pages")));
+    }
+    let memory = Mapping::new(bytes)?;
+    let uffd = Uffd::create(0)?;
+    uffd.register_missing(memory.addr, bytes)?;
+    let done = Arc::new(AtomicBool::new(false));
+    let handler = {
+        let (done, image) = (done.clone(), image.try_clone().map_err(|e| image_err(e.to_string()))?);
+        let base = memory.addr;
+        let mut uffd = uffd;
+        std::thread::spawn(move || -> Result<u64, TouchError> {
+            let mut events = Vec::with_capacity(64);
+            let mut page = vec![0u8; CACHE_PAGE_SIZE as usize];
+            let mut served = 0;
+            while !done.load(Ordering::SeqCst) {
+                let timeout = Some(std::time::Duration::from_millis(20));
+                let ready = crate::waker::poll(&[(uffd.as_fd(), libc::POLLIN)], &mut [0], timeout)
+                    .map_err(|e| TouchError::Invalid(format!("poll on the userfaultfd: {e}")))?;
+                if ready == 0 {
+                    continue;
+                }
+                events.clear();
+                uffd.read_events(&mut events)?;
+                for e in &events {
+                    if let crate::uffd::Event::PageFault { addr, .. } = *e {
+                        let addr = addr - addr % CACHE_PAGE_SIZE;
+                        image.read_exact_at(&mut page, addr - base).map_err(|e| TouchError::Invalid(e.to_string()))?;
+                        uffd.copy(addr, &page, true)?;
+                        served += 1;
+                    }
+                }
+            }
+            Ok(served)
+        })
+    };
+    let timed = touch_pages(&memory, order, &image, image_path);
+    done.store(true, Ordering::SeqCst);
+    let served = handler.join().map_err(|_| TouchError::Invalid("the naive handler thread panicked".into()))?;
+    let timed = timed?;
+    served?;
+    Ok(timed.report(pages))
+}
+
 /// Runs a touch: see the module docs.
 pub fn run(config: &TouchConfig) -> Result<TouchReport, TouchError> {
     if config.image_bytes == 0 || !config.image_bytes.is_multiple_of(CACHE_PAGE_SIZE) {
@@ -413,28 +527,7 @@ pub fn run(config: &TouchConfig) -> Result<TouchReport, TouchError> {
         }
     };
 
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000_000, 3)
-        .map_err(|e| TouchError::Invalid(format!("latency histogram: {e}")))?;
-    let mut expected = vec![0u8; CACHE_PAGE_SIZE as usize];
-    let (mut mismatches, mut mismatched_pages) = (0u64, Vec::new());
-    let started = Instant::now();
-    for &page in &order {
-        let bytes = memory.page(page);
-        let t = Instant::now();
-        // SAFETY: `bytes` is a live page of our mapping; a volatile read forces the access (and the
-        // fault) to happen here, where it is timed.
-        let _ = unsafe { std::ptr::read_volatile(bytes.as_ptr()) };
-        let took = t.elapsed();
-        latency.saturating_record(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX).max(1));
-        image.read_exact_at(&mut expected, page * CACHE_PAGE_SIZE).map_err(|e| image_err(e.to_string()))?;
-        if bytes != expected.as_slice() {
-            mismatches += 1;
-            if mismatched_pages.len() < MISMATCHES_LISTED {
-                mismatched_pages.push(page);
-            }
-        }
-    }
-    let elapsed = started.elapsed();
+    let timed = touch_pages(&memory, &order, &image, &config.verify)?;
     if let Some((status, result)) = &config.report {
         let hex: String = result.iter().map(|b| format!("{b:02x}")).collect();
         let line = serde_json::json!({ "type": "report", "status": status, "result_hex": hex });
@@ -450,22 +543,7 @@ pub fn run(config: &TouchConfig) -> Result<TouchReport, TouchError> {
     drop(stream);
     drop(memory);
     drop(uffd);
-    let us = |q: f64| latency.value_at_quantile(q) as f64 / 1e3;
-    Ok(TouchReport {
-        image_pages: pages,
-        pages_touched: order.len() as u64,
-        mismatches,
-        mismatched_pages,
-        elapsed_s: elapsed.as_secs_f64(),
-        pages_per_s: order.len() as f64 / elapsed.as_secs_f64().max(1e-9),
-        latency_us: LatencyUs {
-            p50: us(0.5),
-            p99: us(0.99),
-            p999: us(0.999),
-            max: latency.max() as f64 / 1e3,
-            mean: latency.mean() / 1e3,
-        },
-    })
+    Ok(timed.report(pages))
 }
 
 extern "C" fn on_sigbus(_: libc::c_int) {
