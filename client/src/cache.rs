@@ -1,8 +1,20 @@
 //! [`PageCache`]: the host's copy of one snapshot image, shared by every clone of it on this host.
 //!
-//! * Memory: one private anonymous mapping of the image size, `MAP_NORESERVE`, transparent huge pages
-//!   off: a 64 GiB image costs address space only, and each inserted page commits 4 KiB. Pages known to
-//!   be zero are never written, so they cost nothing (reading them maps the shared zero page).
+//! * Memory: one memfd (shmem) of the image size, the single store of the host's pages, and the
+//!   daemon's read-only `MAP_SHARED` view of it. A 64 GiB image costs address space only; each inserted
+//!   page commits 4 KiB of shmem, charged to the daemon's cgroup once however many clones read it.
+//!   Pages known to be zero are never written, so they cost nothing.
+//! * Sharing with clones: a clone that maps the memfd `MAP_PRIVATE` ([`PageCache::clone_fd`], a
+//!   read-only descriptor) and registers that view with userfaultfd in `MISSING` mode reads every page
+//!   already here through the kernel, with no userfaultfd event and no copy; only holes fault to the
+//!   daemon; a clone's write copies the page privately (the cache and the other clones keep theirs).
+//! * Writing: a page goes in with one `pwrite(2)` of the whole page at its offset. The kernel copies
+//!   it into a new shmem folio under the folio's lock and marks it up to date before unlocking, and a
+//!   fault on the page takes that lock, so no clone ever maps a partly written page. Writing through a
+//!   shared mapping instead would make the page visible (zero-filled) at the first store. For the same
+//!   reason nothing here ever reads a hole through the daemon's view: a read fault there would put a
+//!   zero page into the memfd, which every clone would then take for the image's bytes. The present
+//!   bitmap is the only truth, and reads check it first.
 //! * State: atomic bitmaps. A page is *claimed* by the one thread that writes it, then *present* once
 //!   its bytes are complete; present pages are never written again, so readers (fault servers, on any
 //!   thread) use them without locks.
@@ -12,6 +24,7 @@
 //!   behind [`PageCache::wait_present`] (for simple blocking callers). Pages nobody wants cost no
 //!   wake-ups, so bulk fills stay cheap.
 
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, Weak};
@@ -33,8 +46,8 @@ pub enum CacheError {
         /// The size asked for.
         bytes: u64,
     },
-    /// mmap(2) refused the reservation.
-    #[error("cannot reserve {bytes} bytes of address space for the page cache")]
+    /// memfd_create(2), ftruncate(2) or mmap(2) refused the cache.
+    #[error("cannot create a {bytes}-byte memfd page cache")]
     Map {
         /// The size asked for.
         bytes: u64,
@@ -51,6 +64,15 @@ pub enum CacheError {
         count: u64,
         /// Pages in the image.
         pages: u64,
+    },
+    /// Writing a page into the memfd failed.
+    #[error("page {page}: writing it into the cache memfd failed")]
+    Write {
+        /// The page.
+        page: u64,
+        /// The errno.
+        #[source]
+        source: io::Error,
     },
     /// Data that is not exactly one page.
     #[error("page {page}: got {len} bytes, a page is 4096")]
@@ -82,37 +104,38 @@ pub enum Inserted {
     Duplicate,
 }
 
-/// One anonymous `MAP_NORESERVE` mapping, unmapped on drop.
+/// The memfd and the daemon's read-only shared view of it, unmapped on drop.
 #[derive(Debug)]
-struct AnonMap {
+struct CacheMap {
+    memfd: OwnedFd,
     ptr: NonNull<u8>,
     len: usize,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; all access goes through `PageCache`, whose
-// claim/present protocol gives each page one writer before publication and only readers after.
-unsafe impl Send for AnonMap {}
-// SAFETY: as above: shared access is read-only except for the single claimed writer of a page that no
-// reader can see yet.
-unsafe impl Sync for AnonMap {}
+// claim/present protocol gives each page one writer (through the memfd, not the view) before
+// publication and only readers after.
+unsafe impl Send for CacheMap {}
+// SAFETY: as above: the view is only read, and only where the present bitmap says the page is whole.
+unsafe impl Sync for CacheMap {}
 
-impl AnonMap {
-    fn new(len: usize) -> io::Result<AnonMap> {
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing aliases nothing.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+impl CacheMap {
+    fn new(len: usize) -> io::Result<CacheMap> {
+        let memfd = rustix::fs::memfd_create("spindrift-cache", rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&memfd, len as u64)?;
+        let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
+        // SAFETY: a fresh shared mapping of our own memfd at an address of the kernel's choosing
+        // aliases no Rust memory; it is read-only, so nothing in this process writes through it.
+        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, flags, memfd.as_raw_fd(), 0) };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: `[ptr, ptr + len)` is the mapping we just made; MADV_NOHUGEPAGE changes no contents,
-        // only keeps one 4 KiB insert from committing a 2 MiB huge page. Failure is harmless.
-        unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable))?;
-        Ok(AnonMap { ptr, len })
+        Ok(CacheMap { memfd, ptr, len })
     }
 }
 
-impl Drop for AnonMap {
+impl Drop for CacheMap {
     fn drop(&mut self) {
         // SAFETY: we own the mapping, and no borrow of it outlives `self` (slices borrow the cache).
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
@@ -122,7 +145,7 @@ impl Drop for AnonMap {
 /// The page cache for one snapshot image. Share it as `Arc<PageCache>`.
 #[derive(Debug)]
 pub struct PageCache {
-    map: AnonMap,
+    map: CacheMap,
     pages: u64,
     claimed: AtomicBitmap,
     present: AtomicBitmap,
@@ -141,7 +164,7 @@ impl PageCache {
             return Err(CacheError::BadImageSize { bytes: image_bytes });
         }
         let map =
-            AnonMap::new(image_bytes as usize).map_err(|source| CacheError::Map { bytes: image_bytes, source })?;
+            CacheMap::new(image_bytes as usize).map_err(|source| CacheError::Map { bytes: image_bytes, source })?;
         let pages = image_bytes / CACHE_PAGE_SIZE;
         Ok(PageCache {
             map,
@@ -193,10 +216,19 @@ impl PageCache {
         if self.claimed.or_word(w, bit) != 0 {
             return Ok(Inserted::Duplicate);
         }
-        let offset = (page * CACHE_PAGE_SIZE) as usize;
-        // SAFETY: `offset + 4096 <= len` (checked above); this thread alone claimed the page, and no reader
-        // touches it before its present bit is set below, so nothing aliases the destination.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.ptr.as_ptr().add(offset), data.len()) };
+        // One pwrite of the whole page: atomic for every reader of the memfd (see the module docs).
+        let written = rustix::io::pwrite(&self.map.memfd, data, page * CACHE_PAGE_SIZE);
+        match written {
+            Ok(n) if n == data.len() => {}
+            Ok(n) => {
+                self.claimed.take_word(w, bit);
+                return Err(CacheError::Write { page, source: io::Error::other(format!("short write of {n} bytes")) });
+            }
+            Err(e) => {
+                self.claimed.take_word(w, bit);
+                return Err(CacheError::Write { page, source: e.into() });
+            }
+        }
         self.publish(w, bit);
         Ok(Inserted::New)
     }
@@ -239,6 +271,17 @@ impl PageCache {
             }
             None => false,
         });
+    }
+
+    /// A read-only descriptor of the cache's memfd for a clone to map `MAP_PRIVATE` (see the module
+    /// docs). A new open file description: the clone can neither write nor resize the cache through it.
+    pub fn clone_fd(&self) -> io::Result<OwnedFd> {
+        let path = format!("/proc/self/fd/{}", self.map.memfd.as_raw_fd());
+        Ok(rustix::fs::open(
+            path.as_str(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?)
     }
 
     /// Whether page `page` is present.

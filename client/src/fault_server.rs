@@ -121,6 +121,12 @@ pub struct ServerStats {
     pub outside_regions: u64,
     /// Pages poisoned.
     pub poisoned: u64,
+    /// Shared-cache clones: faults answered with a wake-up alone (the page was already in the
+    /// cache memfd, which the clone maps).
+    pub pages_woken: u64,
+    /// Shared-cache clones: faults again on a page already woken (the clone's view is not the cache
+    /// memfd it said it was): answered with a copy instead.
+    pub shared_refaults: u64,
 }
 
 /// Errors that stop a fault server.
@@ -241,6 +247,10 @@ pub struct FaultServer {
     installed: Bitmap,
     /// Cache pages the clone dropped with madvise: served as zero from now on.
     discarded: Bitmap,
+    /// The clone maps the cache memfd itself (see [`FaultServer::set_shared_cache`]).
+    shared_cache: bool,
+    /// Shared mode: cache pages whose faults were answered with a wake-up alone.
+    woken: Bitmap,
     /// Fault addresses (aligned to their region's page) not answered yet, with when they were read.
     waiting: BTreeMap<u64, Instant>,
     /// The waiting faults that wait for the cache.
@@ -292,6 +302,8 @@ impl FaultServer {
             liveness: Liveness::Unwatched,
             installed: Bitmap::new(pages),
             discarded: Bitmap::new(pages),
+            shared_cache: false,
+            woken: Bitmap::new(pages),
             waiting: BTreeMap::new(),
             parked: BTreeSet::new(),
             requested: BTreeSet::new(),
@@ -318,6 +330,25 @@ impl FaultServer {
             server.liveness = Liveness::Pidfd(pidfd);
         }
         Ok(server)
+    }
+
+    /// Serves a clone whose regions are `MAP_PRIVATE` views of this cache's memfd (at file offset
+    /// `offset`): a fault on a page the cache holds raced with its arrival, so it is answered with
+    /// `UFFDIO_WAKE` alone and the kernel maps the page from the memfd; zero pages still get
+    /// `UFFDIO_ZEROPAGE` (private to the clone), and a page that faults again after its wake-up is
+    /// copied in (the view was not what the clone said). Dropped ranges (`UFFD_EVENT_REMOVE`) go back
+    /// to the image, as the kernel does for a private file mapping. Refused for 2 MiB regions.
+    pub fn set_shared_cache(&mut self, shared: bool) -> Result<(), FaultError> {
+        if shared && self.regions.regions().iter().any(|r| r.page_size != PAGE_4K) {
+            return Err(FaultError::BadConfig("a shared-cache clone must map its memory in 4 KiB pages"));
+        }
+        self.shared_cache = shared;
+        Ok(())
+    }
+
+    /// Whether the clone maps the cache memfd itself.
+    pub fn is_shared_cache(&self) -> bool {
+        self.shared_cache
     }
 
     /// Reports every answered fault's latency to `observer`.
@@ -418,6 +449,10 @@ impl FaultServer {
     /// on past the end of the range. Pages not in the cache, or already installed, are skipped.
     /// Returns how many pages went in.
     pub fn prefetch(&mut self, first: u64, count: u64) -> Result<u64, FaultError> {
+        if self.shared_cache {
+            // The clone maps what the cache has without any event.
+            return Ok(0);
+        }
         let (start, end) = (first * CACHE_PAGE_SIZE, (first + count) * CACHE_PAGE_SIZE);
         let pieces: Vec<Region> = self
             .regions
@@ -528,6 +563,11 @@ impl FaultServer {
             let first = p.offset / CACHE_PAGE_SIZE;
             let count = p.size.div_ceil(CACHE_PAGE_SIZE);
             self.installed.set_range(first, count, false);
+            self.woken.set_range(first, count, false);
+            if self.shared_cache {
+                // A private file mapping reads the file again where its pages were dropped.
+                continue;
+            }
             self.discarded.set_range(first, count, true);
             // Served as zero from now on: no need to fetch them any more.
             self.requested.retain(|page| !(first..first + count).contains(page));
@@ -665,6 +705,15 @@ impl FaultServer {
         let ps = region.page_size;
         let cp = ps / CACHE_PAGE_SIZE;
         let page = region.image_offset(addr) / CACHE_PAGE_SIZE;
+        if self.shared_cache && kind == Kind::Data {
+            if !self.woken.any(page, cp) {
+                self.woken.set_range(page, cp, true);
+                self.uffd.wake(addr, ps)?;
+                self.stats.pages_woken += 1;
+                return Ok(Served::Done { until: addr + ps });
+            }
+            self.stats.shared_refaults += 1;
+        }
         let huge = ps != PAGE_4K;
         let max_pages = if huge && kind == Kind::Zero { 1 } else { (self.config.max_batch_bytes / ps).max(1) };
         let mut n = 1;

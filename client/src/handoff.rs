@@ -10,6 +10,12 @@
 //!   (all but `regions` optional; unknown fields are ignored for forward compatibility). `session` is
 //!   the protocol session id in decimal; `fork` and `clone_id` key the clone's reports.
 //!
+//! A clone that maps the host's cache itself (spindrift's shared cache) first sends
+//! `{"type":"map","session":"..."}` without a descriptor; the daemon answers
+//! `{"type":"map","image_bytes":N}` with a read-only descriptor of the session's cache memfd (or an
+//! error line). The clone maps it `MAP_PRIVATE` as its memory, registers that with its userfaultfd, and
+//! sends its handoff on the same connection with `"shared_cache": true`.
+//!
 //! The message is one JSON value; it may span several reads (the fd rides on the first) and anything
 //! after it is ignored. The receiver bounds size ([`MAX_HANDOFF_BYTES`]) and time.
 //!
@@ -57,6 +63,88 @@ pub struct HandoffMessage {
     /// The fork (of the session's fork plans) this clone was started for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fork: Option<u32>,
+    /// The regions are `MAP_PRIVATE` views of the cache memfd this connection was given
+    /// ([`recv_map_reply`]), each at file offset `offset`: pages the cache holds need no answer but
+    /// a wake-up. Without it, every page is copied into the clone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared_cache: bool,
+}
+
+/// What a clone sends first on its connection.
+#[derive(Debug)]
+pub enum Opening {
+    /// `{"type":"map","session":"..."}`: the clone asks for the session's cache memfd, to map it
+    /// before it registers its memory and sends its handoff on the same connection.
+    Map {
+        /// The session named (None: the only one there is).
+        session: Option<String>,
+    },
+    /// The handoff itself (the userfaultfd and its message).
+    Handoff(OwnedFd, Handoff),
+}
+
+/// The map request's shape.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum MapMessage {
+    Map {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session: Option<String>,
+    },
+}
+
+/// The daemon's answer to a map request (with the memfd).
+#[derive(Debug, Serialize, Deserialize)]
+struct MapReply {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    image_bytes: u64,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+/// Asks the daemon for the session's cache memfd (the first message of a shared-cache clone).
+pub fn send_map_request(stream: &UnixStream, session: Option<&str>) -> Result<(), HandoffError> {
+    let json =
+        serde_json::to_vec(&MapMessage::Map { session: session.map(str::to_string) }).map_err(HandoffError::Encode)?;
+    send_with_fd(stream, None, &json)
+}
+
+/// The daemon's side: sends the (read-only) cache memfd and the image size.
+pub fn send_map_reply(stream: &UnixStream, memfd: BorrowedFd<'_>, image_bytes: u64) -> Result<(), HandoffError> {
+    let reply = MapReply { kind: "map".into(), image_bytes, message: None };
+    let mut json = serde_json::to_vec(&reply).map_err(HandoffError::Encode)?;
+    json.push(b'\n');
+    send_with_fd(stream, Some(memfd), &json)
+}
+
+/// The clone's side: waits for the cache memfd and the image size. A refusal (the daemon's error
+/// line) comes back as [`HandoffError::Refused`].
+pub fn recv_map_reply(stream: &UnixStream, timeout: Duration) -> Result<(OwnedFd, u64), HandoffError> {
+    let (bytes, mut fds) = recv_json(stream, timeout)?;
+    let reply: MapReply = serde_json::from_slice(&bytes).map_err(HandoffError::BadJson)?;
+    if reply.kind != "map" {
+        return Err(HandoffError::Refused(reply.message.unwrap_or_else(|| format!("a {:?} reply", reply.kind))));
+    }
+    match fds.len() {
+        1 => Ok((fds.remove(0), reply.image_bytes)),
+        0 => Err(HandoffError::NoFd),
+        count => Err(HandoffError::TooManyFds { count }),
+    }
+}
+
+/// Receives a clone's first message: a map request or its handoff (see [`recv_uffd_timeout`]).
+pub fn recv_opening(stream: &UnixStream, timeout: Duration) -> Result<Opening, HandoffError> {
+    let (bytes, fds) = recv_json(stream, timeout)?;
+    if let Ok(MapMessage::Map { session }) = serde_json::from_slice::<MapMessage>(&bytes) {
+        if !fds.is_empty() {
+            return Err(HandoffError::TooManyFds { count: fds.len() });
+        }
+        return Ok(Opening::Map { session });
+    }
+    let (fd, handoff) = handoff_from(stream, &bytes, fds)?;
+    Ok(Opening::Handoff(fd, handoff))
 }
 
 /// Which shape the message had.
@@ -157,6 +245,9 @@ pub enum HandoffError {
     /// The descriptor is not a userfaultfd.
     #[error("the descriptor sent is not a usable userfaultfd")]
     NotUffd(#[source] UffdError),
+    /// The daemon refused (its error line).
+    #[error("the daemon refused: {0}")]
+    Refused(String),
     /// The message could not be encoded.
     #[error("cannot encode the handoff message")]
     Encode(#[source] serde_json::Error),
@@ -224,6 +315,28 @@ pub fn recv_uffd(stream: &UnixStream) -> Result<(OwnedFd, Handoff), HandoffError
 /// Checks, in order: a complete JSON value within the size limit, its shape and regions, exactly one
 /// descriptor attached, and that the descriptor is a userfaultfd.
 pub fn recv_uffd_timeout(stream: &UnixStream, timeout: Duration) -> Result<(OwnedFd, Handoff), HandoffError> {
+    let (bytes, fds) = recv_json(stream, timeout)?;
+    handoff_from(stream, &bytes, fds)
+}
+
+/// Checks a received handoff message and its descriptors.
+fn handoff_from(stream: &UnixStream, bytes: &[u8], mut fds: Vec<OwnedFd>) -> Result<(OwnedFd, Handoff), HandoffError> {
+    let (message, format) = parse_message(bytes)?;
+    validate_regions(&message.regions)?;
+    let uffd = match fds.len() {
+        0 => return Err(HandoffError::NoFd),
+        1 => fds.remove(0),
+        count => return Err(HandoffError::TooManyFds { count }),
+    };
+    check_userfaultfd(uffd.as_fd()).map_err(HandoffError::NotUffd)?;
+    let peer = peer_cred(stream);
+    let peer_pidfd = peer_pidfd(stream);
+    Ok((uffd, Handoff { message, format, peer, peer_pidfd }))
+}
+
+/// Receives one complete JSON value (within the size limit and `timeout`) and the descriptors that
+/// came with it.
+fn recv_json(stream: &UnixStream, timeout: Duration) -> Result<(Vec<u8>, Vec<OwnedFd>), HandoffError> {
     let start = Instant::now();
     let mut buf = Vec::new();
     let mut fds = Vec::new();
@@ -250,17 +363,8 @@ pub fn recv_uffd_timeout(stream: &UnixStream, timeout: Duration) -> Result<(Owne
             None => continue,
         }
     };
-    let (message, format) = parse_message(&buf[..end])?;
-    validate_regions(&message.regions)?;
-    let uffd = match fds.len() {
-        0 => return Err(HandoffError::NoFd),
-        1 => fds.remove(0),
-        count => return Err(HandoffError::TooManyFds { count }),
-    };
-    check_userfaultfd(uffd.as_fd()).map_err(HandoffError::NotUffd)?;
-    let peer = peer_cred(stream);
-    let peer_pidfd = peer_pidfd(stream);
-    Ok((uffd, Handoff { message, format, peer, peer_pidfd }))
+    buf.truncate(end);
+    Ok((buf, fds))
 }
 
 /// Parses a complete handoff message (either shape). Public for tests and other transports.

@@ -27,7 +27,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::cache::CACHE_PAGE_SIZE;
-use crate::handoff::{send_handoff, send_uffd, HandoffError, HandoffMessage};
+use crate::handoff::{recv_map_reply, send_handoff, send_map_request, send_uffd, HandoffError, HandoffMessage};
 use crate::region::{Region, PAGE_4K};
 use crate::uffd::{Uffd, UffdError};
 
@@ -146,6 +146,9 @@ pub struct TouchConfig {
     /// Hand over in Firecracker's format (the bare region array: no session, no ids), as a
     /// Firecracker VM would; the daemon then serves it from the only session it knows.
     pub firecracker_format: bool,
+    /// Use private anonymous memory that the daemon copies every page into, instead of mapping the
+    /// host's cache memfd `MAP_PRIVATE` (the default for spindrift's format).
+    pub private_copy: bool,
 }
 
 /// Latency percentiles in microseconds.
@@ -297,6 +300,24 @@ impl Mapping {
         // SAFETY: `[ptr, ptr + len)` is the mapping just made; the advice changes no contents (it keeps
         // faults at 4 KiB, like the daemon's pages). Failure is harmless.
         unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
+        Ok(Mapping { addr: ptr as u64, len })
+    }
+
+    /// The cache memfd `fd` mapped `MAP_PRIVATE`: the host's pages read through the kernel, writes
+    /// stay private.
+    fn private_file(fd: &std::os::fd::OwnedFd, bytes: u64) -> Result<Mapping, TouchError> {
+        use std::os::fd::AsRawFd;
+        let len =
+            usize::try_from(bytes).map_err(|_| TouchError::Invalid(format!("{bytes} bytes do not fit memory")))?;
+        let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+        // SAFETY: a fresh private mapping of the memfd at an address of the kernel's choosing aliases
+        // nothing; the descriptor is open for the call.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd.as_raw_fd(), 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(TouchError::Map { bytes, source: std::io::Error::last_os_error() });
+        }
         Ok(Mapping { addr: ptr as u64, len })
     }
 
@@ -495,9 +516,22 @@ pub fn run(config: &TouchConfig) -> Result<TouchReport, TouchError> {
     }
 
     let uffd = Uffd::create(0)?;
-    let memory = Mapping::new(config.image_bytes)?;
-    uffd.register_missing(memory.addr, config.image_bytes)?;
     let stream = connect(&config.daemon_socket)?;
+    let shared_cache = !config.firecracker_format && !config.private_copy;
+    let memory = if shared_cache {
+        send_map_request(&stream, Some(&config.session))?;
+        let (memfd, bytes) = recv_map_reply(&stream, crate::handoff::DEFAULT_RECV_TIMEOUT)?;
+        if bytes != config.image_bytes {
+            return Err(TouchError::Invalid(format!(
+                "the daemon's cache holds {bytes} bytes, but --image-bytes is {}",
+                config.image_bytes
+            )));
+        }
+        Mapping::private_file(&memfd, bytes)?
+    } else {
+        Mapping::new(config.image_bytes)?
+    };
+    uffd.register_missing(memory.addr, config.image_bytes)?;
     let message = HandoffMessage {
         regions: vec![Region {
             base_host_virt_addr: memory.addr,
@@ -509,6 +543,7 @@ pub fn run(config: &TouchConfig) -> Result<TouchReport, TouchError> {
         session: Some(config.session.clone()),
         snapshot: None,
         fork: config.fork,
+        shared_cache,
     };
     if config.firecracker_format {
         send_uffd(&stream, uffd.as_fd(), &message.regions)?;

@@ -790,6 +790,7 @@ fn fake_clone() {
         fork: Some(flag("--fork").parse().unwrap()),
         report: Some((0, fake_clone_result(clone))),
         firecracker_format: false,
+        private_copy: clone % 2 == 0,
     };
     match touch::run(&config) {
         Ok(report) => {

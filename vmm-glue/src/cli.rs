@@ -95,6 +95,10 @@ pub struct RunArgs {
     /// Fork into in-process clones (the only fork transport of this binary so far).
     #[arg(long)]
     pub local: bool,
+    /// With --local: each clone starts with the whole image written into its memory (no
+    /// userfaultfd, no faults): an ideal pre-provisioned cluster.
+    #[arg(long, requires = "local")]
+    pub preload: bool,
     /// Print one JSON object with the figures instead of the summary.
     #[arg(long)]
     pub json: bool,
@@ -217,6 +221,7 @@ pub fn run_cmd(args: &RunArgs) -> Result<i32, CliError> {
     let mut host = LocalHost::new(LocalHostConfig {
         verify_image: args.verify_image,
         echo_console: false,
+        preload: args.preload,
         ..LocalHostConfig::default()
     });
     let result = vm.run(&mut host);
@@ -345,6 +350,10 @@ fn print_summary(s: &serde_json::Value) {
     );
 }
 
+/// `spindrift-vmm clone` maps the host's cache memfd as its memory unless this variable is `private`
+/// (then the daemon copies every page in).
+pub const CLONE_MEMORY_ENV: &str = "SPINDRIFT_CLONE_MEMORY";
+
 /// Runs `spindrift-vmm clone`. `started_unix_us` is when the process started. Returns the exit code.
 pub fn clone_cmd(args: &CloneArgs, started_unix_us: u64) -> Result<i32, CliError> {
     let bytes = std::fs::read(&args.descriptor)
@@ -355,7 +364,10 @@ pub fn clone_cmd(args: &CloneArgs, started_unix_us: u64) -> Result<i32, CliError
         return Err(CliError::Usage(format!("--fork {} but the descriptor is of fork {}", args.fork, desc.fork_id)));
     }
     let descriptor_loaded_unix_us = unix_us();
-    let mut link = DaemonLink::connect(&args.daemon_socket, Some(args.session.clone()))?;
+    // The fallback (every page copied into private memory) is chosen through the environment, which
+    // the host daemon passes on to the clones it spawns.
+    let private = std::env::var(CLONE_MEMORY_ENV).is_ok_and(|v| v == "private");
+    let mut link = DaemonLink::connect(&args.daemon_socket, Some(args.session.clone()))?.private_copy(private);
     let stuck_json = args.out_json.clone();
     let clone_id = args.clone_id;
     let last_resort: crate::clone::LastResort = std::sync::Arc::new(move || {
@@ -390,6 +402,7 @@ pub fn clone_cmd(args: &CloneArgs, started_unix_us: u64) -> Result<i32, CliError
             out["prezeroed_pages"] = json!(start.prezeroed_pages);
             out["zero_ioctls"] = json!(start.zero_ioctls);
             out["setup_us"] = json!(start.setup_us);
+            out["shared_cache"] = json!(start.shared_cache);
             out["image_hash"] = json!(start.image_hash);
             out["image_matches"] = json!(start.image_matches);
             let result = vm.run(&mut link);

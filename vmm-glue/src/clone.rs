@@ -2,7 +2,10 @@
 //!
 //! [`Vm::start_clone`]:
 //!
-//! 1. creates the VM and its guest memory (fresh, private, anonymous: nothing in it yet);
+//! 1. creates the VM and its guest memory (fresh, private, anonymous: nothing in it yet); if the
+//!    handler offers the host's page cache ([`MemoryHandler::shared_memory`]), the memory becomes a
+//!    `MAP_PRIVATE` view of that memfd: pages the host has are then read with no fault at all, and
+//!    the clone's writes stay its own;
 //! 2. creates a userfaultfd (not user-mode-only: KVM's accesses must fault there too) and registers the
 //!    whole memory in MISSING mode;
 //! 3. installs zero pages (`UFFDIO_ZEROPAGE`, one ioctl per run) for every page of the descriptor's
@@ -86,6 +89,10 @@ pub struct CloneStart {
     pub setup_us: u64,
     /// The memory hash before the first instruction (with `verify_image`), hex.
     pub image_hash: Option<String>,
+    /// Whether the clone's memory is a private view of the host's cache memfd (else pages are copied).
+    pub shared_cache: bool,
+    /// Whether the handler wrote the whole image in before the first instruction (no userfaultfd).
+    pub preloaded: bool,
     /// Whether it equals the parent's hash in the descriptor (`None`: not checked, or the parent did
     /// not record one).
     pub image_matches: Option<bool>,
@@ -231,6 +238,7 @@ impl Vm {
         options: &CloneOptions,
     ) -> Result<(Vm, CloneStart), VmError> {
         let t0 = Instant::now();
+        let mut start = CloneStart::default();
         if clone_id == 0 || clone_id > d.clone_count {
             return Err(clone_err(d, clone_id, format!("clone id must be in 1..={}", d.clone_count)));
         }
@@ -249,14 +257,31 @@ impl Vm {
             echo_console: options.echo_console,
         };
         let mut vm = Vm::new(config)?;
-        let uffd = Uffd::create(0)?;
+        let identity = CloneIdentity { fork_id: d.fork_id, clone_id, session: options.session.clone() };
         let base = vm.memory.host_addr();
         let size = vm.memory.size();
+        if handler.preload(&vm.memory).map_err(VmError::Handler)? {
+            start.preloaded = true;
+            let mut state = d.vcpus[0].clone();
+            state.regs.rax = u64::from(clone_id);
+            vm.restore_vcpu(&state)?;
+            vm.set_clone_start(identity, d.avoided_pages());
+            if options.verify_image {
+                let hash = vm.memory.image_hash(&d.discard_pages)?;
+                start.image_hash = Some(crate::host::to_hex(&hash));
+                start.image_matches = d.image_hash.map(|h| h == hash);
+            }
+            start.setup_us = t0.elapsed().as_micros() as u64;
+            return Ok((vm, start));
+        }
+        if let Some(cache) = handler.shared_memory(&identity, size).map_err(VmError::Handler)? {
+            vm.memory.map_shared_cache(cache.as_fd())?;
+            start.shared_cache = true;
+        }
+        let uffd = Uffd::create(0)?;
         uffd.register_missing(base, size)?;
         let avoided = d.avoided_pages();
-        let mut start = CloneStart::default();
         prezero(&uffd, base, &avoided, &mut start)?;
-        let identity = CloneIdentity { fork_id: d.fork_id, clone_id, session: options.session.clone() };
         let regions = [Region { base_host_virt_addr: base, size, offset: 0, page_size: PAGE_4K }];
         let link = handler.attach(&uffd, &regions, &identity).map_err(VmError::Handler)?;
         start.handoff_unix_us = sys::unix_us();

@@ -36,6 +36,11 @@ pub struct DemoConfig {
     pub verify_image: bool,
     /// The packet I/O backend of the memory server and of every host daemon.
     pub io: netio::IoKind,
+    /// Clones take private copies of every page instead of mapping their host's cache memfd.
+    pub private_clone_memory: bool,
+    /// After the networked run, run the same job in local clones whose memory is all present before
+    /// their first instruction, and compare.
+    pub local_baseline: bool,
 }
 
 impl Default for DemoConfig {
@@ -49,6 +54,8 @@ impl Default for DemoConfig {
             keep: false,
             verify_image: false,
             io: netio::IoKind::Udp,
+            private_clone_memory: false,
+            local_baseline: false,
         }
     }
 }
@@ -156,6 +163,18 @@ pub struct DemoReport {
     pub io: Option<String>,
     /// Per host daemon: its network faults' service latency (p50, p99), µs.
     pub network_fault_us: Vec<(String, f64, f64)>,
+    /// How clones held their memory: `shared` (a private view of the host's cache memfd) or
+    /// `private` (every page copied in).
+    pub clone_memory: String,
+    /// The longest clone's run, first instruction to exit, ms.
+    pub network_run_ms: Option<f64>,
+    /// With `--local-baseline`: the same job's longest clone run in local clones whose memory was all
+    /// present before their first instruction (no userfaultfd), ms.
+    pub local_run_ms: Option<f64>,
+    /// `network_run_ms / local_run_ms`.
+    pub run_ratio: Option<f64>,
+    /// With `--local-baseline`: whether every local clone's result was right.
+    pub local_results_ok: Option<bool>,
     /// Wall time of the whole run, s.
     pub wall_s: f64,
     /// Where the logs are (when kept).
@@ -295,7 +314,46 @@ pub fn run(config: &DemoConfig) -> Result<DemoReport, DemoError> {
         let _ = fs::remove_dir_all(&dir);
     }
     drop(lab);
-    result
+    let mut report = result?;
+    if config.local_baseline {
+        let (local_ms, ok) = local_baseline(config, &vmm_exe)?;
+        report.local_run_ms = Some(local_ms);
+        report.local_results_ok = Some(ok);
+        report.run_ratio = report.network_run_ms.map(|n| n / local_ms.max(1e-3));
+        report.wall_s = started.elapsed().as_secs_f64();
+    }
+    Ok(report)
+}
+
+/// The same job in local clones whose memory is all written in before their first instruction
+/// (`spindrift-vmm run --local --preload`): the longest clone's run, first instruction to exit, ms,
+/// and whether every clone's result was right.
+fn local_baseline(config: &DemoConfig, vmm_exe: &Path) -> Result<(f64, bool), DemoError> {
+    let out = Command::new(vmm_exe)
+        .args(["run", "--guest", "parallel", "--mem-mib", &config.mem_mib.to_string()])
+        .args(["--clones", &config.clones.to_string(), "--local", "--preload", "--json"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .map_err(io_err("running the local baseline"))?;
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| DemoError::Config(format!("the local baseline printed no JSON report: {e}")))?;
+    let clones = v.pointer("/clone_results").and_then(Value::as_array).cloned().unwrap_or_default();
+    let runs: Vec<f64> = clones
+        .iter()
+        .filter_map(|c| Some((num(c, "/exit_unix_us")? - num(c, "/first_run_unix_us")?) / 1000.0))
+        .collect();
+    if runs.len() != config.clones as usize {
+        return Err(DemoError::Config(format!(
+            "the local baseline ran {} of {} clones (exit {:?})",
+            runs.len(),
+            config.clones,
+            out.status.code()
+        )));
+    }
+    let ok = out.status.success()
+        && clones.iter().all(|c| c.pointer("/result_correct").and_then(Value::as_bool) == Some(true));
+    Ok((runs.iter().copied().fold(0.0, f64::max), ok))
 }
 
 fn run_in_lab(
@@ -326,6 +384,9 @@ fn run_in_lab(
             .arg("--stats-json")
             .arg(hdir.join("daemon.json"))
             .args(["--io", &config.io.to_string()]);
+        if config.private_clone_memory {
+            cmd.env(crate::cli::CLONE_MEMORY_ENV, "private");
+        }
         daemons.push((
             host.name().to_owned(),
             hdir.clone(),
@@ -404,6 +465,10 @@ fn run_in_lab(
         }
     }
     clone_figures.sort_by_key(|c| c.clone);
+    let network_run_ms = clone_figures
+        .iter()
+        .filter_map(|c| Some(c.done_ms? - c.start_ms?))
+        .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
     let p = parent_out.as_ref();
     let server = |k: &str| p.and_then(|p| p.pointer(&format!("/server/{k}"))).and_then(Value::as_u64);
     let memory_bytes = config.mem_mib << 20;
@@ -430,6 +495,11 @@ fn run_in_lab(
         images_match,
         io,
         network_fault_us,
+        clone_memory: if config.private_clone_memory { "private" } else { "shared" }.to_owned(),
+        network_run_ms,
+        local_run_ms: None,
+        run_ratio: None,
+        local_results_ok: None,
         wall_s: started.elapsed().as_secs_f64(),
         run_dir: config.keep.then(|| dir.display().to_string()),
     })
@@ -480,6 +550,14 @@ pub struct DemoArgs {
     /// auto (AF_XDP where it can be used, else UDP).
     #[arg(long, default_value_t = netio::IoKind::Udp)]
     pub io: netio::IoKind,
+    /// Clones copy every page into private memory instead of mapping their host's page cache
+    /// (the fallback path, as for a VMM with anonymous memory).
+    #[arg(long)]
+    pub private_clone_memory: bool,
+    /// After the networked run, run the same job in local clones whose memory is all present before
+    /// their first instruction (an ideal pre-provisioned cluster) and report the ratio.
+    #[arg(long)]
+    pub local_baseline: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -496,6 +574,8 @@ pub fn demo_cmd(args: &DemoArgs) -> i32 {
         keep: args.keep,
         verify_image: args.verify_image,
         io: args.io,
+        private_clone_memory: args.private_clone_memory,
+        local_baseline: args.local_baseline,
     };
     if !args.json {
         eprintln!(
@@ -513,7 +593,9 @@ pub fn demo_cmd(args: &DemoArgs) -> i32 {
             return 2;
         }
     };
-    let ok = report.parent_exit == Some(0) && report.results_ok == Some(u64::from(report.clones));
+    let ok = report.parent_exit == Some(0)
+        && report.results_ok == Some(u64::from(report.clones))
+        && report.local_results_ok != Some(false);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     } else {
@@ -605,6 +687,20 @@ fn print_report(r: &DemoReport) {
             range(|x| x.1),
             range(|x| x.2),
             r.io.as_deref().unwrap_or("-")
+        );
+    }
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} ms"));
+    println!(
+        "longest clone run               {} (first instruction to exit; clone memory {})",
+        ms(r.network_run_ms),
+        r.clone_memory
+    );
+    if let Some(local) = r.local_run_ms {
+        println!(
+            "local baseline                  {} (memory present before the first instruction; results {}); run_ratio {}",
+            ms(Some(local)),
+            if r.local_results_ok == Some(true) { "right" } else { "WRONG" },
+            r.run_ratio.map_or_else(|| "-".to_owned(), |x| format!("{x:.2}"))
         );
     }
     println!("wall time                       {:.1} s (lab {})", r.wall_s, r.lab);

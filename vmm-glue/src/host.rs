@@ -149,6 +149,23 @@ pub struct HandlerLink {
 
 /// Serves a clone's memory faults. See the module docs.
 pub trait MemoryHandler {
+    /// Before the clone registers its memory: a descriptor of the host's page cache (a memfd of at
+    /// least `bytes` bytes holding the parent's image at its guest-physical offsets) for the clone
+    /// to map `MAP_PRIVATE` as its memory, so that pages the host already has are read with no fault
+    /// at all. `None` (the default): the handler copies every page in.
+    fn shared_memory(&mut self, clone: &CloneIdentity, bytes: u64) -> Result<Option<OwnedFd>, HostError> {
+        let _ = (clone, bytes);
+        Ok(None)
+    }
+
+    /// Before anything else: writes the whole image into `memory` and returns true, for a clone
+    /// whose memory is all present before its first instruction (an ideal pre-provisioned host: no
+    /// userfaultfd at all, and [`MemoryHandler::attach`] is not called). The default: false.
+    fn preload(&mut self, memory: &GuestMemory) -> Result<bool, HostError> {
+        let _ = memory;
+        Ok(false)
+    }
+
     /// Takes over the clone's memory: `uffd` is registered in MISSING mode over `regions` (their
     /// `offset` is the guest-physical address, i.e. the byte offset in the parent's memory image) and
     /// every avoided page is already installed. From the return on, the handler answers every fault.

@@ -128,6 +128,7 @@ pub struct VanishAfter(pub u64);
 #[derive(Debug)]
 pub struct LocalHandler {
     source: Arc<LocalSource>,
+    preload: bool,
     server_config: ServerConfig,
     vanish: Option<VanishAfter>,
     handle: Option<ServerHandle>,
@@ -137,11 +138,28 @@ pub struct LocalHandler {
 impl LocalHandler {
     /// A handler serving from `source`.
     pub fn new(source: Arc<LocalSource>, vanish: Option<VanishAfter>) -> LocalHandler {
-        LocalHandler { source, server_config: ServerConfig::default(), vanish, handle: None, thread: None }
+        LocalHandler {
+            source,
+            preload: false,
+            server_config: ServerConfig::default(),
+            vanish,
+            handle: None,
+            thread: None,
+        }
+    }
+
+    /// Writes the whole image into the clone's memory before it starts (see
+    /// [`LocalHostConfig::preload`]).
+    pub fn preloading(mut self, preload: bool) -> LocalHandler {
+        self.preload = preload;
+        self
     }
 
     /// Stops the fault server and returns its counters (the clone must be done with its memory).
     pub fn finish(&mut self) -> Result<ServerStats, String> {
+        if self.preload && self.thread.is_none() {
+            return Ok(ServerStats::default());
+        }
         if let Some(h) = self.handle.take() {
             h.stop();
         }
@@ -161,6 +179,20 @@ impl Drop for LocalHandler {
 }
 
 impl MemoryHandler for LocalHandler {
+    fn preload(&mut self, memory: &GuestMemory) -> Result<bool, HostError> {
+        if !self.preload {
+            return Ok(false);
+        }
+        let image = self.source.image();
+        for run in self.source.avoided().complement(memory.pages()).iter() {
+            let (s, e) = ((run.start * PAGE_SIZE) as usize, (run.end() * PAGE_SIZE) as usize);
+            memory
+                .write(crate::memory::GuestAddress(run.start * PAGE_SIZE), &image[s..e])
+                .map_err(|e| HostError::Other(format!("preloading the clone's memory: {e}")))?;
+        }
+        Ok(true)
+    }
+
     fn attach(&mut self, uffd: &Uffd, regions: &[Region], clone: &CloneIdentity) -> Result<HandlerLink, HostError> {
         let (vmm_end, daemon_end) = UnixStream::pair().map_err(|source| HostError::Io { op: "socketpair", source })?;
         let message = HandoffMessage {
@@ -241,11 +273,14 @@ pub struct LocalHostConfig {
     pub echo_console: bool,
     /// Failure injection: clone `.0`'s handler vanishes after `.1` pages.
     pub vanish: Option<(u32, VanishAfter)>,
+    /// Clones start with the whole image written into their memory (no userfaultfd, no faults): the
+    /// ideal pre-provisioned cluster that `demo --local-baseline` compares with.
+    pub preload: bool,
 }
 
 impl Default for LocalHostConfig {
     fn default() -> Self {
-        LocalHostConfig { read_ahead_pages: 15, verify_image: false, echo_console: false, vanish: None }
+        LocalHostConfig { read_ahead_pages: 15, verify_image: false, echo_console: false, vanish: None, preload: false }
     }
 }
 
@@ -380,6 +415,7 @@ fn run_clone(
     source: Arc<LocalSource>,
     options: CloneOptions,
     vanish: Option<VanishAfter>,
+    preload: bool,
     events: Sender<Event>,
 ) {
     let mut outcome = CloneOutcome { clone_id, result: Err("not started".into()), start: None, server: None };
@@ -391,7 +427,7 @@ fn run_clone(
             return;
         }
     };
-    let mut handler = LocalHandler::new(source, vanish);
+    let mut handler = LocalHandler::new(source, vanish).preloading(preload);
     match Vm::start_clone(&desc, clone_id, &mut handler, &options) {
         Ok((mut vm, start)) => {
             outcome.start = Some(start);
@@ -439,9 +475,10 @@ impl CloneHost for LocalHost {
         for id in 1..=count {
             let (bytes, source, options, tx) = (bytes.clone(), source.clone(), options.clone(), tx.clone());
             let vanish = self.config.vanish.and_then(|(c, v)| (c == id).then_some(v));
+            let preload = self.config.preload;
             let t = std::thread::Builder::new()
                 .name(format!("local-clone-{id}"))
-                .spawn(move || run_clone(bytes, id, source, options, vanish, tx))
+                .spawn(move || run_clone(bytes, id, source, options, vanish, preload, tx))
                 .map_err(|source| HostError::Io { op: "spawning a clone thread", source })?;
             threads.push(t);
         }

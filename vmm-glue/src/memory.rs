@@ -87,6 +87,13 @@ impl GuestMemory {
         Ok(GuestMemory { map, size })
     }
 
+    /// Makes the memory a private view of the host's cache memfd `fd` (which must hold at least
+    /// [`GuestMemory::size`] bytes): pages the cache has read through the kernel, writes stay private.
+    /// Before the guest runs.
+    pub fn map_shared_cache(&self, fd: std::os::fd::BorrowedFd<'_>) -> Result<(), MemoryError> {
+        self.map.map_file_private(fd).map_err(|source| MemoryError::Map { bytes: self.size, source })
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size

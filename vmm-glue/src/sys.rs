@@ -43,6 +43,31 @@ impl AnonMapping {
         Ok(AnonMapping { ptr, len })
     }
 
+    /// Replaces the mapping's pages with a private (copy-on-write) view of `fd` from offset 0
+    /// (`MAP_FIXED` over the same range): reads see the file, writes stay in this process. The KVM
+    /// memslot over the range keeps working (it names addresses, not pages). Call it before anything
+    /// is written or registered.
+    pub(crate) fn map_file_private(&self, fd: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `[ptr, ptr + len)` is this value's own mapping, which nothing in Rust borrows (guest
+        // memory is only accessed by raw copies); MAP_FIXED replaces exactly that range, so no other
+        // mapping is affected; the descriptor is open for the call.
+        let ptr = unsafe {
+            libc::mmap(
+                self.ptr.as_ptr().cast(),
+                self.len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     pub(crate) fn ptr(&self) -> *mut u8 {
         self.ptr.as_ptr()
     }

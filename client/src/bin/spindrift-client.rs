@@ -126,6 +126,10 @@ struct TouchArgs {
     /// the only session it knows.
     #[arg(long)]
     firecracker: bool,
+    /// Private anonymous memory that the daemon copies each page into, instead of mapping the host's
+    /// cache `MAP_PRIVATE` (the spindrift format's default).
+    #[arg(long)]
+    private_copy: bool,
     /// Print the report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -324,6 +328,7 @@ fn touch_run(args: TouchArgs) -> Result<(), CliError> {
         fork: None,
         report: None,
         firecracker_format: args.firecracker,
+        private_copy: args.private_copy,
     };
     let report = touch::run(&config)?;
     eprintln!("{}", touch::summary(&report));

@@ -35,7 +35,7 @@ use super::net::{NetCommand, NetHandle};
 use super::registry::Registry;
 use super::stats::DaemonStats;
 use crate::fault_server::{FaultServer, ServerConfig, ServerHandle, Status, StopReason};
-use crate::handoff::{recv_uffd_timeout, HandoffFormat};
+use crate::handoff::{recv_opening, send_map_reply, HandoffFormat, Opening};
 use crate::waker::Waker;
 
 /// Longest line a clone may send.
@@ -183,24 +183,61 @@ fn serve_clone(ctx: &CloneContext, stream: UnixStream, conn: u64) {
         tracing::warn!("connection {conn}: handoff refused: {message}");
         reply_error(&stream, &message);
     };
-    let (fd, handoff) = match recv_uffd_timeout(&stream, ctx.settings.handoff_timeout) {
-        Ok(x) => x,
-        Err(e) => return refuse(e.to_string()),
+    let parse_session = |named: Option<&str>| match named.map(|s| (s, s.trim().parse::<u64>())) {
+        None => Ok(None),
+        Some((_, Ok(id))) => Ok(Some(id)),
+        Some((s, Err(_))) => Err(format!("session {s:?} is not a decimal session id")),
+    };
+    // A shared-cache clone asks for the cache memfd first, then hands over on the same connection.
+    let mut mapped: Option<(u64, Arc<crate::cache::PageCache>)> = None;
+    let (fd, handoff) = loop {
+        match recv_opening(&stream, ctx.settings.handoff_timeout) {
+            Ok(Opening::Handoff(fd, handoff)) => break (fd, handoff),
+            Ok(Opening::Map { .. }) if mapped.is_some() => return refuse("a second map request".to_string()),
+            Ok(Opening::Map { session }) => {
+                let wanted = match parse_session(session.as_deref()) {
+                    Ok(w) => w,
+                    Err(e) => return refuse(e),
+                };
+                let (session, cache) = match ctx.registry.wait_for(wanted, ctx.settings.session_wait) {
+                    Ok(x) => x,
+                    Err(e) => return refuse(e.to_string()),
+                };
+                let sent = cache
+                    .clone_fd()
+                    .map_err(|e| format!("cannot open the cache memfd read-only: {e}"))
+                    .and_then(|fd| send_map_reply(&stream, fd.as_fd(), cache.image_bytes()).map_err(|e| e.to_string()));
+                if let Err(e) = sent {
+                    return refuse(e);
+                }
+                mapped = Some((session, cache));
+            }
+            Err(e) => return refuse(e.to_string()),
+        }
     };
     let format = handoff.format;
-    let wanted = match handoff.message.session.as_deref().map(|s| (s, s.trim().parse::<u64>())) {
-        None => None,
-        Some((_, Ok(id))) => Some(id),
-        Some((s, Err(_))) => return refuse(format!("session {s:?} is not a decimal session id")),
+    let wanted = match parse_session(handoff.message.session.as_deref()) {
+        Ok(w) => w,
+        Err(e) => return refuse(e),
     };
-    let (session, cache) = match ctx.registry.wait_for(wanted, ctx.settings.session_wait) {
-        Ok(x) => x,
-        Err(e) => return refuse(e.to_string()),
+    let shared_cache = handoff.message.shared_cache;
+    let (session, cache) = match (shared_cache, mapped) {
+        (true, Some((session, cache))) if wanted.is_none_or(|w| w == session) => (session, cache),
+        (true, Some((session, _))) => {
+            return refuse(format!("the handoff names session {wanted:?}, but the cache mapped is session {session}'s"))
+        }
+        (true, None) => return refuse("shared_cache without a map request on this connection".to_string()),
+        (false, _) => match ctx.registry.wait_for(wanted, ctx.settings.session_wait) {
+            Ok(x) => x,
+            Err(e) => return refuse(e.to_string()),
+        },
     };
     let (clone_id, fork) = (handoff.message.clone_id, handoff.message.fork);
     let pid = handoff.peer.map(|p| p.pid);
     let regions = handoff.message.regions.len();
-    let mut server = match FaultServer::from_handoff(fd, handoff, cache, ServerConfig::default()) {
+    let mut server = match FaultServer::from_handoff(fd, handoff, cache, ServerConfig::default())
+        .and_then(|mut s| s.set_shared_cache(shared_cache).map(|()| s))
+    {
         Ok(s) => s,
         Err(e) => return refuse(e.to_string()),
     };
@@ -209,10 +246,11 @@ fn serve_clone(ctx: &CloneContext, stream: UnixStream, conn: u64) {
     ctx.registry.attach(session, conn, handle.clone());
     DaemonStats::bump(&ctx.stats.counters.handoffs_accepted);
     tracing::info!(
-        "connection {conn}: serving clone {} (pid {}) of session {session}, {regions} regions, {} format",
+        "connection {conn}: serving clone {} (pid {}) of session {session}, {regions} regions, {} format{}",
         clone_id.map_or("-".to_string(), |c| c.to_string()),
         pid.map_or("?".to_string(), |p| p.to_string()),
-        format_name(format)
+        format_name(format),
+        if shared_cache { ", shared cache" } else { "" }
     );
     let key = clone_id.and_then(|c| u32::try_from(c).ok()).map(|c| (fork.unwrap_or(0), c));
     let lines = LineContext {
