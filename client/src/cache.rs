@@ -364,3 +364,75 @@ impl PageCache {
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// A clone's view: the cache's read-only descriptor mapped `MAP_PRIVATE`.
+    struct View {
+        ptr: *mut u8,
+        len: usize,
+    }
+
+    impl View {
+        fn of(cache: &PageCache) -> View {
+            let fd = cache.clone_fd().unwrap();
+            let len = cache.image_bytes() as usize;
+            let flags = libc::MAP_PRIVATE;
+            // SAFETY: a fresh private mapping of the memfd; only this test touches it.
+            let ptr = unsafe {
+                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd.as_raw_fd(), 0)
+            };
+            assert_ne!(ptr, libc::MAP_FAILED);
+            View { ptr: ptr.cast(), len }
+        }
+
+        fn page(&self, page: u64) -> Vec<u8> {
+            // SAFETY: the page lies inside the mapping, which lives as long as `self`.
+            unsafe { std::slice::from_raw_parts(self.ptr.add((page * CACHE_PAGE_SIZE) as usize), 4096) }.to_vec()
+        }
+
+        fn write(&self, page: u64, byte: u8) {
+            // SAFETY: inside the private mapping; the write stays in this process's copy.
+            unsafe { *self.ptr.add((page * CACHE_PAGE_SIZE) as usize) = byte };
+        }
+    }
+
+    impl Drop for View {
+        fn drop(&mut self) {
+            // SAFETY: our own mapping.
+            unsafe { libc::munmap(self.ptr.cast(), self.len) };
+        }
+    }
+
+    #[test]
+    fn clones_read_inserted_pages_through_the_memfd_and_write_privately() {
+        let cache = PageCache::new(4 * 4096).unwrap();
+        let page: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 + 1).collect();
+        assert_eq!(cache.insert(1, &page).unwrap(), Inserted::New);
+        assert_eq!(cache.insert(1, &page).unwrap(), Inserted::Duplicate);
+        let (a, b) = (View::of(&cache), View::of(&cache));
+        assert_eq!(a.page(1), page, "a page inserted before the clone mapped the cache");
+        let later: Vec<u8> = vec![7; 4096];
+        cache.insert(2, &later).unwrap();
+        assert_eq!(b.page(2), later, "a page inserted after the clone mapped the cache");
+        a.write(1, 0);
+        assert_eq!(a.page(1)[0], 0, "the clone sees its own write");
+        assert_eq!(b.page(1), page, "another clone keeps the image");
+        assert_eq!(cache.get(1).unwrap(), page.as_slice(), "the cache keeps the image");
+        assert_eq!(cache.present_count(), 2);
+    }
+
+    #[test]
+    fn the_clone_descriptor_is_read_only() {
+        let cache = PageCache::new(4096).unwrap();
+        let fd = cache.clone_fd().unwrap();
+        assert!(rustix::io::pwrite(&fd, &[1u8; 16], 0).is_err(), "a clone must not write the shared cache");
+        assert!(rustix::fs::ftruncate(&fd, 0).is_err(), "a clone must not resize the shared cache");
+        assert!(!cache.is_present(0));
+        assert!(matches!(cache.insert(0, &[1; 100]), Err(CacheError::BadLength { .. })));
+        assert!(matches!(cache.insert(1, &[1; 4096]), Err(CacheError::OutOfRange { .. })));
+    }
+}

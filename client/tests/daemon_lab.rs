@@ -790,7 +790,7 @@ fn fake_clone() {
         fork: Some(flag("--fork").parse().unwrap()),
         report: Some((0, fake_clone_result(clone))),
         firecracker_format: false,
-        private_copy: clone % 2 == 0,
+        private_copy: clone.is_multiple_of(2),
     };
     match touch::run(&config) {
         Ok(report) => {

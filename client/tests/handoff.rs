@@ -70,6 +70,7 @@ fn send_uffd_speaks_firecracker_and_send_handoff_speaks_spindrift() {
         session: Some("s-1".into()),
         snapshot: Some("img".into()),
         fork: None,
+        shared_cache: false,
     };
     let (vmm, daemon) = pair();
     send_handoff(&vmm, uffd.as_fd(), &message).unwrap();
@@ -203,4 +204,26 @@ fn a_userfaultfd_without_uffdio_api_is_refused_by_the_server() {
     let cache = std::sync::Arc::new(spindrift_client::PageCache::new(4096).unwrap());
     let e = spindrift_client::FaultServer::from_handoff(fd, handoff, cache, Default::default()).unwrap_err();
     assert!(e.to_string().ends_with("is not initialised: the VMM must do UFFDIO_API before handing it over"), "{e}");
+}
+
+#[test]
+fn a_shared_cache_clone_gets_the_memfd_before_its_handoff() {
+    use spindrift_client::handoff::{recv_map_reply, recv_opening, send_map_reply, send_map_request, Opening};
+    let (vmm, daemon) = pair();
+    send_map_request(&vmm, Some("9")).unwrap();
+    match recv_opening(&daemon, Duration::from_secs(2)).unwrap() {
+        Opening::Map { session } => assert_eq!(session.as_deref(), Some("9")),
+        Opening::Handoff(..) => panic!("a map request read as a handoff"),
+    }
+    let cache = spindrift_client::PageCache::new(8192).unwrap();
+    send_map_reply(&daemon, cache.clone_fd().unwrap().as_fd(), cache.image_bytes()).unwrap();
+    let (fd, bytes) = recv_map_reply(&vmm, Duration::from_secs(2)).unwrap();
+    assert_eq!(bytes, 8192);
+    assert_eq!(std::fs::File::from(fd).metadata().unwrap().len(), 8192);
+    // A refusal comes back as the daemon's message.
+    let (vmm, daemon) = pair();
+    std::io::Write::write_all(&mut &daemon, b"{\"type\":\"error\",\"message\":\"session 9 was not announced\"}\n")
+        .unwrap();
+    let e = recv_map_reply(&vmm, Duration::from_secs(2)).unwrap_err();
+    assert_eq!(e.to_string(), "the daemon refused: session 9 was not announced");
 }

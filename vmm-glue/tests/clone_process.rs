@@ -7,14 +7,16 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::net::UnixListener;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use spindrift_client::{recv_uffd_timeout, FaultServer, PageCache, ServerConfig, Status};
+use spindrift_client::handoff::{recv_opening, send_map_reply, Opening};
+use spindrift_client::{FaultServer, Handoff, PageCache, ServerConfig, Status};
 use vmm_glue::daemon::ReportLine;
 use vmm_glue::guest::ParallelJob;
 use vmm_glue::{Descriptor, Vm, VmConfig};
@@ -53,7 +55,13 @@ impl Drop for Dir {
 }
 
 fn spawn_clone(dir: &Path, clone_id: u32, verify_image: bool) -> Child {
+    spawn_clone_with(dir, clone_id, verify_image, false)
+}
+
+/// `private`: the clone takes private copies of its pages instead of mapping the cache memfd.
+fn spawn_clone_with(dir: &Path, clone_id: u32, verify_image: bool, private: bool) -> Child {
     Command::new(env!("CARGO_BIN_EXE_spindrift-vmm"))
+        .env(vmm_glue::cli::CLONE_MEMORY_ENV, if private { "private" } else { "shared" })
         .args(["clone", "--session", "s1", "--fork", "1"])
         .args(verify_image.then_some("--verify-image"))
         .arg("--clone-id")
@@ -86,30 +94,54 @@ fn wait_child(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// The daemon's side of a clone's opening: answers a map request (if the clone sends one) with
+/// `cache`'s memfd, then takes the handoff.
+fn take_handoff(stream: &UnixStream, cache: &PageCache) -> (OwnedFd, Handoff) {
+    loop {
+        match recv_opening(stream, Duration::from_secs(20)).unwrap() {
+            Opening::Map { session } => {
+                assert_eq!(session.as_deref(), Some("s1"));
+                send_map_reply(stream, cache.clone_fd().unwrap().as_fd(), cache.image_bytes()).unwrap();
+            }
+            Opening::Handoff(fd, handoff) => return (fd, handoff),
+        }
+    }
+}
+
 #[test]
 fn clone_process_runs_from_a_descriptor_served_by_the_daemon_socket() {
     if !common::can_run("clone_process_runs_from_a_descriptor_served_by_the_daemon_socket") {
         return;
     }
+    for private in [false, true] {
+        run_served_clone(private);
+    }
+}
+
+/// One clone process served from a cache holding the fork-time image: through the kernel from the
+/// cache memfd it maps (no fault at all), or with every page copied in (`private`).
+fn run_served_clone(private: bool) {
     let (desc, image, expected) = record_fork();
-    let dir = Dir::new("clone-ok");
+    let dir = Dir::new(if private { "clone-ok-private" } else { "clone-ok" });
     std::fs::write(dir.0.join("desc.bin"), desc.encode()).unwrap();
     let listener = UnixListener::bind(dir.0.join("daemon.sock")).unwrap();
-    let mut child = spawn_clone(&dir.0, 2, true);
+    let mut child = spawn_clone_with(&dir.0, 2, true, private);
+    let cache = Arc::new(PageCache::new(MEM).unwrap());
+    for (page, bytes) in image.chunks_exact(4096).enumerate() {
+        cache.insert(page as u64, bytes).unwrap();
+    }
 
     // The daemon: accept, take the userfaultfd, serve from a cache holding the fork-time image.
     let (stream, _) = common::bounded(Duration::from_secs(20), "accept", move || listener.accept().unwrap());
-    let (fd, handoff) = recv_uffd_timeout(&stream, Duration::from_secs(20)).unwrap();
+    let (fd, handoff) = take_handoff(&stream, &cache);
+    assert_eq!(handoff.message.shared_cache, !private);
     assert_eq!(handoff.message.clone_id, Some(2));
     assert_eq!(handoff.message.session.as_deref(), Some("s1"));
     assert_eq!(handoff.message.fork, Some(1));
     assert_eq!(handoff.message.regions.len(), 1);
     assert_eq!(handoff.message.regions[0].size, MEM);
-    let cache = Arc::new(PageCache::new(MEM).unwrap());
-    for (page, bytes) in image.chunks_exact(4096).enumerate() {
-        cache.insert(page as u64, bytes).unwrap();
-    }
     let mut server = FaultServer::from_handoff(fd, handoff, cache, ServerConfig::default()).unwrap();
+    server.set_shared_cache(!private).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let server_stop = stop.clone();
     let server_thread = std::thread::spawn(move || {
@@ -148,9 +180,15 @@ fn clone_process_runs_from_a_descriptor_served_by_the_daemon_socket() {
     assert!(t("handoff_unix_us") <= t("first_run_unix_us"));
     assert!(t("first_run_unix_us") <= t("exit_unix_us"));
     assert_eq!(t("prezeroed_pages"), desc.avoided_pages().page_count());
-    assert!(stats.faults > 0);
+    assert_eq!(out["shared_cache"], !private, "{out}");
+    if private {
+        assert!(stats.faults > 0 && stats.pages_copied > 0, "{stats:?}");
+    } else {
+        // Every page is in the cache the clone maps: the kernel maps them all, no fault reaches us.
+        assert_eq!((stats.faults, stats.pages_copied), (0, 0), "{stats:?}");
+    }
     eprintln!(
-        "clone process: start->handoff {} µs, handoff->first run {} µs, run {} µs, {} faults",
+        "clone process (private {private}): start->handoff {} µs, handoff->first run {} µs, run {} µs, {} faults",
         t("handoff_unix_us") - t("start_unix_us"),
         t("first_run_unix_us") - t("handoff_unix_us"),
         t("exit_unix_us") - t("first_run_unix_us"),
@@ -171,7 +209,8 @@ fn clone_process_exits_when_the_daemon_hangs_up() {
         let listener = UnixListener::bind(dir.0.join("daemon.sock")).unwrap();
         let mut child = spawn_clone(&dir.0, 1, verify_image);
         let (stream, _) = common::bounded(Duration::from_secs(20), "accept", move || listener.accept().unwrap());
-        let (fd, _) = recv_uffd_timeout(&stream, Duration::from_secs(20)).unwrap();
+        // An empty cache: every page the clone touches faults to us, and we never answer.
+        let (fd, _) = take_handoff(&stream, &PageCache::new(MEM).unwrap());
         // The daemon dies: its userfaultfd and its end of the socket close, nothing is served.
         drop(fd);
         drop(stream);

@@ -149,8 +149,14 @@ pub struct ServerThread {
 
 pub fn start_server(uffd: &Uffd, regions: Vec<Region>, cache: Arc<PageCache>, config: ServerConfig) -> ServerThread {
     let (vmm, daemon) = UnixStream::pair().unwrap();
-    let message =
-        HandoffMessage { regions, clone_id: Some(7), session: Some("test".into()), snapshot: None, fork: None };
+    let message = HandoffMessage {
+        regions,
+        clone_id: Some(7),
+        session: Some("test".into()),
+        snapshot: None,
+        fork: None,
+        shared_cache: false,
+    };
     send_handoff(&vmm, uffd.as_fd(), &message).unwrap();
     let (handle_tx, handle_rx) = mpsc::channel();
     let (missing_tx, missing) = mpsc::channel();
