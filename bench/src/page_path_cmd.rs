@@ -73,6 +73,12 @@ pub struct PagePathArgs {
     /// Longest any phase may take.
     #[arg(long, default_value_t = 60)]
     pub timeout_s: u64,
+    /// An extra flag for every `spindrift-server` (repeat it; e.g. `--server-flag=--zstd-level=0`).
+    #[arg(long = "server-flag", allow_hyphen_values = true)]
+    pub server_flags: Vec<String>,
+    /// An extra flag for the host daemon (repeat it; e.g. `--daemon-flag=--read-ahead=0`).
+    #[arg(long = "daemon-flag", allow_hyphen_values = true)]
+    pub daemon_flags: Vec<String>,
     /// Where the release binaries are (default: beside this one).
     #[arg(long)]
     pub bin_dir: Option<PathBuf>,
@@ -201,6 +207,7 @@ fn random_pages(lo: u64, hi: u64, count: u64, seed: u64) -> Vec<u64> {
 }
 
 struct Ctx<'a> {
+    args: &'a PagePathArgs,
     bins: &'a Binaries,
     scratch: &'a Scratch,
     image: &'a Path,
@@ -218,7 +225,8 @@ impl Ctx<'_> {
             .args(["--duration-s", &(self.timeout.as_secs() + 10).to_string()])
             .arg("--stats-json")
             .arg(self.scratch.path(&format!("{tag}-server-stats.json")))
-            .args(flags);
+            .args(flags)
+            .args(&self.args.server_flags);
         Proc::spawn_logged("spindrift-server", &mut cmd, &self.scratch.path(&format!("{tag}-server.log")))
     }
 
@@ -236,6 +244,7 @@ impl Ctx<'_> {
             .arg(self.scratch.path(&format!("{tag}-h1-run")))
             .arg("--stats-json")
             .arg(&stats)
+            .args(&self.args.daemon_flags)
             .env("RUST_LOG", "info");
         let mut proc = Proc::spawn_logged("daemon h1", &mut d, &self.scratch.path(&format!("{tag}-h1-daemon.log")))?;
         let deadline = Instant::now() + self.timeout;
@@ -351,7 +360,7 @@ fn measure(ctx: &Ctx<'_>, lab: &Lab, args: &PagePathArgs, out: &mut PagePath) ->
         min_receivers: false,
         verify: true,
         remove_outputs: true,
-        server_flags: Vec::new(),
+        server_flags: ctx.args.server_flags.clone(),
         server_cpus: None,
         timeout: ctx.timeout,
     };
@@ -471,6 +480,7 @@ pub fn run(args: &PagePathArgs) -> anyhow::Result<ExitCode> {
     let mut out = PagePath { image_bytes: pages * 4096, ..PagePath::default() };
     let measured = {
         let ctx = Ctx {
+            args,
             bins: &bins,
             scratch: &scratch,
             image: &image_path,
