@@ -18,12 +18,16 @@
 //!   [`DriverConfig::max_wait`] so a stop flag is seen.
 //! * **Short timers.** A timer already due turns the loop again at once (after a yield). Below
 //!   [`DriverConfig::spin_below`] the loop yields instead of sleeping, and below
-//!   [`DriverConfig::nap_below`] it sleeps without watching the backend. The memory server uses
-//!   both (200 µs and 1 ms: its pacer keeps no credit for late sends, and requests that arrive
-//!   during a nap are answered together); measured in `bench xdp-daemons` (faults, UDP, MTU 1500,
-//!   4 hosts), a server that instead woke for every request answered faster at the median (p50
-//!   0.6x) but slower in the tail (p99 1.8x). The host daemons neither spin nor nap: they share
-//!   the cores with their clones, and a fault wakes them at once.
+//!   [`DriverConfig::nap_below`] it sleeps without watching the backend. A paced memory server
+//!   uses both (200 µs and 1 ms: its pacer keeps no credit for late sends, and requests that arrive
+//!   during a nap are answered together); an unpaced one (the default) neither, because a nap after
+//!   each answer held the next fault's request back: `bench page-path` (one host, read-ahead 0)
+//!   measured a one-page fault at p50 491 µs with the nap and 190 µs without, and `bench
+//!   xdp-daemons` (faults, UDP, MTU 1500, 4 hosts, two runs each) p50 580-616 µs with it and
+//!   322-328 µs without, but p99 2.1-3.1 ms with it and 7.1-10.8 ms without (on 2 cores shared by 4
+//!   touchers, 4 daemons and the server, a server that wakes per request is preempted more). The
+//!   host daemons neither spin nor nap: they share the cores with their clones, and a fault wakes
+//!   them at once.
 //! * **A full socket** keeps the unsent datagrams in the batch; the next turn sends them first and
 //!   the wait includes writability. Nothing is dropped for lack of room; one datagram the kernel
 //!   refuses is dropped (counted, the protocol repairs it like a loss).

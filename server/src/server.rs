@@ -224,11 +224,17 @@ pub fn serve_source_on<S: PageSource>(
         config.max_datagram,
         if config.flow_control { "on" } else { "off" }
     );
-    // The pacer keeps no credit for late sends: below 200 µs the loop yields, below 1 ms it naps
-    // (requests arriving meanwhile are answered together; see netio::driver for the figures).
+    // Paced, the pacer keeps no credit for late sends: below 200 µs the loop yields, below 1 ms it
+    // naps (requests arriving meanwhile are answered together). Unpaced, every request wakes the
+    // loop at once: a nap after each answer delayed the next fault's request by up to 1 ms (see
+    // netio::driver for the figures).
+    let (spin, nap) = match config.rate_bytes_per_sec {
+        Some(_) => (Duration::from_micros(200), Duration::from_millis(1)),
+        None => (Duration::ZERO, Duration::ZERO),
+    };
     let driver_config = DriverConfig::new(config.max_datagram.max(MIN_DATAGRAM), config.max_datagram)
-        .spin_below(Duration::from_micros(200))
-        .nap_below(Duration::from_millis(1));
+        .spin_below(spin)
+        .nap_below(nap);
     let mut driver = Driver::new(io, driver_config)?;
     let mut endpoint = ServerEndpoint::new();
     let session = endpoint.serve(sender, SocketAddrV4::new(config.group, config.port));
