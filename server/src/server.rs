@@ -232,9 +232,8 @@ pub fn serve_source_on<S: PageSource>(
         Some(_) => (Duration::from_micros(200), Duration::from_millis(1)),
         None => (Duration::ZERO, Duration::ZERO),
     };
-    let driver_config = DriverConfig::new(config.max_datagram.max(MIN_DATAGRAM), config.max_datagram)
-        .spin_below(spin)
-        .nap_below(nap);
+    let driver_config =
+        DriverConfig::new(config.max_datagram.max(MIN_DATAGRAM), config.max_datagram).spin_below(spin).nap_below(nap);
     let mut driver = Driver::new(io, driver_config)?;
     let mut endpoint = ServerEndpoint::new();
     let session = endpoint.serve(sender, SocketAddrV4::new(config.group, config.port));

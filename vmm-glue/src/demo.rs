@@ -41,6 +41,8 @@ pub struct DemoConfig {
     /// After the networked run, run the same job in local clones whose memory is all present before
     /// their first instruction, and compare.
     pub local_baseline: bool,
+    /// The host daemons' `--read-ahead-max` (None: their default).
+    pub read_ahead_max: Option<u16>,
 }
 
 impl Default for DemoConfig {
@@ -56,6 +58,7 @@ impl Default for DemoConfig {
             io: netio::IoKind::Udp,
             private_clone_memory: false,
             local_baseline: false,
+            read_ahead_max: None,
         }
     }
 }
@@ -387,6 +390,9 @@ fn run_in_lab(
         if config.private_clone_memory {
             cmd.env(crate::cli::CLONE_MEMORY_ENV, "private");
         }
+        if let Some(max) = config.read_ahead_max {
+            cmd.args(["--read-ahead-max", &max.to_string()]);
+        }
         daemons.push((
             host.name().to_owned(),
             hdir.clone(),
@@ -558,6 +564,9 @@ pub struct DemoArgs {
     /// their first instruction (an ideal pre-provisioned cluster) and report the ratio.
     #[arg(long)]
     pub local_baseline: bool,
+    /// The host daemons' largest sequential read-ahead window, pages (default: theirs; 0: fixed).
+    #[arg(long)]
+    pub read_ahead_max: Option<u16>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -576,6 +585,7 @@ pub fn demo_cmd(args: &DemoArgs) -> i32 {
         io: args.io,
         private_clone_memory: args.private_clone_memory,
         local_baseline: args.local_baseline,
+        read_ahead_max: args.read_ahead_max,
     };
     if !args.json {
         eprintln!(

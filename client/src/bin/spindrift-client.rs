@@ -75,6 +75,10 @@ struct DaemonArgs {
     /// Pages read ahead after each faulting page.
     #[arg(long, default_value_t = 16)]
     read_ahead: u16,
+    /// The read-ahead window a sequential reader grows to, pages (doubling on each fault that
+    /// catches up with it); at most --read-ahead keeps it fixed.
+    #[arg(long, default_value_t = 256)]
+    read_ahead_max: u16,
     /// Most sessions live at once: sessions whose server ended them (or was lost) and that no clone
     /// uses do not count, and make room for new ones.
     #[arg(long, default_value_t = 8)]
@@ -301,6 +305,7 @@ fn daemon(args: DaemonArgs) -> Result<(), CliError> {
     config.session_wait = seconds("--session-wait-s", args.session_wait_s)?;
     config.session_linger = seconds("--session-linger-s", args.session_linger_s)?;
     config.read_ahead = args.read_ahead;
+    config.read_ahead_max = args.read_ahead_max;
     config.io = args.io;
     config.max_sessions = args.max_sessions;
     config.validate()?;

@@ -71,6 +71,7 @@ impl Host {
             key: SessionKey(KEY),
             node: u32::from(interface),
             read_ahead: 4,
+            read_ahead_max: 0,
             server_timeout: Duration::from_secs(3),
             max_sessions,
             linger: Duration::from_secs(3600),

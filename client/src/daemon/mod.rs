@@ -72,6 +72,8 @@ pub struct DaemonConfig {
     pub server_timeout: Duration,
     /// Pages read ahead after each faulting page.
     pub read_ahead: u16,
+    /// The window a sequential reader's read-ahead grows to (0 or at most `read_ahead`: fixed).
+    pub read_ahead_max: u16,
     /// Most sessions live at once (ended sessions no clone uses do not count).
     pub max_sessions: usize,
     /// How long an ended session that no clone uses keeps its cache (its server may start it again).
@@ -101,6 +103,7 @@ impl DaemonConfig {
             stats_json: None,
             server_timeout: Duration::from_secs(10),
             read_ahead: 16,
+            read_ahead_max: 256,
             max_sessions: 8,
             session_linger: Duration::from_secs(30),
             session_wait: Duration::from_secs(10),
@@ -203,6 +206,7 @@ pub fn run(config: &DaemonConfig, stop: &AtomicBool) -> Result<DaemonReport, Dae
         key: config.key.clone(),
         node: config.node,
         read_ahead: config.read_ahead,
+        read_ahead_max: config.read_ahead_max,
         server_timeout: config.server_timeout,
         max_sessions: config.max_sessions,
         linger: config.session_linger,

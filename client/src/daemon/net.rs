@@ -138,6 +138,7 @@ pub(crate) struct NetSettings {
     pub(crate) key: SessionKey,
     pub(crate) node: u32,
     pub(crate) read_ahead: u16,
+    pub(crate) read_ahead_max: u16,
     pub(crate) server_timeout: Duration,
     pub(crate) max_sessions: usize,
     pub(crate) linger: Duration,
@@ -214,6 +215,7 @@ impl NetThread {
         tracing::info!(io = %io.capabilities().summary(), "packet I/O open");
         let mut hc = HostConfig::new(NodeId(settings.node), settings.key.clone(), PAGE_SHIFT);
         hc.read_ahead = settings.read_ahead;
+        hc.read_ahead_max = settings.read_ahead_max;
         hc.server_timeout = settings.server_timeout;
         hc.max_sessions = settings.max_sessions;
         hc.linger = settings.linger;

@@ -49,6 +49,9 @@ pub struct HostConfig {
     pub page_shift: u8,
     /// Pages read ahead after each fault.
     pub read_ahead: u16,
+    /// The window a sequential reader's read-ahead grows to (see [`ReceiverConfig::read_ahead_max`];
+    /// 0: fixed).
+    pub read_ahead_max: u16,
     /// A server silent this long while faults wait is declared lost.
     pub server_timeout: Duration,
     /// The receivers' flow-control window (see [`ReceiverConfig::window`]).
@@ -77,6 +80,7 @@ impl HostConfig {
             key,
             page_shift,
             read_ahead: 16,
+            read_ahead_max: 0,
             server_timeout: Duration::from_secs(3),
             window: DEFAULT_WINDOW,
             max_sessions: 8,
@@ -305,6 +309,7 @@ impl<S: PageSink> HostEndpoint<S> {
         let c = &self.config;
         let mut rc = ReceiverConfig::new(session, c.node, c.key.clone(), c.page_shift, page_count);
         rc.read_ahead = c.read_ahead;
+        rc.read_ahead_max = c.read_ahead_max;
         rc.server_timeout = c.server_timeout;
         rc.window = c.window;
         rc.first_packet_number = c.first_packet_number.saturating_add(now.as_nanos() / 1000);

@@ -5,6 +5,7 @@
 //! FEC parity after a randomized NAK backoff, and turns faults into batched requests with read-ahead.
 
 mod assembly;
+mod readahead;
 mod stream;
 mod wants;
 
@@ -20,6 +21,7 @@ use crate::wire::{
 };
 use crate::Time;
 use assembly::Assembler;
+use readahead::ReadAhead;
 use stream::{Stream, Taken};
 use wants::Wants;
 
@@ -46,6 +48,9 @@ pub struct ReceiverConfig {
     pub page_count: u32,
     /// Pages to read ahead after a faulting page.
     pub read_ahead: u16,
+    /// The largest read-ahead window a sequential reader grows to (see `readahead.rs`); at most
+    /// `read_ahead` (the default, 0) keeps the window fixed.
+    pub read_ahead_max: u16,
     /// A first estimate of the round-trip time to the server.
     pub rtt_hint: Duration,
     /// Where this receiver starts following the stream, when known in advance (a receiver present
@@ -78,6 +83,7 @@ impl ReceiverConfig {
             page_shift,
             page_count,
             read_ahead: 8,
+            read_ahead_max: 0,
             rtt_hint: Duration::from_micros(200),
             stream_start: None,
             server_timeout: Duration::from_secs(3),
@@ -173,6 +179,7 @@ pub struct Receiver {
     blobs_done: HashSet<(BlobKind, u32)>,
     stream: Stream,
     wants: Wants,
+    read_ahead: ReadAhead,
     events: VecDeque<ReceiverEvent>,
     reports: Vec<PendingReport>,
     pending_nak: Option<Vec<NakEntry>>,
@@ -277,6 +284,7 @@ impl Receiver {
             blobs_done: HashSet::new(),
             stream,
             wants: Wants::default(),
+            read_ahead: ReadAhead::default(),
             events: VecDeque::new(),
             reports: Vec::new(),
             pending_nak: None,
@@ -568,6 +576,7 @@ impl Receiver {
                 self.push_seen = false;
                 self.join_retry = Some(Duration::ZERO);
                 self.wants.rerequest_all();
+                self.read_ahead.clear();
                 self.keys.retain(|&k, _| k >= epoch);
                 // A session its server ended (or that was lost) and then started again goes on:
                 // the wants, reports and cached pages are kept (the image is the same).
@@ -770,8 +779,8 @@ impl Receiver {
                 self.wants.want(page, Priority::Fault);
             }
         }
-        let end = page.saturating_add(u32::from(self.config.read_ahead) + 1).min(self.config.page_count);
-        for p in page + 1..end {
+        let (base, max) = (u32::from(self.config.read_ahead), u32::from(self.config.read_ahead_max));
+        for p in self.read_ahead.on_fault(page, base, max, self.config.page_count) {
             if !self.has_page(p) && !self.advertised.contains_key(&p) {
                 self.wants.want(p, Priority::ReadAhead);
             }
