@@ -302,21 +302,35 @@ fn write_trace(path: &Path, pages: &[u64]) -> anyhow::Result<()> {
 fn counters(stats: &Value) -> serde_json::Map<String, Value> {
     let mut out = serde_json::Map::new();
     let session = stats["sessions"].as_array().and_then(|a| a.first()).cloned().unwrap_or(Value::Null);
-    for key in
-        ["rx_packets", "data_packets", "pages_stored", "duplicates", "requests_sent", "pages_requested", "rx_stale"]
-    {
+    for key in [
+        "rx_packets",
+        "data_packets",
+        "pages_stored",
+        "pages_skipped",
+        "bytes_copied",
+        "duplicates",
+        "requests",
+        "pages_requested",
+        "recovered_packets",
+    ] {
         if let Some(v) = session["receiver"].get(key) {
             out.insert(format!("receiver.{key}"), v.clone());
         }
     }
-    if let Some(obj) = stats["receive_path"].as_object() {
-        for (k, v) in obj {
-            out.insert(format!("receive_path.{k}"), v.clone());
-        }
+    if let (Some(copied), Some(stored)) =
+        (session["receiver"]["bytes_copied"].as_u64(), session["receiver"]["pages_stored"].as_u64())
+    {
+        out.insert(
+            "user_copies_per_page_stored".into(),
+            serde_json::json!(copied as f64 / 4096.0 / stored.max(1) as f64),
+        );
     }
-    if let Some(obj) = stats["fault_servers"].as_object() {
-        for (k, v) in obj {
-            out.insert(format!("fault_servers.{k}"), v.clone());
+    for c in stats["clones"].as_array().into_iter().flatten() {
+        for key in ["faults", "pages_woken", "pages_copied", "network_faults", "cache_hits"] {
+            if let Some(v) = c.get(key).and_then(Value::as_u64) {
+                let total = out.get(&format!("clones.{key}")).and_then(Value::as_u64).unwrap_or(0);
+                out.insert(format!("clones.{key}"), Value::from(total + v));
+            }
         }
     }
     out

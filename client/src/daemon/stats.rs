@@ -113,6 +113,8 @@ pub(crate) struct CloneSnapshot {
     pub(crate) pages_zeroed: u64,
     pub(crate) poisoned: u64,
     pub(crate) faults: u64,
+    /// Shared-cache clones: faults answered with a wake-up alone.
+    pub(crate) pages_woken: u64,
 }
 
 impl CloneCounters {
@@ -128,6 +130,7 @@ impl CloneCounters {
             pages_zeroed: s.pages_zeroed,
             poisoned: s.poisoned,
             faults: s.faults,
+            pages_woken: s.pages_woken,
         }
     }
 }

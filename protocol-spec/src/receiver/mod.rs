@@ -132,6 +132,12 @@ pub struct ReceiverStats {
     pub duplicates: u64,
     /// Pages stored into the sink.
     pub pages_stored: u64,
+    /// Page records (or fragments of them) that arrived for pages already here, and were skipped.
+    pub pages_skipped: u64,
+    /// Bytes the receiver copied in user space: Data bodies kept for FEC until their block is
+    /// complete, page fragments reassembled, compressed pages decoded. (Raw pages go from the
+    /// reassembly buffer to the sink without another copy.)
+    pub bytes_copied: u64,
     /// Datagrams sent.
     pub tx_packets: u64,
     /// Requests sent.
@@ -600,6 +606,7 @@ impl Receiver {
             self.stats.duplicates += 1;
             return;
         }
+        self.stats.bytes_copied += body.len() as u64;
         // A late (reordered) packet can complete a set that parity started.
         match self.stream.try_decode(d.block) {
             Ok(rebuilt) => self.take_rebuilt(rebuilt, sink),
@@ -645,8 +652,10 @@ impl Receiver {
                         continue;
                     }
                     if self.has_page(page) {
+                        self.stats.pages_skipped += 1;
                         continue;
                     }
+                    self.stats.bytes_copied += bytes.len() as u64;
                     if let Some((zstd, encoded)) = self.pages.add(page, zstd, total_len, offset, bytes) {
                         self.finish_page(page, zstd, &encoded, sink);
                     }
@@ -683,13 +692,13 @@ impl Receiver {
     }
 
     fn finish_page(&mut self, page: u32, zstd: bool, encoded: &[u8], sink: &mut dyn PageSink) {
+        // A raw page goes to the sink as it was reassembled (no copy); a compressed one is decoded
+        // into the receiver's page buffer first.
         let ok = if zstd {
+            self.stats.bytes_copied += self.page_size as u64;
             matches!(self.decompressor.decompress_to_buffer(encoded, &mut self.page_buf), Ok(n) if n == self.page_size)
-        } else if encoded.len() == self.page_size {
-            self.page_buf.copy_from_slice(encoded);
-            true
         } else {
-            false
+            encoded.len() == self.page_size
         };
         if !ok {
             tracing::warn!("page {page}: encoding does not decode to one {}-byte page; dropped", self.page_size);
@@ -698,7 +707,7 @@ impl Receiver {
         }
         if self.mark_present(page) {
             self.stats.pages_stored += 1;
-            sink.store(page, &self.page_buf);
+            sink.store(page, if zstd { &self.page_buf } else { encoded });
         }
     }
 
