@@ -32,6 +32,10 @@
 //!    the clone). `push_overlap` says whether the touch ended before the fetch did (the faults all
 //!    happened during the push).
 //!
+//! 6. **host memory**: a memory cgroup holding the daemon and 1, then 4, touch processes that read the
+//!    same half of the image at once (the peak of the cgroup over the touches; the daemon's start-up
+//!    is in both), with the shared cache and with private copies (`--private-copy`): `host_memory`.
+//!
 //! Every touch verifies every page it touched against the image. One run; this machine's two
 //! cores are shared by the server, the daemon, the toucher and the kernel's packet path, so the
 //! latencies include waiting for a CPU. Needs root and the release `spindrift-server` and
@@ -126,6 +130,8 @@ struct PagePath {
     all_verified: bool,
     /// The daemon's receive-path counters of the idle-faults phase.
     counters: serde_json::Map<String, Value>,
+    /// Host memory for 1 and 4 clones, shared cache and private copies.
+    host_memory: Vec<HostMemory>,
 }
 
 const PORT: u16 = 7790;
@@ -231,6 +237,18 @@ impl Ctx<'_> {
     }
 
     fn daemon(&self, lab: &Lab, tag: &str, g: Ipv4Addr) -> anyhow::Result<(Proc, PathBuf, PathBuf)> {
+        self.daemon_in(lab, tag, g, None, &[])
+    }
+
+    /// The daemon on h1, in memory cgroup `cg` if given, with `extra` flags.
+    fn daemon_in(
+        &self,
+        lab: &Lab,
+        tag: &str,
+        g: Ipv4Addr,
+        cg: Option<&Cgroup>,
+        extra: &[&str],
+    ) -> anyhow::Result<(Proc, PathBuf, PathBuf)> {
         let h1 = lab.host(1)?;
         let (socket, stats) =
             (self.scratch.path(&format!("{tag}-h1.sock")), self.scratch.path(&format!("{tag}-h1-stats.json")));
@@ -245,7 +263,12 @@ impl Ctx<'_> {
             .arg("--stats-json")
             .arg(&stats)
             .args(&self.args.daemon_flags)
+            .args(extra)
             .env("RUST_LOG", "info");
+        let mut d = match cg {
+            Some(cg) => cg.wrap(&d),
+            None => d,
+        };
         let mut proc = Proc::spawn_logged("daemon h1", &mut d, &self.scratch.path(&format!("{tag}-h1-daemon.log")))?;
         let deadline = Instant::now() + self.timeout;
         while !socket.exists() {
@@ -262,9 +285,28 @@ impl Ctx<'_> {
 
     /// Starts a touch process on h1 of the pages in `trace`.
     fn touch(&self, lab: &Lab, name: &str, socket: &Path, session: u64, trace: &Path) -> anyhow::Result<Proc> {
+        self.touch_in(lab, name, socket, session, trace, None, false)
+    }
+
+    /// A touch on h1, in memory cgroup `cg` if given, with `--private-copy` if `private`.
+    #[allow(clippy::too_many_arguments)]
+    fn touch_in(
+        &self,
+        lab: &Lab,
+        name: &str,
+        socket: &Path,
+        session: u64,
+        trace: &Path,
+        cg: Option<&Cgroup>,
+        private: bool,
+    ) -> anyhow::Result<Proc> {
         let mut t = lab.host(1)?.command(&self.bins.client)?;
-        t.arg("touch")
-            .arg("--daemon-socket")
+        if private {
+            t.arg("touch").arg("--private-copy");
+        } else {
+            t.arg("touch");
+        }
+        t.arg("--daemon-socket")
             .arg(socket)
             .args(["--session", &session.to_string(), "--image-bytes", &self.image_bytes.to_string()])
             .arg("--trace")
@@ -273,6 +315,10 @@ impl Ctx<'_> {
             .arg(self.image)
             .arg("--json");
         let (json, log) = (self.scratch.path(&format!("{name}.json")), self.scratch.path(&format!("{name}.log")));
+        let mut t = match cg {
+            Some(cg) => cg.wrap(&t),
+            None => t,
+        };
         Proc::spawn_split(name.to_string(), &mut t, &json, &log)
     }
 
@@ -291,6 +337,105 @@ impl Ctx<'_> {
             ),
         }
     }
+}
+
+/// A memory cgroup (v1 or v2) made for one measurement, removed on drop.
+struct Cgroup {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl Cgroup {
+    /// A new child of this process's own memory cgroup.
+    fn new(name: &str) -> anyhow::Result<Cgroup> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
+        let (base, v2) =
+            if let Some(rel) = own.lines().find_map(|l| l.split_once(":memory:").map(|(_, r)| r.to_string())) {
+                (PathBuf::from("/sys/fs/cgroup/memory").join(rel.trim_start_matches('/')), false)
+            } else if let Some(rel) = own.lines().find_map(|l| l.strip_prefix("0::").map(str::to_string)) {
+                (PathBuf::from("/sys/fs/cgroup").join(rel.trim_start_matches('/')), true)
+            } else {
+                bail!("no memory cgroup in /proc/self/cgroup");
+            };
+        let dir = base.join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating the cgroup {}", dir.display()))?;
+        Ok(Cgroup { dir, v2 })
+    }
+
+    /// `cmd`, started inside this cgroup (a shell moves itself in, then execs it).
+    fn wrap(&self, cmd: &std::process::Command) -> std::process::Command {
+        let mut c = std::process::Command::new("sh");
+        c.arg("-c").arg("echo $$ > \"$0\" && exec \"$@\"").arg(self.dir.join("cgroup.procs"));
+        c.arg(cmd.get_program()).args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c
+    }
+
+    /// The peak memory charged since the last reset, bytes.
+    fn peak(&self) -> anyhow::Result<u64> {
+        let file = if self.v2 { "memory.peak" } else { "memory.max_usage_in_bytes" };
+        let text = std::fs::read_to_string(self.dir.join(file)).with_context(|| format!("reading {file}"))?;
+        text.trim().parse().with_context(|| format!("{file}: {text:?}"))
+    }
+
+    /// Starts a new peak from the current usage.
+    fn reset_peak(&self) -> anyhow::Result<()> {
+        let file = if self.v2 { "memory.peak" } else { "memory.max_usage_in_bytes" };
+        std::fs::write(self.dir.join(file), if self.v2 { "reset" } else { "0" })
+            .with_context(|| format!("resetting {file}"))
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        // Its processes are gone by now (killed and reaped); an empty cgroup is removed with rmdir.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("could not remove the cgroup {}", self.dir.display());
+    }
+}
+
+/// Host memory for `clones` touch processes reading the same pages (`trace`) at once through one
+/// daemon: the peak of one memory cgroup holding the daemon and the clones, bytes.
+fn host_memory(
+    ctx: &Ctx<'_>,
+    lab: &Lab,
+    session: u64,
+    trace: &Path,
+    clones: usize,
+    private: bool,
+) -> anyhow::Result<u64> {
+    let tag = format!("mem-{session}");
+    let cg = Cgroup::new(&format!("spindrift-page-path-{}-{session}", std::process::id()))?;
+    let g = group(lab, (session % 200 + 10) as u8);
+    let mut server = ctx.server(lab, &tag, g, session, &["--push", "none"])?;
+    let (mut daemon, socket, _) = ctx.daemon_in(lab, &tag, g, Some(&cg), &[])?;
+    // The daemon's own start-up is in the baseline of both figures; the peak covers the clones.
+    std::thread::sleep(Duration::from_millis(200));
+    cg.reset_peak()?;
+    let mut touches = Vec::new();
+    for i in 0..clones {
+        touches.push(ctx.touch_in(lab, &format!("{tag}-touch{i}"), &socket, session, trace, Some(&cg), private)?);
+    }
+    let done = wait_all(&mut touches, Instant::now() + ctx.timeout);
+    let peak = cg.peak();
+    drop(touches);
+    daemon.stop(Duration::from_secs(5));
+    server.stop(Duration::from_secs(5));
+    drop(daemon);
+    if let Some(bad) = done.iter().position(|d| d.as_deref() != Some("ok")) {
+        bail!("memory phase, touch {bad}: {:?}", done[bad]);
+    }
+    peak
 }
 
 fn write_trace(path: &Path, pages: &[u64]) -> anyhow::Result<()> {
@@ -436,8 +581,41 @@ fn measure(ctx: &Ctx<'_>, lab: &Lab, args: &PagePathArgs, out: &mut PagePath) ->
         out.push_mb_per_s = report["mb_per_s"].as_f64().unwrap_or(0.0);
         out.push_overlap = fetch_running_after_touch;
     }
+    eprintln!("page-path: host memory, 1 and 4 clones on one host");
+    {
+        // Half the image, so the pages dominate the processes' own memory.
+        let half = random_pages(0, pages, pages / 2, args.seed + 2);
+        let half_trace = ctx.scratch.path("half.trace");
+        write_trace(&half_trace, &half)?;
+        let mut session = 10;
+        for private in [false, true] {
+            let mut peaks = [0u64; 2];
+            for (i, clones) in [1usize, 4].into_iter().enumerate() {
+                session += 1;
+                peaks[i] = host_memory(ctx, lab, session, &half_trace, clones, private)?;
+            }
+            let m = HostMemory {
+                clone_memory: if private { "private" } else { "shared" }.into(),
+                touched_bytes: half.len() as u64 * 4096,
+                one_clone_bytes: peaks[0],
+                four_clones_bytes: peaks[1],
+                ratio: peaks[1] as f64 / peaks[0].max(1) as f64,
+            };
+            out.host_memory.push(m);
+        }
+    }
     out.all_verified = out.fetch_verified;
     Ok(())
+}
+
+/// Host memory (daemon and clones, one cgroup's peak) for 1 and 4 clones reading the same pages.
+#[derive(Debug, Clone, Default, Serialize)]
+struct HostMemory {
+    clone_memory: String,
+    touched_bytes: u64,
+    one_clone_bytes: u64,
+    four_clones_bytes: u64,
+    ratio: f64,
 }
 
 fn table(p: &PagePath) -> String {
@@ -473,6 +651,19 @@ fn table(p: &PagePath) -> String {
         format!("{:.1} / {:.1} ({})", p.net_push_daemon.p50_us, p.net_push_daemon.p99_us, p.net_push_daemon_faults),
     );
     row("verified", if p.all_verified { "yes".into() } else { "NO".into() });
+    s += "\nhost memory (one cgroup: the daemon and its clones, peak), clones reading the same pages:\n";
+    s += "| clone memory | pages touched | 1 clone | 4 clones | ratio |\n|---|---|---|---|---|\n";
+    for m in &p.host_memory {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        s += &format!(
+            "| {} | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} |\n",
+            m.clone_memory,
+            mib(m.touched_bytes),
+            mib(m.one_clone_bytes),
+            mib(m.four_clones_bytes),
+            m.ratio
+        );
+    }
     s += "\nreceive-path counters (idle-faults phase, daemon on h1):\n";
     for (k, v) in &p.counters {
         s += &format!("  {k} = {v}\n");

@@ -88,7 +88,17 @@ impl Wants {
 
     /// The page arrived at `now`.
     pub fn satisfied(&mut self, page: u32, now: Time) {
-        if let Some(Want { requested_at: Some(t), measure: true, .. }) = self.pages.remove(&page) {
+        let want = self.pages.remove(&page);
+        if let Some(Want { requested_at: Some(t), attempts, priority, queued, .. }) = want {
+            let waited = now.saturating_since(t);
+            if waited > Duration::from_millis(20) {
+                tracing::debug!(
+                    "page {page}: arrived {waited:?} after its last request ({attempts} re-requests, {priority:?}, queued {queued}, rto {:?})",
+                    self.measured_rto()
+                );
+            }
+        }
+        if let Some(Want { requested_at: Some(t), measure: true, .. }) = want {
             // Only unambiguous samples (Karn): the page was asked for once.
             let sample = now.saturating_since(t);
             self.srtt = Some(match self.srtt {
