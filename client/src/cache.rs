@@ -24,6 +24,7 @@
 //!   behind [`PageCache::wait_present`] (for simple blocking callers). Pages nobody wants cost no
 //!   wake-ups, so bulk fills stay cheap.
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +34,9 @@ use std::{io, slice};
 
 use crate::bitmap::AtomicBitmap;
 use crate::waker::Waker;
+
+/// Work run when a page arrives ([`PageCache::on_arrival`]).
+pub type Arrival = Box<dyn FnOnce() + Send>;
 
 /// The cache's page size: image pages are numbered in units of 4 KiB.
 pub const CACHE_PAGE_SIZE: u64 = 4096;
@@ -142,6 +146,16 @@ impl Drop for CacheMap {
     }
 }
 
+/// The arrival callbacks by page.
+#[derive(Default)]
+struct Callbacks(HashMap<u64, Vec<Arrival>>);
+
+impl std::fmt::Debug for Callbacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} pages with arrival callbacks", self.0.len())
+    }
+}
+
 /// The page cache for one snapshot image. Share it as `Arc<PageCache>`.
 #[derive(Debug)]
 pub struct PageCache {
@@ -153,6 +167,10 @@ pub struct PageCache {
     wanted: AtomicBitmap,
     present_count: AtomicU64,
     subscribers: Mutex<Vec<Weak<Waker>>>,
+    /// Work to run on the inserting thread when a page arrives (see [`PageCache::on_arrival`]).
+    callbacks: Mutex<Callbacks>,
+    /// Pages in `callbacks` (read without the lock on every insert).
+    callback_pages: AtomicU64,
     arrivals: Mutex<u64>,
     arrived: Condvar,
 }
@@ -175,6 +193,8 @@ impl PageCache {
             wanted: AtomicBitmap::new(pages),
             present_count: AtomicU64::new(0),
             subscribers: Mutex::new(Vec::new()),
+            callbacks: Mutex::new(Callbacks::default()),
+            callback_pages: AtomicU64::new(0),
             arrivals: Mutex::new(0),
             arrived: Condvar::new(),
         })
@@ -246,6 +266,7 @@ impl PageCache {
             notify |= self.wanted.take_word(w, mask) != 0;
         });
         self.present_count.fetch_add(new, Ordering::Relaxed);
+        self.run_arrivals(first, count);
         if notify {
             self.notify();
         }
@@ -255,9 +276,56 @@ impl PageCache {
     fn publish(&self, w: usize, bit: u64) {
         self.present.or_word(w, bit);
         self.present_count.fetch_add(1, Ordering::Relaxed);
+        self.run_arrivals(w as u64 * 64 + u64::from(bit.trailing_zeros()), 1);
         if self.wanted.take_word(w, bit) != 0 {
             self.notify();
         }
+    }
+
+    /// Runs the arrival callbacks of `[first, first + count)` (their pages are present now).
+    fn run_arrivals(&self, first: u64, count: u64) {
+        // SeqCst: ordered after the present bits just set, as `on_arrival` orders its check.
+        if self.callback_pages.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut due = Vec::new();
+        {
+            let mut map = self.callbacks.lock().unwrap_or_else(PoisonError::into_inner);
+            for page in first..first + count {
+                if let Some(list) = map.0.remove(&page) {
+                    self.callback_pages.fetch_sub(1, Ordering::SeqCst);
+                    due.extend(list);
+                }
+            }
+        }
+        for f in due {
+            f();
+        }
+    }
+
+    /// Runs `f` on the thread that inserts `page`, right after the page is present: a fault server
+    /// of a clone that maps the cache memfd wakes the clone from there, without a hop to its own
+    /// thread. Returns `f` back if the page is present already (the caller acts itself).
+    pub fn on_arrival(&self, page: u64, f: Arrival) -> Option<Arrival> {
+        if page >= self.pages {
+            return Some(f);
+        }
+        let mut map = self.callbacks.lock().unwrap_or_else(PoisonError::into_inner);
+        // Count the page before looking at its bit, and the publisher sets the bit before looking at
+        // the count (both SeqCst): either we see the page present, or the publisher sees the count
+        // and takes the lock, behind us, finding the callback. No arrival is missed.
+        self.callback_pages.fetch_add(1, Ordering::SeqCst);
+        if self.present.get(page) {
+            self.callback_pages.fetch_sub(1, Ordering::SeqCst);
+            return Some(f);
+        }
+        let list = map.0.entry(page).or_default();
+        if !list.is_empty() {
+            // The page was counted already.
+            self.callback_pages.fetch_sub(1, Ordering::SeqCst);
+        }
+        list.push(f);
+        None
     }
 
     fn notify(&self) {
@@ -423,6 +491,40 @@ mod tests {
         assert_eq!(b.page(1), page, "another clone keeps the image");
         assert_eq!(cache.get(1).unwrap(), page.as_slice(), "the cache keeps the image");
         assert_eq!(cache.present_count(), 2);
+    }
+
+    #[test]
+    fn every_arrival_callback_runs_once_however_registration_and_insertion_race() {
+        use std::sync::atomic::AtomicU64;
+        const PAGES: u64 = 2000;
+        let cache = Arc::new(PageCache::new(PAGES * 4096).unwrap());
+        let ran = Arc::new((0..PAGES).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+        let registrar = {
+            let (cache, ran) = (cache.clone(), ran.clone());
+            std::thread::spawn(move || {
+                for page in 0..PAGES {
+                    let ran = ran.clone();
+                    let f: Arrival = Box::new(move || {
+                        ran[page as usize].fetch_add(1, Ordering::SeqCst);
+                    });
+                    if let Some(f) = cache.on_arrival(page, f) {
+                        f(); // present already: the caller acts itself
+                    }
+                }
+            })
+        };
+        let data = vec![9u8; 4096];
+        for page in 0..PAGES {
+            if page % 3 == 0 {
+                cache.insert_zero(page, 1).unwrap();
+            } else {
+                cache.insert(page, &data).unwrap();
+            }
+        }
+        registrar.join().unwrap();
+        for (page, n) in ran.iter().enumerate() {
+            assert_eq!(n.load(Ordering::SeqCst), 1, "page {page}");
+        }
     }
 
     #[test]

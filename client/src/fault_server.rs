@@ -124,6 +124,9 @@ pub struct ServerStats {
     /// Shared-cache clones: faults answered with a wake-up alone (the page was already in the
     /// cache memfd, which the clone maps).
     pub pages_woken: u64,
+    /// Shared-cache clones: faults woken by the thread that inserted their page (no hop to the
+    /// fault server's thread); counted in `pages_woken` too.
+    pub early_wakes: u64,
     /// Shared-cache clones: faults again on a page already woken (the clone's view is not the cache
     /// memfd it said it was): answered with a copy instead.
     pub shared_refaults: u64,
@@ -211,6 +214,16 @@ impl ServerHandle {
     }
 }
 
+/// Wakes a shared-cache clone's faults from the thread that inserts their pages.
+#[derive(Debug)]
+struct EarlyWake {
+    /// A duplicate of the clone's userfaultfd, for `UFFDIO_WAKE` only.
+    uffd: Uffd,
+    observer: Option<Arc<dyn FaultObserver>>,
+    /// Fault addresses woken so: the server forgets them at its next step.
+    woken: Mutex<Vec<u64>>,
+}
+
 /// What serving one fault came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Served {
@@ -251,6 +264,9 @@ pub struct FaultServer {
     shared_cache: bool,
     /// Shared mode: cache pages whose faults were answered with a wake-up alone.
     woken: Bitmap,
+    /// Shared mode: what the cache's arrival callbacks use to wake the clone from the inserting
+    /// thread (made at the first parked fault).
+    early: Option<Arc<EarlyWake>>,
     /// Fault addresses (aligned to their region's page) not answered yet, with when they were read.
     waiting: BTreeMap<u64, Instant>,
     /// The waiting faults that wait for the cache.
@@ -304,6 +320,7 @@ impl FaultServer {
             discarded: Bitmap::new(pages),
             shared_cache: false,
             woken: Bitmap::new(pages),
+            early: None,
             waiting: BTreeMap::new(),
             parked: BTreeSet::new(),
             requested: BTreeSet::new(),
@@ -409,6 +426,7 @@ impl FaultServer {
     /// reported once; see [`FaultServer::outstanding_missing`]).
     pub fn step(&mut self, timeout: Option<Duration>, missing: &mut Vec<u64>) -> Result<Status, FaultError> {
         self.take_requests()?;
+        self.forget_early_wakes();
         if let Some(reason) = self.stopped {
             return Ok(Status::Stopped(reason));
         }
@@ -437,8 +455,10 @@ impl FaultServer {
         if revents[0] != 0 {
             self.read_events()?;
         }
-        // Nothing new on a plain time-out: parked faults wait for the waker.
-        if revents[0] != 0 || revents[1] != 0 || retry {
+        // Nothing new on a plain time-out: parked faults wait for the waker (shared-cache faults for
+        // their arrival callbacks, looked at again here as a safety net).
+        let recheck = self.shared_cache && !self.parked.is_empty();
+        if revents[0] != 0 || revents[1] != 0 || retry || recheck {
             self.serve_waiting(missing)?;
         }
         Ok(self.stopped.map_or(Status::Running, Status::Stopped))
@@ -621,6 +641,53 @@ impl FaultServer {
         Ok(())
     }
 
+    /// Faults the cache's arrival callbacks already woke (and reported): forgotten, their pages
+    /// marked woken.
+    fn forget_early_wakes(&mut self) {
+        let Some(early) = &self.early else { return };
+        let addrs = std::mem::take(&mut *early.woken.lock().unwrap_or_else(PoisonError::into_inner));
+        for addr in addrs {
+            if let Some(region) = self.regions.find(addr) {
+                self.woken.set_range(region.image_offset(addr) / CACHE_PAGE_SIZE, 1, true);
+            }
+            self.stats.pages_woken += 1;
+            self.stats.early_wakes += 1;
+            self.waiting.remove(&addr);
+            self.parked.remove(&addr);
+        }
+    }
+
+    /// Shared mode: has the cache wake the clone's fault at `addr` (on `page`, 4 KiB) from the
+    /// inserting thread when the page arrives. False if the page is already there.
+    fn wake_on_arrival(&mut self, addr: u64, page: u64) -> Result<bool, FaultError> {
+        if self.early.is_none() {
+            let dup = self.uffd.as_fd().try_clone_to_owned().map_err(|source| UffdError::Ioctl {
+                op: "F_DUPFD_CLOEXEC",
+                start: 0,
+                len: 0,
+                source,
+            })?;
+            self.early = Some(Arc::new(EarlyWake {
+                uffd: Uffd::from_fd(dup)?,
+                observer: self.observer.clone(),
+                woken: Mutex::new(Vec::new()),
+            }));
+        }
+        let Some(early) = &self.early else { return Ok(false) };
+        let weak = Arc::downgrade(early);
+        let read_at = self.waiting.get(&addr).copied().unwrap_or_else(Instant::now);
+        let wake: crate::cache::Arrival = Box::new(move || {
+            let Some(e) = weak.upgrade() else { return };
+            if e.uffd.wake(addr, PAGE_4K).is_ok() {
+                if let Some(o) = &e.observer {
+                    o.fault_served(read_at.elapsed(), true);
+                }
+                e.woken.lock().unwrap_or_else(PoisonError::into_inner).push(addr);
+            }
+        });
+        Ok(self.cache.on_arrival(page, wake).is_none())
+    }
+
     /// Forgets a waiting fault; `installed` when its page went in (its latency is reported).
     fn resolved(&mut self, addr: u64, installed: bool) {
         let read_at = self.waiting.remove(&addr);
@@ -649,6 +716,11 @@ impl FaultServer {
             Kind::Missing => {
                 if self.parked.insert(addr) {
                     self.stats.parked += 1;
+                    if self.shared_cache && cp == 1 && !self.wake_on_arrival(addr, page)? {
+                        // Arrived meanwhile: serve it now.
+                        self.parked.remove(&addr);
+                        return self.install_run(addr, region, self.peek_kind(page, cp));
+                    }
                 }
                 Ok(Served::Parked)
             }
@@ -662,8 +734,11 @@ impl FaultServer {
             return Kind::Zero;
         }
         let mut absent = false;
+        // A shared-cache clone's 4 KiB fault is woken by the page's arrival callback: no need to
+        // have the cache wake this thread too.
+        let subscribe = !(self.shared_cache && cp == 1);
         for p in page..page + cp {
-            if self.cache.is_present(p) || self.cache.want(p) {
+            if self.cache.is_present(p) || (subscribe && self.cache.want(p)) {
                 if !self.requested.is_empty() {
                     self.requested.remove(&p);
                 }
@@ -814,6 +889,7 @@ impl FaultServer {
 
 impl Drop for FaultServer {
     fn drop(&mut self) {
+        self.forget_early_wakes();
         if self.stopped != Some(StopReason::CloneExited) && !self.waiting.is_empty() {
             if self.failing.is_none() {
                 self.failing = Some("fault server dropped".to_string());

@@ -72,8 +72,9 @@ struct DaemonArgs {
     /// Declare a server lost after this many silent seconds while pages are wanted.
     #[arg(long, default_value_t = 10.0)]
     server_timeout_s: f64,
-    /// Pages read ahead after each faulting page.
-    #[arg(long, default_value_t = 16)]
+    /// Pages read ahead after a fault that starts no sequential run (faults come in runs of 2-3
+    /// pages; a sequential reader's window grows from this to --read-ahead-max).
+    #[arg(long, default_value_t = 4)]
     read_ahead: u16,
     /// The read-ahead window a sequential reader grows to, pages (doubling on each fault that
     /// catches up with it); at most --read-ahead keeps it fixed.

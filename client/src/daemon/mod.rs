@@ -102,7 +102,7 @@ impl DaemonConfig {
             clone_exe: children::default_clone_exe(),
             stats_json: None,
             server_timeout: Duration::from_secs(10),
-            read_ahead: 16,
+            read_ahead: 4,
             read_ahead_max: 256,
             max_sessions: 8,
             session_linger: Duration::from_secs(30),
