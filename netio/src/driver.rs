@@ -8,15 +8,8 @@
 //!  turn:  recv_batch (up to RX_ROUNDS batches) ─> Machine::on_datagram, one per datagram
 //!         Machine::on_turn(now): commands, timers due, events; Flow::Stop ends the loop
 //!         send what is still pending, then Machine::poll_transmit into free slots ─> send_batch
-//!         (at most TX_ROUNDS batches: then the next turn comes at once, receiving first)
 //!         wait_with(readable [+ writable if the socket was full], the waker fd, until poll_timeout)
 //! ```
-//!
-//! * **Receive between send batches.** A machine that always has more to send (a memory server
-//!   pushing an image) would otherwise fill the socket, batch after batch, before the loop looked
-//!   at what arrived, and a fault's request would wait behind a whole push window: `bench
-//!   page-path` measured faults during a push at p50 11 ms that way. With [`TX_ROUNDS`] batches per
-//!   turn a request waits behind at most that many.
 //!
 //! * **One wait.** [`PacketIo::wait_with`] polls every descriptor the backend has (each AF_XDP
 //!   queue) and the daemon's waker (an eventfd other threads signal with commands) in one call, with
@@ -50,9 +43,6 @@ use crate::{BatchError, Interest, IoError, PacketIo, RxBatch, TxBatch};
 
 /// Receive batches taken per turn at most, so a flood cannot keep timers and sends from running.
 const RX_ROUNDS: usize = 8;
-/// Send batches built per turn at most, so what arrives (a fault's request) is not held behind a
-/// bulk send (see the module docs).
-const TX_ROUNDS: usize = 1;
 
 /// Whether the loop goes on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,8 +150,6 @@ pub struct Driver {
     stats: DriverStats,
     /// The backend took fewer datagrams than were pending: wait for writability too.
     blocked: bool,
-    /// The last turn stopped sending at [`TX_ROUNDS`] with more to send: the next comes at once.
-    more: bool,
 }
 
 impl std::fmt::Debug for Driver {
@@ -186,7 +174,6 @@ impl Driver {
             config,
             stats: DriverStats::default(),
             blocked: false,
-            more: false,
         })
     }
 
@@ -241,9 +228,6 @@ impl Driver {
         let deadline = Instant::now() + limit;
         loop {
             self.transmit(machine)?;
-            if self.more && Instant::now() < deadline {
-                continue;
-            }
             if !self.blocked || Instant::now() >= deadline {
                 if self.blocked {
                     tracing::warn!("backend full: {} datagrams not sent at the end", self.tx.pending());
@@ -280,16 +264,8 @@ impl Driver {
     /// Sends what is pending, then what the machine has, batch by batch, until the machine has
     /// nothing more or the backend is full.
     fn transmit(&mut self, machine: &mut dyn Machine) -> Result<(), IoError> {
-        self.more = false;
-        let mut built = 0;
         loop {
             if self.tx.is_sent() {
-                if built == TX_ROUNDS {
-                    // Enough for one turn: receive before building more.
-                    self.more = true;
-                    return Ok(());
-                }
-                built += 1;
                 self.tx.clear();
                 let now = self.now();
                 while !self.tx.is_full() {
@@ -339,9 +315,6 @@ impl Driver {
 
     /// Waits for a datagram, room to send (when blocked), the waker, or the machine's next timer.
     fn sleep(&mut self, machine: &mut dyn Machine) -> Result<(), IoError> {
-        if self.more {
-            return Ok(());
-        }
         let now = self.now();
         let mut wait = self.config.max_wait;
         if let Some(t) = machine.poll_timeout() {

@@ -80,10 +80,6 @@ struct DaemonArgs {
     /// catches up with it); at most --read-ahead keeps it fixed.
     #[arg(long, default_value_t = 256)]
     read_ahead_max: u16,
-    /// The flow-control window this host gives the server's push, datagrams (at least 128): the
-    /// most push data queued ahead of a fault's answer in this host's socket.
-    #[arg(long, default_value_t = spindrift_protocol::receiver::DEFAULT_WINDOW)]
-    push_window: u32,
     /// Most sessions live at once: sessions whose server ended them (or was lost) and that no clone
     /// uses do not count, and make room for new ones.
     #[arg(long, default_value_t = 8)]
@@ -311,7 +307,6 @@ fn daemon(args: DaemonArgs) -> Result<(), CliError> {
     config.session_linger = seconds("--session-linger-s", args.session_linger_s)?;
     config.read_ahead = args.read_ahead;
     config.read_ahead_max = args.read_ahead_max;
-    config.push_window = args.push_window;
     config.io = args.io;
     config.max_sessions = args.max_sessions;
     config.validate()?;

@@ -72,7 +72,6 @@ impl Host {
             node: u32::from(interface),
             read_ahead: 4,
             read_ahead_max: 0,
-            push_window: spindrift_protocol::receiver::DEFAULT_WINDOW,
             server_timeout: Duration::from_secs(3),
             max_sessions,
             linger: Duration::from_secs(3600),

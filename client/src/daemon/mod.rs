@@ -74,8 +74,6 @@ pub struct DaemonConfig {
     pub read_ahead: u16,
     /// The window a sequential reader's read-ahead grows to (0 or at most `read_ahead`: fixed).
     pub read_ahead_max: u16,
-    /// The push's flow-control window, datagrams (see `ReceiverConfig::window`).
-    pub push_window: u32,
     /// Most sessions live at once (ended sessions no clone uses do not count).
     pub max_sessions: usize,
     /// How long an ended session that no clone uses keeps its cache (its server may start it again).
@@ -106,7 +104,6 @@ impl DaemonConfig {
             server_timeout: Duration::from_secs(10),
             read_ahead: 4,
             read_ahead_max: 256,
-            push_window: spindrift_protocol::receiver::DEFAULT_WINDOW,
             max_sessions: 8,
             session_linger: Duration::from_secs(30),
             session_wait: Duration::from_secs(10),
@@ -210,7 +207,6 @@ pub fn run(config: &DaemonConfig, stop: &AtomicBool) -> Result<DaemonReport, Dae
         node: config.node,
         read_ahead: config.read_ahead,
         read_ahead_max: config.read_ahead_max,
-        push_window: config.push_window,
         server_timeout: config.server_timeout,
         max_sessions: config.max_sessions,
         linger: config.session_linger,

@@ -139,7 +139,6 @@ pub(crate) struct NetSettings {
     pub(crate) node: u32,
     pub(crate) read_ahead: u16,
     pub(crate) read_ahead_max: u16,
-    pub(crate) push_window: u32,
     pub(crate) server_timeout: Duration,
     pub(crate) max_sessions: usize,
     pub(crate) linger: Duration,
@@ -217,7 +216,6 @@ impl NetThread {
         let mut hc = HostConfig::new(NodeId(settings.node), settings.key.clone(), PAGE_SHIFT);
         hc.read_ahead = settings.read_ahead;
         hc.read_ahead_max = settings.read_ahead_max;
-        hc.window = settings.push_window.max(spindrift_protocol::receiver::MIN_WINDOW);
         hc.server_timeout = settings.server_timeout;
         hc.max_sessions = settings.max_sessions;
         hc.linger = settings.linger;
