@@ -36,7 +36,8 @@
 //!    same half of the image at once (the peak of the cgroup over the touches; the daemon's start-up
 //!    is in both), with the shared cache and with private copies (`--private-copy`): `host_memory`.
 //!
-//! Every touch verifies every page it touched against the image. One run; this machine's two
+//! Every touch verifies every page it touched against the image. The daemons log at `info`
+//! (`SPINDRIFT_DAEMON_LOG` sets their `RUST_LOG` instead). One run; this machine's two
 //! cores are shared by the server, the daemon, the toucher and the kernel's packet path, so the
 //! latencies include waiting for a CPU. Needs root and the release `spindrift-server` and
 //! `spindrift-client` beside this binary (or in `--bin-dir`).
@@ -264,7 +265,7 @@ impl Ctx<'_> {
             .arg(&stats)
             .args(&self.args.daemon_flags)
             .args(extra)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", std::env::var("SPINDRIFT_DAEMON_LOG").unwrap_or_else(|_| "info".into()));
         let mut d = match cg {
             Some(cg) => cg.wrap(&d),
             None => d,

@@ -91,7 +91,7 @@ impl Wants {
         let want = self.pages.remove(&page);
         if let Some(Want { requested_at: Some(t), attempts, priority, queued, .. }) = want {
             let waited = now.saturating_since(t);
-            if waited > Duration::from_millis(20) {
+            if waited > Duration::from_millis(5) {
                 tracing::debug!(
                     "page {page}: arrived {waited:?} after its last request ({attempts} re-requests, {priority:?}, queued {queued}, rto {:?})",
                     self.measured_rto()
