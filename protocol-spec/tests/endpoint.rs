@@ -15,6 +15,7 @@ use spindrift_protocol::Time;
 const PAGES: u32 = 24;
 const KEY: SessionKey = SessionKey([5; 32]);
 const SERVER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 1), 7700);
+const HOST_ADDR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 2), 7700);
 
 /// An image whose page `p` of session `s` is filled with a byte made of both.
 struct Image {
@@ -401,7 +402,7 @@ fn one_server_endpoint_serves_two_sessions_to_their_groups() {
             host.handle_datagram(now, SERVER, &mut buf[..t.len], &mut open_cache);
         }
         while let Some(t) = host.poll_transmit(now, &mut buf) {
-            servers.handle_datagram(now, &mut buf[..t.len]);
+            servers.handle_datagram(now, HOST_ADDR, &mut buf[..t.len]);
         }
         if host.poll_timeout().is_some_and(|t| t <= now) {
             host.handle_timeout(now);
@@ -436,6 +437,6 @@ fn one_server_endpoint_serves_two_sessions_to_their_groups() {
         flags: 0,
     });
     let len = wire::encode(&header, &status, &keys, &mut buf).expect("encode");
-    servers.handle_datagram(now, &mut buf[..len]);
+    servers.handle_datagram(now, HOST_ADDR, &mut buf[..len]);
     assert_eq!(servers.stats().unknown_session, 1);
 }

@@ -144,6 +144,11 @@ pub struct Args {
     /// (PROTOCOL.md section 11); `off` only paces it, for measurements [default: on].
     #[arg(long, value_name = "on|off")]
     pub flow_control: Option<String>,
+    /// Unicast answers: `on` sends a page that exactly one host asked for to that host alone,
+    /// outside the multicast stream (PROTOCOL.md section 8.1), so the other hosts spend nothing on
+    /// it; `off` multicasts every answer [default: on].
+    #[arg(long, value_name = "on|off")]
+    pub unicast_answers: Option<String>,
     /// Packet I/O backend: `udp` (kernel sockets), `xdp` (AF_XDP; fails if it cannot be used) or
     /// `auto` (AF_XDP if it can be used here, else UDP with the reason logged). AF_XDP takes the
     /// interface's XDP hook and every datagram to the port: one AF_XDP process per interface and
@@ -182,6 +187,7 @@ struct FileConfig {
     push: Option<String>,
     min_receivers: Option<u32>,
     flow_control: Option<String>,
+    unicast_answers: Option<String>,
     io: Option<String>,
     duration_s: Option<u64>,
     stats_json: Option<PathBuf>,
@@ -243,6 +249,8 @@ pub struct ServerConfig {
     pub min_receivers: u32,
     /// Keep the push within the slowest live receiver's window (off only for measurements).
     pub flow_control: bool,
+    /// Answer single-host requests by unicast, outside the stream.
+    pub unicast_answers: bool,
     /// The packet I/O backend.
     pub io: IoKind,
     /// Run time limit.
@@ -268,6 +276,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("push", &self.push)
             .field("min_receivers", &self.min_receivers)
             .field("flow_control", &self.flow_control)
+            .field("unicast_answers", &self.unicast_answers)
             .field("io", &self.io)
             .field("duration", &self.duration)
             .field("stats_json", &self.stats_json)
@@ -310,6 +319,7 @@ impl ServerConfig {
             push: Push::All,
             min_receivers: 1,
             flow_control: true,
+            unicast_answers: true,
             io: IoKind::Udp,
             duration: None,
             stats_json: None,
@@ -468,6 +478,11 @@ impl ServerConfig {
             Some("off") => false,
             Some(other) => return Err(invalid("--flow-control", other, "is not one of on, off")),
         };
+        c.unicast_answers = match args.unicast_answers.clone().or(file.unicast_answers).as_deref() {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(other) => return Err(invalid("--unicast-answers", other, "is not one of on, off")),
+        };
         c.io = match args.io.clone().or(file.io) {
             None => IoKind::Udp,
             Some(text) => text.parse().map_err(|_| invalid("--io", &text, "is not one of udp, xdp, auto"))?,
@@ -492,6 +507,7 @@ impl ServerConfig {
             Push::None => PushPolicy::None,
         });
         sc.flow_control = self.flow_control;
+        sc.unicast_answers = self.unicast_answers;
         sc.min_receivers = self.min_receivers;
         sc.seed = u64::from(self.epoch) ^ self.session.rotate_left(32);
         sc

@@ -318,8 +318,8 @@ struct Server<'a, S: PageSource> {
 }
 
 impl<S: PageSource> Machine for Server<'_, S> {
-    fn on_datagram(&mut self, now: Duration, _source: SocketAddrV4, datagram: &mut [u8]) {
-        self.endpoint.handle_datagram(Time::ZERO + now, datagram);
+    fn on_datagram(&mut self, now: Duration, source: SocketAddrV4, datagram: &mut [u8]) {
+        self.endpoint.handle_datagram(Time::ZERO + now, source, datagram);
     }
 
     fn on_turn(&mut self, elapsed: Duration) -> Flow {

@@ -6,11 +6,11 @@
 //! serves one session today (one fork); the endpoint is what lets one process serve several on one
 //! port.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddrV4;
 use std::ops::Bound;
 
-use crate::sender::{PageSource, Sender, SenderEvent};
+use crate::sender::{Destination, PageSource, Sender, SenderEvent, Transmit};
 use crate::wire::{self, EndReason, NodeId, SessionId};
 use crate::Time;
 
@@ -19,7 +19,7 @@ use crate::Time;
 pub struct ServerTransmit {
     /// Its length in the caller's buffer.
     pub len: usize,
-    /// Where it goes: the session's group.
+    /// Where it goes: the session's group, or the one host an out-of-stream answer is for.
     pub destination: SocketAddrV4,
     /// The session it belongs to.
     pub session: SessionId,
@@ -41,6 +41,8 @@ pub struct ServerStats {
 /// A server's sessions. See the module docs.
 pub struct ServerEndpoint<S: PageSource> {
     sessions: BTreeMap<SessionId, (Sender<S>, SocketAddrV4)>,
+    /// Where each host's authentic datagrams came from: the address of its unicast answers.
+    hosts: HashMap<(SessionId, NodeId), SocketAddrV4>,
     events: VecDeque<(SessionId, SenderEvent)>,
     stats: ServerStats,
     last_tx: Option<SessionId>,
@@ -50,6 +52,7 @@ impl<S: PageSource> Default for ServerEndpoint<S> {
     fn default() -> Self {
         ServerEndpoint {
             sessions: BTreeMap::new(),
+            hosts: HashMap::new(),
             events: VecDeque::new(),
             stats: ServerStats::default(),
             last_tx: None,
@@ -92,8 +95,8 @@ impl<S: PageSource> ServerEndpoint<S> {
         }
     }
 
-    /// Takes one datagram a host sent.
-    pub fn handle_datagram(&mut self, now: Time, datagram: &mut [u8]) {
+    /// Takes one datagram a host sent from `source`.
+    pub fn handle_datagram(&mut self, now: Time, source: SocketAddrV4, datagram: &mut [u8]) {
         self.stats.datagrams += 1;
         let header = match wire::peek_header(datagram) {
             Ok(h) => h,
@@ -111,7 +114,11 @@ impl<S: PageSource> ServerEndpoint<S> {
             self.stats.unknown_session += 1;
             return;
         };
-        sender.handle_datagram(now, datagram);
+        if sender.handle_datagram(now, datagram) {
+            // Learned only from datagrams the session's keys authenticated: a forger cannot have
+            // another host's answers sent to itself.
+            self.hosts.insert((header.session, header.node), source);
+        }
         Self::absorb(&mut self.events, header.session, sender);
     }
 
@@ -146,16 +153,22 @@ impl<S: PageSource> ServerEndpoint<S> {
             None => self.sessions.range_mut(..),
         };
         let mut found = None;
+        let hosts = &self.hosts;
+        let address = |id: SessionId, group: SocketAddrV4, t: Transmit| match t.destination {
+            Destination::Group => group,
+            // A host heard from (it asked): its address; else the group, which reaches it too.
+            Destination::Node(node) => hosts.get(&(id, node)).copied().unwrap_or(group),
+        };
         for (&id, (sender, group)) in first {
             if let Some(t) = sender.poll_transmit(now, buf) {
-                found = Some(ServerTransmit { len: t.len, destination: *group, session: id });
+                found = Some(ServerTransmit { len: t.len, destination: address(id, *group, t), session: id });
                 break;
             }
         }
         if let (None, Some(l)) = (found, last) {
             for (&id, (sender, group)) in self.sessions.range_mut(..=l) {
                 if let Some(t) = sender.poll_transmit(now, buf) {
-                    found = Some(ServerTransmit { len: t.len, destination: *group, session: id });
+                    found = Some(ServerTransmit { len: t.len, destination: address(id, *group, t), session: id });
                     break;
                 }
             }

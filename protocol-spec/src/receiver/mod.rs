@@ -130,6 +130,8 @@ pub struct ReceiverStats {
     pub recovered_packets: u64,
     /// Duplicate data packets ignored.
     pub duplicates: u64,
+    /// Out-of-stream Data packets (answers sent to this host alone) taken.
+    pub unicast_packets: u64,
     /// Pages stored into the sink.
     pub pages_stored: u64,
     /// Page records (or fragments of them) that arrived for pages already here, and were skipped.
@@ -595,6 +597,13 @@ impl Receiver {
     }
 
     fn take_data(&mut self, now: Time, d: &Data<'_>, body: &[u8], sink: &mut dyn PageSink) {
+        if d.flags & wire::DATA_UNICAST != 0 {
+            // An answer for this host alone, outside the stream (PROTOCOL.md 8.1): its pages are
+            // taken as they are; it has no position to follow and no block to repair.
+            self.stats.unicast_packets += 1;
+            self.take_records(d, sink);
+            return;
+        }
         self.join_retry = None;
         if d.flags & wire::DATA_PUSH != 0 {
             self.push_since_status = true;

@@ -8,7 +8,7 @@ mod group;
 mod history;
 mod queue;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -17,8 +17,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::receiver::MIN_WINDOW;
 use crate::wire::{
     self, Announce, BlobKind, Data, EndReason, Header, Heartbeat, Items, Keys, Message, NodeId, Priority, RecordWriter,
-    Repair, ReportKey, SessionId, SessionKey, DATA_FIXED_LEN, DATA_LAST_IN_BLOCK, DATA_PUSH, HEADER_LEN, NO_BLOCK,
-    NO_STREAM, RECORD_HEADER_LEN, STATUS_LEAVING, TAG_LEN,
+    Repair, ReportKey, SessionId, SessionKey, DATA_FIXED_LEN, DATA_LAST_IN_BLOCK, DATA_PUSH, DATA_UNICAST, HEADER_LEN,
+    NO_BLOCK, NO_STREAM, RECORD_HEADER_LEN, STATUS_LEAVING, TAG_LEN,
 };
 use crate::Time;
 use group::{FlowParams, Group};
@@ -102,6 +102,10 @@ pub struct SenderConfig {
     pub push_nakers_fraction: f64,
     /// Seed for the sender's randomness.
     pub seed: u64,
+    /// Answer a page that exactly one host asked for (and that no other host asked for while it
+    /// was queued) by unicast to that host, outside the stream (PROTOCOL.md section 8.1): the other
+    /// hosts neither receive nor process it. Off: every answer is multicast in the stream.
+    pub unicast_answers: bool,
 }
 
 impl SenderConfig {
@@ -130,6 +134,7 @@ impl SenderConfig {
             target_nakers_per_block: 0.25,
             push_nakers_fraction: 0.5,
             seed: 0,
+            unicast_answers: false,
         }
     }
 }
@@ -139,6 +144,8 @@ impl SenderConfig {
 pub enum Destination {
     /// The session's multicast group.
     Group,
+    /// One host (an out-of-stream answer, [`SenderConfig::unicast_answers`]).
+    Node(NodeId),
 }
 
 /// A datagram ready to send.
@@ -205,6 +212,10 @@ pub struct SenderStats {
     pub pages_deduplicated: u64,
     /// Pages sent (zero pages included).
     pub pages_sent: u64,
+    /// Of them, pages answered out of the stream to the one host that asked.
+    pub unicast_pages: u64,
+    /// Out-of-stream (unicast) Data packets sent.
+    pub unicast_packets: u64,
     /// Of which zero pages (sent as a run marker).
     pub zero_pages_sent: u64,
     /// Of which compressed.
@@ -266,6 +277,17 @@ pub struct Sender<S: PageSource> {
     /// The latest time given to any input.
     now: Time,
     current: Option<Encoding>,
+    /// Requested pages in the queue: the one host that asked for each (None: several did).
+    requester: HashMap<u32, Option<NodeId>>,
+    /// The out-of-stream page being sent, and to whom.
+    unicast: Option<(NodeId, Encoding)>,
+    /// Pages sent out of the stream lately: to whom and when (a re-request from that host soon
+    /// after is its answer still on the way, not a loss).
+    unicast_sent: HashMap<u32, (NodeId, Time)>,
+    /// Where the datagram `next_datagram` just wrote goes.
+    next_destination: Destination,
+    /// The datagram `take_datagram` just took was authentic.
+    authentic: bool,
     /// Parity to send: (block, parity counter).
     repairs: VecDeque<(u32, u32)>,
     group: Group,
@@ -311,6 +333,12 @@ struct Encoding {
     bytes: Vec<u8>,
     offset: usize,
 }
+
+/// How long a re-request from the host a page was just sent to alone is taken for its answer
+/// still on the way (and ignored) rather than a loss.
+const UNICAST_HOLD: Duration = Duration::from_millis(5);
+/// Entries of recent out-of-stream sends kept before the old ones are dropped.
+const UNICAST_HOLD_PAGES: usize = 4096;
 
 /// Announce period once the session has started.
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
@@ -391,6 +419,11 @@ impl<S: PageSource> Sender<S> {
             push_started: false,
             now,
             current: None,
+            requester: HashMap::new(),
+            unicast: None,
+            unicast_sent: HashMap::new(),
+            next_destination: Destination::Group,
+            authentic: false,
             repairs: VecDeque::new(),
             group: Group::default(),
             events: VecDeque::new(),
@@ -418,8 +451,15 @@ impl<S: PageSource> Sender<S> {
     }
 
     /// Takes a datagram a receiver sent. Malformed, unauthenticated and stale datagrams are counted
-    /// in [`SenderStats`] and otherwise ignored.
-    pub fn handle_datagram(&mut self, now: Time, datagram: &mut [u8]) {
+    /// in [`SenderStats`] and otherwise ignored. Returns true when the datagram was authentic, of
+    /// this session and its epoch, and no replay: its source is then the host's address.
+    pub fn handle_datagram(&mut self, now: Time, datagram: &mut [u8]) -> bool {
+        self.authentic = false;
+        self.take_datagram(now, datagram);
+        self.authentic
+    }
+
+    fn take_datagram(&mut self, now: Time, datagram: &mut [u8]) {
         self.now = self.now.max(now);
         self.stats.rx_packets += 1;
         self.stats.rx_bytes += datagram.len() as u64;
@@ -480,6 +520,7 @@ impl<S: PageSource> Sender<S> {
             self.stats.rx_stale += 1;
             return;
         }
+        self.authentic = true;
         member.last_heard = now;
         if joined {
             self.events.push_back(SenderEvent::ReceiverJoined(node));
@@ -493,7 +534,7 @@ impl<S: PageSource> Sender<S> {
                 }
                 self.blobs_for(r.stream_start);
                 self.group.report_loss(node, r.loss_ppm);
-                self.handle_request(r.stream_start, r.runs);
+                self.handle_request(node, r.stream_start, r.runs);
             }
             Message::Nak(n) => {
                 self.stats.naks += 1;
@@ -550,7 +591,7 @@ impl<S: PageSource> Sender<S> {
         }
     }
 
-    fn handle_request(&mut self, stream_start: u64, runs: Items<'_, wire::PageRun>) {
+    fn handle_request(&mut self, node: NodeId, stream_start: u64, runs: Items<'_, wire::PageRun>) {
         let page_count = self.page_block.len() as u64;
         let mut budget = MAX_PAGES_PER_REQUEST;
         for run in runs.iter() {
@@ -570,7 +611,24 @@ impl<S: PageSource> Sender<S> {
                 budget -= 1;
                 self.stats.pages_requested += 1;
                 let will_reach = stream_start != NO_STREAM && self.sent_at(page).is_some_and(|s| s >= stream_start);
-                if will_reach || !self.queue.enqueue(page, run.priority) {
+                let in_flight = self
+                    .unicast_sent
+                    .get(&page)
+                    .is_some_and(|&(to, at)| to == node && self.now.saturating_since(at) < UNICAST_HOLD);
+                if will_reach || in_flight {
+                    self.stats.pages_deduplicated += 1;
+                    continue;
+                }
+                let raised = self.queue.enqueue(page, run.priority);
+                self.requester
+                    .entry(page)
+                    .and_modify(|asker| {
+                        if *asker != Some(node) {
+                            *asker = None;
+                        }
+                    })
+                    .or_insert(Some(node));
+                if !raised {
                     self.stats.pages_deduplicated += 1;
                 } else if self.group.len() > 1 {
                     self.advert.push((page, run.priority));
@@ -687,6 +745,7 @@ impl<S: PageSource> Sender<S> {
 
     fn has_data(&self) -> bool {
         self.current.is_some()
+            || self.unicast.is_some()
             || (!self.blobs.is_empty() && !self.group.is_empty())
             || self.queue.has_requested()
             || self.push_allowed()
@@ -737,7 +796,7 @@ impl<S: PageSource> Sender<S> {
             let cost = Duration::from_nanos((len as u64).saturating_mul(1_000_000_000) / rate);
             self.pace_at = self.pace_at.max(now) + cost;
         }
-        Some(Transmit { len, destination: Destination::Group })
+        Some(Transmit { len, destination: std::mem::replace(&mut self.next_destination, Destination::Group) })
     }
 
     /// The next datagram, most urgent first; a branch that fails to produce one falls through to
@@ -776,6 +835,17 @@ impl<S: PageSource> Sender<S> {
         if !self.advert.is_empty() {
             if let Some(len) = self.write_advert(buf) {
                 return Some(len);
+            }
+        }
+        if self.config.unicast_answers && (self.unicast.is_some() || self.queue.has_requested()) {
+            if let Some(len) = self.write_unicast(now, buf) {
+                return Some(len);
+            }
+            // The open block was closed for it: its parity goes first.
+            while let Some((block, counter)) = self.repairs.pop_front() {
+                if let Some(len) = self.write_repair(block, counter, buf) {
+                    return Some(len);
+                }
             }
         }
         if self.has_data() {
@@ -949,6 +1019,7 @@ impl<S: PageSource> Sender<S> {
                 }
                 let mut pushed = false;
                 let page = if let Some((page, _)) = self.queue.pop_requested() {
+                    self.requester.remove(&page);
                     demand = true;
                     page
                 } else if self.push_allowed() {
@@ -966,24 +1037,13 @@ impl<S: PageSource> Sender<S> {
                     break;
                 };
                 self.page_block[page as usize] = self.block_id;
-                self.stats.pages_sent += 1;
-                let data = self.source.page(page);
-                if data.iter().all(|&b| b == 0) {
-                    self.stats.zero_pages_sent += 1;
+                match self.encode(page, pushed) {
                     // Room for a header was checked above.
-                    w.push_zero_run(page, 1);
-                    continue;
-                }
-                let compressed =
-                    self.compressor.as_mut().and_then(|c| c.compress(data).ok()).filter(|c| c.len() < data.len());
-                let (zstd, bytes) = match compressed {
-                    Some(c) => {
-                        self.stats.compressed_pages_sent += 1;
-                        (true, c)
+                    None => {
+                        w.push_zero_run(page, 1);
                     }
-                    None => (false, data.to_vec()),
-                };
-                self.current = Some(Encoding { page, push: pushed, zstd, bytes, offset: 0 });
+                    Some(enc) => self.current = Some(enc),
+                }
             }
             w.len()
         };
@@ -1028,6 +1088,100 @@ impl<S: PageSource> Sender<S> {
         if last {
             self.close_block(now);
         }
+        len
+    }
+
+    /// The page's encoding (compressed where that saves bytes), or None for an all-zero page (sent
+    /// as a zero run). Counts it as sent.
+    fn encode(&mut self, page: u32, push: bool) -> Option<Encoding> {
+        self.stats.pages_sent += 1;
+        let data = self.source.page(page);
+        if data.iter().all(|&b| b == 0) {
+            self.stats.zero_pages_sent += 1;
+            return None;
+        }
+        let compressed = self.compressor.as_mut().and_then(|c| c.compress(data).ok()).filter(|c| c.len() < data.len());
+        let (zstd, bytes) = match compressed {
+            Some(c) => {
+                self.stats.compressed_pages_sent += 1;
+                (true, c)
+            }
+            None => (false, data.to_vec()),
+        };
+        Some(Encoding { page, push, zstd, bytes, offset: 0 })
+    }
+
+    /// An out-of-stream answer (see [`SenderConfig::unicast_answers`]): the page at the head of the
+    /// request queue if one host alone asked for it, with the following pages only that host asked
+    /// for, into one datagram for that host. None when the head page is for several hosts (the
+    /// stream takes it) or nothing is queued.
+    fn write_unicast(&mut self, now: Time, buf: &mut [u8]) -> Option<usize> {
+        let room = self.config.max_datagram - HEADER_LEN - TAG_LEN;
+        let mut body = std::mem::take(&mut self.body);
+        let mut node = self.unicast.as_ref().map(|(n, _)| *n);
+        let records_len = {
+            let mut w = RecordWriter::new(&mut body[DATA_FIXED_LEN..room]);
+            loop {
+                if let Some((_, enc)) = &mut self.unicast {
+                    let n = w.push_page(
+                        enc.page,
+                        enc.zstd,
+                        enc.bytes.len() as u32,
+                        enc.offset as u32,
+                        &enc.bytes[enc.offset..],
+                    );
+                    enc.offset += n;
+                    if enc.offset < enc.bytes.len() {
+                        break;
+                    }
+                    self.unicast = None;
+                    continue;
+                }
+                if w.room() < 64 {
+                    break;
+                }
+                let Some((page, _)) = self.queue.peek_requested() else { break };
+                let asker = match self.requester.get(&page) {
+                    Some(&Some(asker)) if node.is_none_or(|n| n == asker) => asker,
+                    _ => break,
+                };
+                if node.is_none() && !self.block_bodies.is_empty() {
+                    // The stream's open block ends here: nothing more may follow it for a while.
+                    self.close_block(now);
+                }
+                self.queue.pop_requested();
+                self.requester.remove(&page);
+                if self.unicast_sent.len() > 4 * UNICAST_HOLD_PAGES {
+                    let now = self.now;
+                    self.unicast_sent.retain(|_, &mut (_, at)| now.saturating_since(at) < UNICAST_HOLD);
+                }
+                self.unicast_sent.insert(page, (asker, self.now));
+                node = Some(asker);
+                self.stats.unicast_pages += 1;
+                match self.encode(page, false) {
+                    None => {
+                        w.push_zero_run(page, 1);
+                    }
+                    Some(enc) => self.unicast = Some((asker, enc)),
+                }
+            }
+            w.len()
+        };
+        let (Some(node), true) = (node, records_len > 0) else {
+            self.body = body;
+            return None;
+        };
+        let msg = Message::Data(Data {
+            seq: NO_STREAM,
+            block: NO_BLOCK,
+            index: 0,
+            flags: DATA_UNICAST,
+            records: &body[DATA_FIXED_LEN..DATA_FIXED_LEN + records_len],
+        });
+        let len = self.seal(msg, buf);
+        self.body = body;
+        self.stats.unicast_packets += 1;
+        self.next_destination = Destination::Node(node);
         len
     }
 

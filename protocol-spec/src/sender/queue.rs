@@ -60,6 +60,20 @@ impl PageQueue {
     }
 
     /// The most urgent requested page, removed from the queue.
+    /// The page [`Queue::pop_requested`] would return, without taking it (stale entries at the
+    /// lanes' fronts are dropped).
+    pub fn peek_requested(&mut self) -> Option<(u32, Priority)> {
+        for (lane, prio) in self.lanes.iter_mut().zip([Priority::Fault, Priority::ReadAhead, Priority::Prefetch]) {
+            while let Some(&page) = lane.front() {
+                if self.queued[page as usize] == prio as u8 {
+                    return Some((page, prio));
+                }
+                lane.pop_front();
+            }
+        }
+        None
+    }
+
     pub fn pop_requested(&mut self) -> Option<(u32, Priority)> {
         for (lane, prio) in self.lanes.iter_mut().zip([Priority::Fault, Priority::ReadAhead, Priority::Prefetch]) {
             while let Some(page) = lane.pop_front() {

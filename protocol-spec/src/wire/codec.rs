@@ -9,10 +9,10 @@ use super::bytes::{Reader, Writer};
 use super::{
     max_body_len, seal, Announce, Data, DecodeError, EncodeError, EndReason, Header, Heartbeat, Items, Keys, Message,
     MsgType, Nak, NakEntry, NodeId, PageRun, Priority, Records, Repair, Report, ReportKey, Request, SessionId, Status,
-    WireItem, ANNOUNCE_LEN, DATA_FIXED_LEN, DATA_LAST_IN_BLOCK, DATA_PUSH, END_LEN, HEADER_LEN, HEARTBEAT_LEN,
-    KNOWN_FLAGS, MAGIC, MAX_BLOCK, MAX_DATAGRAM, MAX_LOSS_PPM, MAX_PAGE_SHIFT, MAX_PARITY, MAX_REPORT_RESULT,
-    MIN_DATAGRAM, MIN_PAGE_SHIFT, NAK_FIXED_LEN, NO_BLOCK, REPAIR_FIXED_LEN, REPORT_ACK_FIXED_LEN, REPORT_FIXED_LEN,
-    REQUEST_FIXED_LEN, STATUS_LEAVING, STATUS_LEN, TAG_LEN, VERSION,
+    WireItem, ANNOUNCE_LEN, DATA_FIXED_LEN, DATA_LAST_IN_BLOCK, DATA_PUSH, DATA_UNICAST, END_LEN, HEADER_LEN,
+    HEARTBEAT_LEN, KNOWN_FLAGS, MAGIC, MAX_BLOCK, MAX_DATAGRAM, MAX_LOSS_PPM, MAX_PAGE_SHIFT, MAX_PARITY,
+    MAX_REPORT_RESULT, MIN_DATAGRAM, MIN_PAGE_SHIFT, NAK_FIXED_LEN, NO_BLOCK, NO_STREAM, REPAIR_FIXED_LEN,
+    REPORT_ACK_FIXED_LEN, REPORT_FIXED_LEN, REQUEST_FIXED_LEN, STATUS_LEAVING, STATUS_LEN, TAG_LEN, VERSION,
 };
 
 /// Reads and checks the header of `datagram` (length, magic, version, type, flags) without
@@ -222,10 +222,14 @@ fn parse_data(body: &[u8]) -> Result<Data<'_>, DecodeError> {
     let index = r.u8()?;
     let flags = r.u8()?;
     let reserved = r.u16()?;
-    if flags & !(DATA_LAST_IN_BLOCK | DATA_PUSH) != 0 {
+    if flags & !(DATA_LAST_IN_BLOCK | DATA_PUSH | DATA_UNICAST) != 0 {
         return Err(bad("data flags", flags));
     }
     check_reserved("data reserved", reserved)?;
+    if flags & DATA_UNICAST != 0 && (flags != DATA_UNICAST || seq != NO_STREAM || block != NO_BLOCK || index != 0) {
+        // An out-of-stream answer has no stream position, block or other flag.
+        return Err(bad("unicast data", flags));
+    }
     // The block starts at `seq - index`: index must be a position in a block and not precede position 0.
     if usize::from(index) >= MAX_BLOCK || u64::from(index) > seq {
         return Err(bad("data index", index));

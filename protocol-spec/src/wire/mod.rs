@@ -27,7 +27,7 @@ use thiserror::Error;
 /// The first two bytes of every datagram: ASCII "SD".
 pub const MAGIC: u16 = 0x5344;
 /// The protocol version this crate speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Length of the fixed header that starts every datagram.
 pub const HEADER_LEN: usize = 32;
 /// Length of the authentication tag that ends every datagram.
@@ -118,6 +118,10 @@ pub const KNOWN_FLAGS: u16 = FLAG_ENCRYPTED;
 pub const DATA_LAST_IN_BLOCK: u8 = 0x01;
 /// Data flag: the packet belongs to the background push stream rather than answering a request.
 pub const DATA_PUSH: u8 = 0x02;
+/// Data flag (version 2): an out-of-stream answer sent by unicast to the one host that asked; its
+/// Seq is [`NO_STREAM`] and its Block [`NO_BLOCK`], it belongs to no FEC block and no stream
+/// position, and is recovered from loss by asking again (PROTOCOL.md section 8.1).
+pub const DATA_UNICAST: u8 = 0x04;
 
 /// Status flag: the receiver is leaving the session.
 pub const STATUS_LEAVING: u32 = 0x0001;
@@ -559,7 +563,7 @@ pub enum DecodeError {
     #[error("bad magic 0x{0:04x}: not a spindrift datagram")]
     BadMagic(u16),
     /// A version we do not speak.
-    #[error("unsupported protocol version {0} (this build speaks version 1)")]
+    #[error("unsupported protocol version {0} (this build speaks version 2)")]
     BadVersion(u8),
     /// Unknown message type.
     #[error("unknown message type {0}")]

@@ -88,7 +88,7 @@ fn header_layout_is_big_endian_and_reserved_must_be_zero() {
     assert_eq!(
         buf[..HEADER_LEN],
         [
-            0x53, 0x44, 1, 8, 0, 1, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 3, 0, 0, 0, 9, 0, 0, 0, 0, 0x11, 0x22, 0x33,
+            0x53, 0x44, 2, 8, 0, 1, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0, 3, 0, 0, 0, 9, 0, 0, 0, 0, 0x11, 0x22, 0x33,
             0x44
         ]
     );
@@ -202,8 +202,21 @@ fn data_checks_fixed_fields() {
     body[12] = 64;
     assert_eq!(parse_err(MsgType::Data, &body), field("data index", 64));
     body[12] = 0;
-    body[13] = 4;
-    assert_eq!(parse_err(MsgType::Data, &body), field("data flags", 4));
+    body[13] = 8;
+    assert_eq!(parse_err(MsgType::Data, &body), field("data flags", 8));
+    // An out-of-stream answer: Seq NO_STREAM, Block NO_BLOCK, index 0, no other flag.
+    let mut unicast = [0u8; 16];
+    unicast[..8].copy_from_slice(&NO_STREAM.to_be_bytes());
+    unicast[8..12].copy_from_slice(&NO_BLOCK.to_be_bytes());
+    unicast[13] = DATA_UNICAST;
+    assert!(matches!(Message::parse(MsgType::Data, &unicast), Ok(Message::Data(d)) if d.flags == DATA_UNICAST));
+    for (at, byte) in [(7, 0u8), (11, 0), (12, 1)] {
+        let mut bad = unicast;
+        bad[at] = byte;
+        assert_eq!(parse_err(MsgType::Data, &bad), field("unicast data", u64::from(DATA_UNICAST)), "byte {at}");
+    }
+    unicast[13] = DATA_UNICAST | DATA_PUSH;
+    assert_eq!(parse_err(MsgType::Data, &unicast), field("unicast data", u64::from(DATA_UNICAST | DATA_PUSH)));
     body[13] = 3;
     body[15] = 1;
     assert_eq!(parse_err(MsgType::Data, &body), field("data reserved", 1));
