@@ -146,6 +146,9 @@ pub struct ReceiverStats {
     pub requests: u64,
     /// Pages asked for in the requests sent (a page asked again counts again).
     pub pages_requested: u64,
+    /// Of them, pages asked for again after their timeout (a request or an out-of-stream answer
+    /// lost, or late).
+    pub pages_rerequested: u64,
     /// NAKs sent.
     pub naks: u64,
     /// Requests that insisted (pages re-requested in vain several times: sent without a stream
@@ -864,6 +867,7 @@ impl Receiver {
         let max_runs = (buf_len - HEADER_LEN - TAG_LEN - 16) / 8;
         for insist in [true, false] {
             let runs: Vec<PageRun> = self.wants.take_request(now, self.request_rto(), max_runs, insist);
+            self.stats.pages_rerequested = self.wants.rerequested;
             if runs.is_empty() {
                 continue;
             }

@@ -36,6 +36,8 @@ pub(super) struct Wants {
     pages: BTreeMap<u32, Want>,
     /// Smoothed fault-service time and its deviation (RFC 6298 style), from first-attempt requests.
     srtt: Option<(Duration, Duration)>,
+    /// Pages asked for again after their timeout (their request or answer was lost, or is late).
+    pub(super) rerequested: u64,
 }
 
 impl Wants {
@@ -73,8 +75,22 @@ impl Wants {
 
     /// Wants `page`, which the server has advertised as queued at `since`: as if requested then.
     pub fn want_advertised(&mut self, page: u32, priority: Priority, since: Time) {
-        let want = Want { priority, requested_at: Some(since), attempts: 0, queued: true, measure: false };
-        self.pages.entry(page).or_insert(want);
+        match self.pages.get_mut(&page) {
+            Some(w) if w.priority <= priority => {}
+            Some(w) => {
+                // Wanted less urgently so far (read-ahead): a fault now waits for it. Left at its
+                // old priority it would be dropped once due (read-ahead is asked for once), and the
+                // fault would wait for ever.
+                w.priority = priority;
+                w.queued = true;
+                w.measure = false;
+                w.requested_at = Some(w.requested_at.map_or(since, |t| t.max(since)));
+            }
+            None => {
+                let want = Want { priority, requested_at: Some(since), attempts: 0, queued: true, measure: false };
+                self.pages.insert(page, want);
+            }
+        }
     }
 
     /// The server advertised `page` as queued at `priority` at `now`: if it is wanted no more
@@ -169,6 +185,7 @@ impl Wants {
                 if w.requested_at.is_some() {
                     w.attempts += 1;
                     w.measure = false;
+                    self.rerequested += 1;
                 }
                 w.requested_at = Some(now);
                 w.queued = false;

@@ -620,9 +620,13 @@ impl<S: PageSource> Sender<S> {
                     continue;
                 }
                 let raised = self.queue.enqueue(page, run.priority);
+                let mut became_shared = false;
                 self.requester
                     .entry(page)
                     .and_modify(|asker| {
+                        if asker.is_some_and(|a| a != node) {
+                            became_shared = true;
+                        }
                         if *asker != Some(node) {
                             *asker = None;
                         }
@@ -630,7 +634,16 @@ impl<S: PageSource> Sender<S> {
                     .or_insert(Some(node));
                 if !raised {
                     self.stats.pages_deduplicated += 1;
-                } else if self.group.len() > 1 {
+                }
+                // Queued announces "it is coming to the group": with unicast answers that holds only
+                // once a second host asked (the page then goes to the group), so only then is it
+                // advertised; the hosts after the second stay quiet.
+                let advertise = if self.config.unicast_answers {
+                    became_shared || (raised && self.requester.get(&page) == Some(&None))
+                } else {
+                    raised
+                };
+                if advertise && self.group.len() > 1 {
                     self.advert.push((page, run.priority));
                 }
             }
