@@ -216,6 +216,8 @@ pub struct SenderStats {
     pub unicast_pages: u64,
     /// Out-of-stream (unicast) Data packets sent.
     pub unicast_packets: u64,
+    /// Pages sent to one host out of the stream and then asked for by another.
+    pub unicast_second_askers: u64,
     /// Of which zero pages (sent as a run marker).
     pub zero_pages_sent: u64,
     /// Of which compressed.
@@ -284,6 +286,13 @@ pub struct Sender<S: PageSource> {
     /// Pages sent out of the stream lately: to whom and when (a re-request from that host soon
     /// after is its answer still on the way, not a loss).
     unicast_sent: HashMap<u32, (NodeId, Time)>,
+    /// Per page, the host it last went to out of the stream (0: none since it went to the group).
+    unicast_to: Vec<u32>,
+    /// How often pages sent to one host were then asked for by another: decaying counts of
+    /// out-of-stream sends and of such second askers (see [`Sender::unicast_pays`]).
+    unicast_recent: (f64, f64),
+    /// Single-host pages seen while out-of-stream answers do not pay (every 16th still goes so).
+    unicast_probe: u32,
     /// Where the datagram `next_datagram` just wrote goes.
     next_destination: Destination,
     /// The datagram `take_datagram` just took was authentic.
@@ -336,7 +345,12 @@ struct Encoding {
 
 /// How long a re-request from the host a page was just sent to alone is taken for its answer
 /// still on the way (and ignored) rather than a loss.
-const UNICAST_HOLD: Duration = Duration::from_millis(5);
+const UNICAST_HOLD: Duration = Duration::from_millis(20);
+/// Weight of the past in the counts of out-of-stream sends and second askers, per send (a memory
+/// of about 500 sends).
+const UNICAST_DECAY: f64 = 0.998;
+/// Above this share of out-of-stream pages asked for again by another host, answers go to the group.
+const UNICAST_SHARED_LIMIT: f64 = 0.1;
 /// Entries of recent out-of-stream sends kept before the old ones are dropped.
 const UNICAST_HOLD_PAGES: usize = 4096;
 
@@ -422,6 +436,9 @@ impl<S: PageSource> Sender<S> {
             requester: HashMap::new(),
             unicast: None,
             unicast_sent: HashMap::new(),
+            unicast_to: vec![0; page_count as usize],
+            unicast_recent: (0.0, 0.0),
+            unicast_probe: 0,
             next_destination: Destination::Group,
             authentic: false,
             repairs: VecDeque::new(),
@@ -615,6 +632,13 @@ impl<S: PageSource> Sender<S> {
                     .unicast_sent
                     .get(&page)
                     .is_some_and(|&(to, at)| to == node && self.now.saturating_since(at) < UNICAST_HOLD);
+                let went_to = self.unicast_to[page as usize];
+                if went_to != 0 && went_to != node.0 {
+                    // Sent to one host, wanted by another: out-of-stream answers cost a second send.
+                    self.unicast_to[page as usize] = 0;
+                    self.unicast_recent.1 += 1.0;
+                    self.stats.unicast_second_askers += 1;
+                }
                 if will_reach || in_flight {
                     self.stats.pages_deduplicated += 1;
                     continue;
@@ -1158,17 +1182,25 @@ impl<S: PageSource> Sender<S> {
                     Some(&Some(asker)) if node.is_none_or(|n| n == asker) => asker,
                     _ => break,
                 };
+                if node.is_none() && !self.unicast_pays() {
+                    break;
+                }
                 if node.is_none() && !self.block_bodies.is_empty() {
                     // The stream's open block ends here: nothing more may follow it for a while.
                     self.close_block(now);
                 }
-                self.queue.pop_requested();
+                let priority = self.queue.pop_requested().map(|(_, p)| p);
                 self.requester.remove(&page);
                 if self.unicast_sent.len() > 4 * UNICAST_HOLD_PAGES {
                     let now = self.now;
                     self.unicast_sent.retain(|_, &mut (_, at)| now.saturating_since(at) < UNICAST_HOLD);
                 }
                 self.unicast_sent.insert(page, (asker, self.now));
+                // Only pages a host faulted on count towards "another host then wanted it": read-ahead
+                // that ran past the end of a clone's share into another's is not sharing.
+                self.unicast_to[page as usize] = if priority == Some(Priority::Fault) { asker.0 } else { 0 };
+                self.unicast_recent =
+                    (self.unicast_recent.0 * UNICAST_DECAY + 1.0, self.unicast_recent.1 * UNICAST_DECAY);
                 node = Some(asker);
                 self.stats.unicast_pages += 1;
                 match self.encode(page, false) {
@@ -1196,6 +1228,19 @@ impl<S: PageSource> Sender<S> {
         self.stats.unicast_packets += 1;
         self.next_destination = Destination::Node(node);
         len
+    }
+
+    /// Whether out-of-stream answers pay now: unless more than [`UNICAST_SHARED_LIMIT`] of the pages
+    /// lately sent to one host (that it faulted on) were then asked for by another (clones on several hosts wanting the
+    /// same pages, one after the other: the group should have had them once). While they do not pay,
+    /// every 16th single-host datagram still goes out of the stream, to notice when they pay again.
+    fn unicast_pays(&mut self) -> bool {
+        let (sent, second) = self.unicast_recent;
+        if sent < 32.0 || second <= UNICAST_SHARED_LIMIT * sent {
+            return true;
+        }
+        self.unicast_probe = self.unicast_probe.wrapping_add(1);
+        self.unicast_probe.is_multiple_of(16)
     }
 
     fn close_block(&mut self, now: Time) {
