@@ -48,10 +48,12 @@ fn wrong_magic() {
 }
 
 #[test]
-fn version_2() {
-    let mut d = datagram();
-    d[2] = 2;
-    assert_eq!(open_error(d), "unsupported protocol version 2 (this build speaks version 1)");
+fn version_1_and_version_3() {
+    for v in [1u8, 3] {
+        let mut d = datagram();
+        d[2] = v;
+        assert_eq!(open_error(d), format!("unsupported protocol version {v} (this build speaks version 2)"));
+    }
 }
 
 #[test]

@@ -65,10 +65,16 @@ fn clones_on_three_hosts_compute_the_right_results_with_lossy_links() {
     // The descriptor is small: well under 1 MiB per GiB of guest memory.
     let per_gib = r["descriptor_bytes"].as_f64().unwrap() / (r["memory_bytes"].as_f64().unwrap() / f64::from(1 << 30));
     assert!(per_gib < f64::from(1 << 20), "descriptor {per_gib} bytes per GiB");
-    // Lazy: each clone reads a sixth of the data set, so the server sends well under all of memory.
+    // Lazy: each clone reads a sixth of the data set (half of memory), so the hosts' caches hold well
+    // under what copying memory to every host would. The server's transmissions can exceed the data
+    // set: with out-of-stream answers (PROTOCOL.md 8.2), read-ahead that runs past the end of one
+    // clone's share into the next clone's goes to one host and again to the other; but not by more
+    // than the data set twice over.
     let sent = r["server_pages_sent"].as_u64().unwrap();
     let pages = r["memory_bytes"].as_u64().unwrap() / 4096;
-    assert!(sent > 0 && sent < pages, "server sent {sent} of {pages} pages");
+    let (cached, eager) = (r["pages_fetched"].as_u64().unwrap(), r["pages_eager"].as_u64().unwrap());
+    assert!(cached > 0 && cached * 2 < eager, "the hosts cached {cached} pages, copying memory everywhere is {eager}");
+    assert!(sent > 0 && sent < 3 * (pages / 2), "server sent {sent} pages for a data set of {}", pages / 2);
 }
 
 #[test]
