@@ -1182,7 +1182,9 @@ impl<S: PageSource> Sender<S> {
                     Some(&Some(asker)) if node.is_none_or(|n| n == asker) => asker,
                     _ => break,
                 };
-                if node.is_none() && !self.unicast_pays() {
+                // While a push is to send every page to the group anyway, an answer in the stream
+                // spares the push its second transmission.
+                if node.is_none() && (self.queue.has_push() || !self.unicast_pays()) {
                     break;
                 }
                 if node.is_none() && !self.block_bodies.is_empty() {
