@@ -343,6 +343,16 @@ struct Encoding {
     offset: usize,
 }
 
+impl Encoding {
+    /// Writes as much of the page as fits into `w`; true once all of it is written.
+    fn write_into(&mut self, w: &mut RecordWriter<'_>) -> bool {
+        let n =
+            w.push_page(self.page, self.zstd, self.bytes.len() as u32, self.offset as u32, &self.bytes[self.offset..]);
+        self.offset += n;
+        self.offset >= self.bytes.len()
+    }
+}
+
 /// How long a re-request from the host a page was just sent to alone is taken for its answer
 /// still on the way (and ignored) rather than a loss.
 const UNICAST_HOLD: Duration = Duration::from_millis(20);
@@ -1018,15 +1028,7 @@ impl<S: PageSource> Sender<S> {
             loop {
                 if let Some(enc) = &mut self.current {
                     demand |= !enc.push;
-                    let n = w.push_page(
-                        enc.page,
-                        enc.zstd,
-                        enc.bytes.len() as u32,
-                        enc.offset as u32,
-                        &enc.bytes[enc.offset..],
-                    );
-                    enc.offset += n;
-                    if enc.offset < enc.bytes.len() {
+                    if !enc.write_into(&mut w) {
                         break;
                     }
                     self.current = None;
@@ -1160,15 +1162,7 @@ impl<S: PageSource> Sender<S> {
             let mut w = RecordWriter::new(&mut body[DATA_FIXED_LEN..room]);
             loop {
                 if let Some((_, enc)) = &mut self.unicast {
-                    let n = w.push_page(
-                        enc.page,
-                        enc.zstd,
-                        enc.bytes.len() as u32,
-                        enc.offset as u32,
-                        &enc.bytes[enc.offset..],
-                    );
-                    enc.offset += n;
-                    if enc.offset < enc.bytes.len() {
+                    if !enc.write_into(&mut w) {
                         break;
                     }
                     self.unicast = None;
