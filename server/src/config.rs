@@ -380,6 +380,12 @@ impl ServerConfig {
         self
     }
 
+    /// Answers single-host requests out of the stream (the default) or always in it (PROTOCOL.md 8.2).
+    pub fn with_unicast_answers(mut self, on: bool) -> ServerConfig {
+        self.unicast_answers = on;
+        self
+    }
+
     /// Turns push flow control on (the default) or off (for measurements only).
     pub fn with_flow_control(mut self, on: bool) -> ServerConfig {
         self.flow_control = on;
