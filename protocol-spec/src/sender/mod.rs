@@ -874,10 +874,8 @@ impl<S: PageSource> Sender<S> {
                 return Some(len);
             }
         }
-        while let Some((block, counter)) = self.repairs.pop_front() {
-            if let Some(len) = self.write_repair(block, counter, buf) {
-                return Some(len);
-            }
+        if let Some(len) = self.write_next_repair(buf) {
+            return Some(len);
         }
         if !self.advert.is_empty() {
             if let Some(len) = self.write_advert(buf) {
@@ -889,10 +887,8 @@ impl<S: PageSource> Sender<S> {
                 return Some(len);
             }
             // The open block was closed for it: its parity goes first.
-            while let Some((block, counter)) = self.repairs.pop_front() {
-                if let Some(len) = self.write_repair(block, counter, buf) {
-                    return Some(len);
-                }
+            if let Some(len) = self.write_next_repair(buf) {
+                return Some(len);
             }
         }
         if self.has_data() {
@@ -911,10 +907,8 @@ impl<S: PageSource> Sender<S> {
             // those pages only by insisting. Receivers learn its k from its parity, the next
             // Heartbeat (whose Next Seq ends it) or the next block.
             self.close_block(now);
-            while let Some((block, counter)) = self.repairs.pop_front() {
-                if let Some(len) = self.write_repair(block, counter, buf) {
-                    return Some(len);
-                }
+            if let Some(len) = self.write_next_repair(buf) {
+                return Some(len);
             }
         }
         if self.heartbeat_at.is_some_and(|t| now >= t) {
@@ -1128,6 +1122,17 @@ impl<S: PageSource> Sender<S> {
             self.close_block(now);
         }
         len
+    }
+
+    /// The first queued parity packet that can still be written (parity of a block that fell out of
+    /// the history is skipped).
+    fn write_next_repair(&mut self, buf: &mut [u8]) -> Option<usize> {
+        while let Some((block, counter)) = self.repairs.pop_front() {
+            if let Some(len) = self.write_repair(block, counter, buf) {
+                return Some(len);
+            }
+        }
+        None
     }
 
     /// The page's encoding (compressed where that saves bytes), or None for an all-zero page (sent
