@@ -56,44 +56,7 @@ fn run(receivers: usize, pages: usize, drop: impl Fn(usize, u64) -> bool) -> (Ve
             o
         })
         .collect();
-    let mut pos = vec![0usize; receivers];
-    let mut counts = vec![0u64; receivers + 1];
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut now = Time::ZERO;
-    let step = Duration::from_micros(20);
-    for _ in 0..200_000 {
-        now += step;
-        for n in 0..receivers {
-            while pos[n] < pages && rx[n].fault(now, orders[n][pos[n]]) {
-                pos[n] += 1;
-            }
-            if rx[n].poll_timeout().is_some_and(|t| t <= now) {
-                rx[n].handle_timeout(now);
-            }
-            while let Some(len) = rx[n].poll_transmit(now, &mut buf) {
-                counts[0] += 1;
-                if !drop(0, counts[0]) {
-                    sender.handle_datagram(now, &mut buf[..len]);
-                }
-            }
-        }
-        if sender.poll_timeout().is_some_and(|t| t <= now) {
-            sender.handle_timeout(now);
-        }
-        for _ in 0..8 {
-            let Some(t) = sender.poll_transmit(now, &mut buf) else { break };
-            for n in 0..receivers {
-                counts[n + 1] += 1;
-                if !drop(n + 1, counts[n + 1]) {
-                    let mut copy = buf[..t.len].to_vec();
-                    rx[n].handle_datagram(now, &mut copy, &mut sinks[n]);
-                }
-            }
-        }
-        if pos.iter().all(|&p| p == pages) {
-            break;
-        }
-    }
+    let (pos, _) = common::lockstep(&mut sender, &mut rx, &mut sinks, &orders, drop, 200_000);
     assert!(sinks.iter().all(|s| s.bad == 0), "a wrong page was stored");
     (pos, sender.stats().tx_bytes)
 }

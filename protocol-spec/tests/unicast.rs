@@ -4,13 +4,11 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{Check, Image};
 
 use spindrift_protocol::receiver::{Receiver, ReceiverConfig};
-use spindrift_protocol::sender::{Destination, Sender, SenderConfig};
-use spindrift_protocol::wire::{NodeId, SessionId, SessionKey, MAX_DATAGRAM};
+use spindrift_protocol::sender::{Sender, SenderConfig};
+use spindrift_protocol::wire::{NodeId, SessionId, SessionKey};
 use spindrift_protocol::Time;
 
 /// Incompressible pages (a raw page is three datagrams at 1472 bytes), so datagram counts follow
@@ -64,50 +62,7 @@ fn run(
     let mut sinks: Vec<Check<'_>> =
         (0..receivers).map(|_| Check { image: &img, stored: vec![false; pages], bad: 0 }).collect();
     let orders: Vec<Vec<u32>> = (0..receivers).map(&wants).collect();
-    let mut pos = vec![0usize; receivers];
-    let mut counts = vec![0u64; receivers + 1];
-    let mut received = vec![0u64; receivers];
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut now = Time::ZERO;
-    for _ in 0..400_000 {
-        now += Duration::from_micros(20);
-        for n in 0..receivers {
-            while pos[n] < orders[n].len() && rx[n].fault(now, orders[n][pos[n]]) {
-                pos[n] += 1;
-            }
-            if rx[n].poll_timeout().is_some_and(|t| t <= now) {
-                rx[n].handle_timeout(now);
-            }
-            while let Some(len) = rx[n].poll_transmit(now, &mut buf) {
-                counts[0] += 1;
-                if !drop(0, counts[0]) {
-                    sender.handle_datagram(now, &mut buf[..len]);
-                }
-            }
-        }
-        if sender.poll_timeout().is_some_and(|t| t <= now) {
-            sender.handle_timeout(now);
-        }
-        for _ in 0..8 {
-            let Some(t) = sender.poll_transmit(now, &mut buf) else { break };
-            for n in 0..receivers {
-                if let Destination::Node(to) = t.destination {
-                    if to != NodeId(n as u32 + 1) {
-                        continue;
-                    }
-                }
-                counts[n + 1] += 1;
-                if !drop(n + 1, counts[n + 1]) {
-                    received[n] += 1;
-                    let mut copy = buf[..t.len].to_vec();
-                    rx[n].handle_datagram(now, &mut copy, &mut sinks[n]);
-                }
-            }
-        }
-        if pos.iter().zip(&orders).all(|(&p, o)| p == o.len()) {
-            break;
-        }
-    }
+    let (pos, received) = common::lockstep(&mut sender, &mut rx, &mut sinks, &orders, drop, 400_000);
     let done: Vec<bool> = pos.iter().zip(&orders).map(|(&p, o)| p == o.len()).collect();
     assert!(done.iter().all(|&d| d), "not every receiver got its pages: {pos:?}");
     assert!(sinks.iter().all(|s| s.bad == 0), "a wrong page was stored");
