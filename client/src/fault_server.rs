@@ -426,7 +426,6 @@ impl FaultServer {
     /// reported once; see [`FaultServer::outstanding_missing`]).
     pub fn step(&mut self, timeout: Option<Duration>, missing: &mut Vec<u64>) -> Result<Status, FaultError> {
         self.take_requests()?;
-        self.forget_early_wakes();
         if let Some(reason) = self.stopped {
             return Ok(Status::Stopped(reason));
         }
@@ -452,6 +451,10 @@ impl FaultServer {
         if let Some(reason) = self.stopped {
             return Ok(Status::Stopped(reason));
         }
+        // After the wait, before reading events: a fault its page's arrival woke meanwhile is not
+        // served (and reported) a second time, and a fault on the same address read from now on
+        // (a zero page's hole faults again) is a new one.
+        self.forget_early_wakes();
         if revents[0] != 0 {
             self.read_events()?;
         }
