@@ -415,8 +415,9 @@ impl Session {
         self.sink_errors.load(Ordering::Relaxed)
     }
 
-    /// Pulls the whole image into the cache: faults the pages in order, keeping `window` faults
-    /// outstanding (plus the receiver's read-ahead), until every page is present. `progress` is
+    /// Pulls the whole image into the cache: asks for the pages in order, keeping `window` of them
+    /// outstanding (the oldest as a fault, with the receiver's read-ahead; the rest as prefetch),
+    /// until every page is present. `progress` is
     /// called about once a second.
     pub fn fetch(&mut self, mut progress: impl FnMut(&Progress)) -> Result<FetchReport, SessionError> {
         let pages = self.config.pages;
@@ -433,6 +434,7 @@ impl Session {
             id,
             next: 0,
             outstanding: VecDeque::with_capacity(self.config.window),
+            faulted: None,
             deadline: started + self.config.timeout,
             started,
             last_report: (started, 0),
@@ -458,14 +460,17 @@ impl Session {
     }
 }
 
-/// A whole-image fetch as the driver's machine: a window of faults in page order.
+/// A whole-image fetch as the driver's machine: a window of pages in page order, its head a fault.
 struct Fetch<'a> {
     endpoint: &'a mut HostEndpoint<CacheSink>,
     config: &'a SessionConfig,
     cache: &'a PageCache,
     id: SessionId,
     next: u32,
+    /// Pages asked for and not yet present, in page order.
     outstanding: VecDeque<u32>,
+    /// The page at the window's head last asked for as a fault.
+    faulted: Option<u32>,
     deadline: Instant,
     started: Instant,
     /// When progress was last reported, and the pages present then.
@@ -547,11 +552,26 @@ impl Machine for Fetch<'_> {
         while self.outstanding.front().is_some_and(|&p| session.has_page(p)) {
             self.outstanding.pop_front();
         }
+        // The window is bulk: nothing waits on its pages, so they are asked for as prefetch, and
+        // only the oldest (what the fetch waits on) as a fault. A server answers a fault out of the
+        // stream during a push (PROTOCOL.md 8.2) and then pushes the page again: a whole window of
+        // faults would be sent twice, and would take other hosts' faults' turn.
+        let first_new = self.outstanding.len();
         while self.outstanding.len() < self.config.window && self.next < pages {
-            if !self.endpoint.fault(now, self.id, self.next) {
+            if !session.has_page(self.next) {
                 self.outstanding.push_back(self.next);
             }
             self.next += 1;
+        }
+        let fresh: Vec<u32> = self.outstanding.iter().skip(first_new).copied().collect();
+        if !fresh.is_empty() {
+            self.endpoint.prefetch(self.id, &fresh);
+        }
+        if let Some(&head) = self.outstanding.front() {
+            if self.faulted != Some(head) {
+                self.faulted = Some(head);
+                self.endpoint.fault(now, self.id, head);
+            }
         }
         let present = self.present();
         if present >= u64::from(pages) && self.outstanding.is_empty() && self.next >= pages {

@@ -5,9 +5,12 @@
 //! everything about waiting and batching, so the daemons differ only in what their machine does:
 //!
 //! ```text
-//!  turn:  recv_batch (up to RX_ROUNDS batches) ─> Machine::on_datagram, one per datagram
+//!  turn:  recv_batch (up to RX_ROUNDS batches, fewer once the waker fires) ─> Machine::on_datagram
 //!         Machine::on_turn(now): commands, timers due, events; Flow::Stop ends the loop
 //!         send what is still pending, then Machine::poll_transmit into free slots ─> send_batch
+//!           (at once after a datagram Machine::urgent says answers a fault; between batches, a
+//!           new turn first if datagrams or the waker are ready, so arrivals never wait behind
+//!           everything the machine has queued)
 //!         wait_with(readable [+ writable if the socket was full], the waker fd, until poll_timeout)
 //! ```
 //!
@@ -66,6 +69,13 @@ pub trait Machine {
 
     /// When the next turn is due even if nothing arrives (`None`: only on I/O or a wake-up).
     fn poll_timeout(&self) -> Option<Duration>;
+
+    /// Whether the datagram [`Machine::poll_transmit`] just wrote should go out at once, with what
+    /// is queued before it, instead of waiting for the batch to fill (it answers a fault: the
+    /// datagrams that would fill the batch must not hold it back).
+    fn urgent(&self) -> bool {
+        false
+    }
 }
 
 /// How a driver is set up.
@@ -137,6 +147,10 @@ pub struct DriverStats {
     pub tx_errors: u64,
     /// Turns that found the backend full and kept datagrams for the next.
     pub tx_blocked: u64,
+    /// Batches sent before they were full because the machine said a datagram was urgent.
+    pub urgent_sends: u64,
+    /// Turns whose sending stopped, with more due, because datagrams or a command had arrived.
+    pub tx_yields: u64,
 }
 
 /// The event loop. See the module docs.
@@ -254,23 +268,39 @@ impl Driver {
                     machine.on_datagram(now, source, payload);
                 }
             }
-            if n < self.rx.capacity() {
+            if n < self.rx.capacity() || self.woken() {
+                // Drained; or a command (a clone's fault) waits: it goes before more datagrams.
                 break;
             }
         }
         Ok(())
     }
 
+    /// Whether the waker fired (without taking it: the machine does, in its turn).
+    fn woken(&self) -> bool {
+        self.waker
+            .as_ref()
+            .is_some_and(|w| crate::udp::poll_readable(w.as_fd(), Some(Duration::ZERO), None).is_ok_and(|r| r.readable))
+    }
+
     /// Sends what is pending, then what the machine has, batch by batch, until the machine has
     /// nothing more or the backend is full.
     fn transmit(&mut self, machine: &mut dyn Machine) -> Result<(), IoError> {
+        // The batch went out before it was full because the machine said so: it has more.
+        let mut urgent = false;
         loop {
             if self.tx.is_sent() {
                 self.tx.clear();
                 let now = self.now();
+                urgent = false;
                 while !self.tx.is_full() {
                     let queued = self.tx.push_addressed(|buf| machine.poll_transmit(now, buf));
                     match queued {
+                        Ok(Some(_)) if machine.urgent() => {
+                            self.stats.urgent_sends += 1;
+                            urgent = true;
+                            break;
+                        }
                         Ok(Some(_)) => {}
                         Ok(None) => break,
                         Err(e) => {
@@ -305,8 +335,15 @@ impl Driver {
                 // Partial progress: try the rest at once.
                 continue;
             }
-            if !self.tx.is_full() {
+            if !self.tx.is_full() && !urgent {
                 // The machine had nothing more due.
+                self.blocked = false;
+                return Ok(());
+            }
+            // More is due: but datagrams that arrived meanwhile (a fault's request) or a command
+            // go first, in a new turn, rather than after everything the machine has queued.
+            if self.woken() || self.io.wait(Interest::READABLE, Some(Duration::ZERO))?.readable {
+                self.stats.tx_yields += 1;
                 self.blocked = false;
                 return Ok(());
             }

@@ -22,6 +22,10 @@ struct MultiQueue {
     waits: Arc<Mutex<Vec<Option<Duration>>>>,
     room: Arc<AtomicUsize>,
     sent: Arc<Mutex<Vec<Vec<u8>>>>,
+    /// Datagrams taken by each send_batch call that took any.
+    batches: Arc<Mutex<Vec<usize>>>,
+    /// Set: the next send_batch also makes a datagram arrive on the first queue (once).
+    arrive_on_send: Arc<AtomicUsize>,
 }
 
 impl MultiQueue {
@@ -31,6 +35,8 @@ impl MultiQueue {
             waits: Arc::default(),
             room: Arc::new(AtomicUsize::new(usize::MAX)),
             sent: Arc::default(),
+            batches: Arc::default(),
+            arrive_on_send: Arc::default(),
         }
     }
 }
@@ -58,6 +64,12 @@ impl PacketIo for MultiQueue {
         let n = batch.pending().min(self.room.load(Ordering::Relaxed));
         let taken: Vec<Vec<u8>> = batch.pending_iter().take(n).map(|d| d.payload.to_vec()).collect();
         self.sent.lock().expect("lock").extend(taken);
+        if n > 0 {
+            self.batches.lock().expect("lock").push(n);
+        }
+        if self.arrive_on_send.swap(0, Ordering::Relaxed) > 0 {
+            self.queues[0].1.write_all(b"arrived").expect("write");
+        }
         batch.mark_sent(n);
         Ok(n)
     }
@@ -117,6 +129,37 @@ impl Machine for Timed {
     }
     fn poll_timeout(&self) -> Option<Duration> {
         self.due
+    }
+}
+
+/// A machine with `to_send` datagrams due at once, the `urgent`-th of them (counting from 1) urgent.
+struct Burst {
+    to_send: u32,
+    written: u32,
+    urgent: Option<u32>,
+    datagrams: u32,
+}
+
+impl Machine for Burst {
+    fn on_datagram(&mut self, _now: Duration, _source: SocketAddrV4, _datagram: &mut [u8]) {
+        self.datagrams += 1;
+    }
+    fn on_turn(&mut self, _now: Duration) -> Flow {
+        Flow::Continue
+    }
+    fn poll_transmit(&mut self, _now: Duration, buf: &mut [u8]) -> Option<(SocketAddrV4, usize)> {
+        if self.written == self.to_send {
+            return None;
+        }
+        buf[..4].copy_from_slice(&self.written.to_be_bytes());
+        self.written += 1;
+        Some((SocketAddrV4::new(Ipv4Addr::new(239, 1, 1, 1), 7000), 4))
+    }
+    fn poll_timeout(&self) -> Option<Duration> {
+        (self.written < self.to_send).then_some(Duration::ZERO)
+    }
+    fn urgent(&self) -> bool {
+        self.urgent == Some(self.written)
     }
 }
 
@@ -225,4 +268,36 @@ fn the_in_memory_network_carries_a_driven_exchange() {
         assert!(start.elapsed() < Duration::from_secs(5), "{} of 100 arrived", m.datagrams);
     }
     assert_eq!(net.stats().delivered, 100);
+}
+
+#[test]
+fn an_urgent_datagram_goes_out_without_waiting_for_the_batch_to_fill() {
+    let io = MultiQueue::new(1);
+    let batches = io.batches.clone();
+    let mut driver = Driver::new(Box::new(io), config()).expect("driver");
+    let mut m = Burst { to_send: 10, written: 0, urgent: Some(3), datagrams: 0 };
+    driver.turn(&mut m).expect("turn");
+    assert_eq!(*batches.lock().expect("lock"), vec![3, 7], "sent after the urgent third, then the rest");
+    assert_eq!(driver.stats().urgent_sends, 1);
+}
+
+#[test]
+fn arrivals_go_before_the_rest_of_a_long_send() {
+    let io = MultiQueue::new(1);
+    let (batches, arrive) = (io.batches.clone(), io.arrive_on_send.clone());
+    let mut driver = Driver::new(Box::new(io), config()).expect("driver");
+    let mut m = Burst { to_send: 1000, written: 0, urgent: None, datagrams: 0 };
+    // Nothing arrives: the whole burst goes in one turn, batch after batch.
+    driver.turn(&mut m).expect("turn");
+    assert_eq!(batches.lock().expect("lock").iter().sum::<usize>(), 1000);
+    assert_eq!(driver.stats().tx_yields, 0);
+    // A datagram arrives while the first batch goes: the send stops there, and the next turn reads
+    // it before sending the rest.
+    let mut m = Burst { to_send: 1000, written: 0, urgent: None, datagrams: 0 };
+    batches.lock().expect("lock").clear();
+    arrive.store(1, Ordering::Relaxed);
+    driver.turn(&mut m).expect("turn");
+    assert_eq!((m.written, m.datagrams, driver.stats().tx_yields), (64, 0, 1));
+    driver.turn(&mut m).expect("turn");
+    assert_eq!((m.written, m.datagrams), (1000, 1), "read first, then the rest sent");
 }

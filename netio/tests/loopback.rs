@@ -327,3 +327,41 @@ fn clone_receives_on_one_thread_while_the_original_sends() {
     let mut rbatch = RxBatch::new(16, 64).expect("rx batch");
     assert_eq!(recv_n(&mut peer, &mut rbatch, 5, LIMIT).len(), 5);
 }
+
+#[test]
+fn answers_on_the_reply_socket_are_read_before_what_queued_on_the_main_one() {
+    let mut host = open(UdpConfig::new(LO, 0).reply_socket(true));
+    let reply = host.reply_addr().expect("a reply socket");
+    assert_ne!(reply.port(), host.local_addr().port(), "a second socket");
+    let mut server = open(UdpConfig::new(LO, 0));
+
+    // The host asks: the request goes from the reply socket.
+    let mut batch = TxBatch::new(8, 64).expect("tx batch");
+    batch.push(server.local_addr(), b"request").expect("push");
+    send_all(&mut host, &mut batch, LIMIT);
+    let mut rbatch = RxBatch::new(16, 64).expect("rx batch");
+    let got = recv_n(&mut server, &mut rbatch, 1, LIMIT);
+    assert_eq!(got[0].source, reply, "requests leave from the reply socket");
+
+    // Bulk for the main socket first, then the answer to where the request came from.
+    let mut batch = TxBatch::new(8, 64).expect("tx batch");
+    let bulk: Vec<Vec<u8>> = (0..5).map(|i| payload(i, 32)).collect();
+    for p in &bulk {
+        batch.push(host.local_addr(), p).expect("push");
+    }
+    batch.push(got[0].source, b"answer").expect("push");
+    send_all(&mut server, &mut batch, LIMIT);
+    std::thread::sleep(Duration::from_millis(20));
+    let got = recv_n(&mut host, &mut rbatch, 6, LIMIT);
+    let order: Vec<&[u8]> = got.iter().map(|g| g.payload.as_slice()).collect();
+    assert_eq!(order[0], b"answer", "the answer is read before the bulk queued ahead of it");
+    assert_eq!(order[1..].iter().map(|p| p.to_vec()).collect::<Vec<_>>(), bulk);
+    assert_eq!(got[0].destination, reply);
+
+    // Waiting sees either socket.
+    let mut batch = TxBatch::new(1, 64).expect("tx batch");
+    batch.push(reply, b"late").expect("push");
+    send_all(&mut server, &mut batch, LIMIT);
+    let ready = host.wait(Interest::READABLE, Some(LIMIT)).expect("wait");
+    assert!(ready.readable, "a datagram on the reply socket wakes the wait");
+}

@@ -7,7 +7,7 @@ mod common;
 use common::{Check, Image};
 
 use spindrift_protocol::receiver::{Receiver, ReceiverConfig};
-use spindrift_protocol::sender::{Sender, SenderConfig};
+use spindrift_protocol::sender::{PushPolicy, Sender, SenderConfig};
 use spindrift_protocol::wire::{NodeId, SessionId, SessionKey};
 use spindrift_protocol::Time;
 
@@ -33,6 +33,8 @@ struct Outcome {
     unicast_packets: u64,
     /// Datagrams the sender sent in all.
     sent: u64,
+    /// Pages the sender sent out of the stream.
+    unicast_pages: u64,
 }
 
 /// Receiver `n` (of `receivers`) faults on `wants(n)`, in order; `drop(n, i)` loses the i-th
@@ -44,12 +46,25 @@ fn run(
     wants: impl Fn(usize) -> Vec<u32>,
     drop: impl Fn(usize, u64) -> bool,
 ) -> Outcome {
+    run_with(receivers, pages, unicast, PushPolicy::None, wants, drop)
+}
+
+/// As [`run`], with the server pushing as `push` says.
+fn run_with(
+    receivers: usize,
+    pages: usize,
+    unicast: bool,
+    push: PushPolicy,
+    wants: impl Fn(usize) -> Vec<u32>,
+    drop: impl Fn(usize, u64) -> bool,
+) -> Outcome {
     let img = image(pages);
     let key = SessionKey([9; 32]);
     let session = SessionId(7);
     let mut cfg = SenderConfig::new(session, 1, key.clone(), 12);
     cfg.unicast_answers = unicast;
     cfg.max_datagram = 1472;
+    cfg.push = push;
     let mut sender = Sender::new(cfg, Image(img.clone()), Time::ZERO).expect("sender");
     let mut rx: Vec<Receiver> = (1..=receivers)
         .map(|n| {
@@ -66,7 +81,13 @@ fn run(
     let done: Vec<bool> = pos.iter().zip(&orders).map(|(&p, o)| p == o.len()).collect();
     assert!(done.iter().all(|&d| d), "not every receiver got its pages: {pos:?}");
     assert!(sinks.iter().all(|s| s.bad == 0), "a wrong page was stored");
-    Outcome { received, unicast_packets: sender.stats().unicast_packets, sent: sender.stats().tx_packets }
+    let stats = sender.stats();
+    Outcome {
+        received,
+        unicast_packets: stats.unicast_packets,
+        sent: stats.tx_packets,
+        unicast_pages: stats.unicast_pages,
+    }
 }
 
 /// Two hosts wanting disjoint halves: with unicast answers each receives about its own half.
@@ -100,4 +121,53 @@ fn lost_unicast_answers_are_asked_for_again() {
     let halves = |n: usize| (n as u32 * 48..(n as u32 + 1) * 48).rev().collect::<Vec<u32>>();
     let out = run(2, 96, true, halves, |n, i| if n == 0 { i.is_multiple_of(7) } else { i.is_multiple_of(5) });
     assert!(out.unicast_packets > 0);
+}
+
+/// During a push, a fault one host alone asked for leaves the stream (in it, the answer would reach
+/// the host behind the push in flight), whoever else asks later; its read-ahead stays in the stream.
+#[test]
+fn during_a_push_only_faults_leave_the_stream() {
+    // Each host faults on pages the push reaches last, far apart (each fault reads ahead 2 pages).
+    let late = |n: usize| vec![400 + n as u32 * 40, 460 + n as u32 * 20, 500 + n as u32 * 5];
+    let push = run_with(2, 512, true, PushPolicy::HintsThenAll(Vec::new()), late, |_, _| false);
+    assert!(push.unicast_pages > 0, "no fault was answered out of the stream during the push");
+    assert!(push.unicast_pages <= 6, "{} pages left the stream for 6 faults: read-ahead did too", push.unicast_pages);
+    let idle = run(2, 512, true, late, |_, _| false);
+    assert!(idle.unicast_pages > push.unicast_pages, "without a push the read-ahead goes out of the stream too");
+}
+
+/// The datagram that finishes a faulting page is marked urgent (the driver sends it at once, not
+/// after the read-ahead's encoding fills the batch); read-ahead and pushed pages are not.
+#[test]
+fn the_datagram_finishing_a_faulted_page_is_urgent() {
+    for unicast in [false, true] {
+        let pages = 64;
+        let img = image(pages);
+        let key = SessionKey([9; 32]);
+        let session = SessionId(7);
+        let mut cfg = SenderConfig::new(session, 1, key.clone(), 12);
+        cfg.unicast_answers = unicast;
+        cfg.max_datagram = 1472;
+        let mut sender = Sender::new(cfg, Image(img.clone()), Time::ZERO).expect("sender");
+        let mut c = ReceiverConfig::new(session, NodeId(1), key, 12, pages as u32);
+        c.stream_start = Some(0);
+        c.read_ahead = 4;
+        let mut rx = Receiver::new(c, Time::ZERO).expect("receiver");
+        let now = Time::ZERO;
+        let mut buf = vec![0u8; 2048];
+        assert!(!rx.fault(now, 10));
+        while let Some(len) = rx.poll_transmit(now, &mut buf) {
+            sender.handle_datagram(now, &mut buf[..len]);
+        }
+        let mut flags = Vec::new();
+        while let Some(t) = sender.poll_transmit(now, &mut buf) {
+            flags.push(t.urgent);
+        }
+        let urgent: Vec<usize> = flags.iter().enumerate().filter(|(_, &u)| u).map(|(i, _)| i).collect();
+        assert_eq!(urgent.len(), 1, "one faulting page, one urgent datagram (unicast {unicast}): {flags:?}");
+        // A raw 4 KiB page spans three 1472-byte datagrams; the third finishes it (an Announce may
+        // go first).
+        assert!((2..=3).contains(&urgent[0]), "urgent at datagram {} (unicast {unicast}): {flags:?}", urgent[0]);
+        assert!(flags.len() > urgent[0] + 1, "the read-ahead follows the urgent datagram");
+    }
 }

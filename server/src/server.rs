@@ -247,6 +247,7 @@ pub fn serve_source_on<S: PageSource>(
         ending: None,
         next_summary: Instant::now() + SUMMARY_EVERY,
         next_stats: Instant::now(),
+        urgent: false,
     };
     server.next_stats += server.options.stats_every;
     let result = driver.run(&mut server, END_FLUSH_LIMIT);
@@ -315,6 +316,8 @@ struct Server<'a, S: PageSource> {
     ending: Option<Instant>,
     next_summary: Instant,
     next_stats: Instant,
+    /// The datagram just written answers a fault ([`Machine::urgent`]).
+    urgent: bool,
 }
 
 impl<S: PageSource> Machine for Server<'_, S> {
@@ -368,7 +371,13 @@ impl<S: PageSource> Machine for Server<'_, S> {
     }
 
     fn poll_transmit(&mut self, now: Duration, buf: &mut [u8]) -> Option<(SocketAddrV4, usize)> {
-        self.endpoint.poll_transmit(Time::ZERO + now, buf).map(|t| (t.destination, t.len))
+        let t = self.endpoint.poll_transmit(Time::ZERO + now, buf)?;
+        self.urgent = t.urgent;
+        Some((t.destination, t.len))
+    }
+
+    fn urgent(&self) -> bool {
+        self.urgent
     }
 
     fn poll_timeout(&self) -> Option<Duration> {

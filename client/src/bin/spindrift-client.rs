@@ -181,7 +181,7 @@ struct FetchArgs {
     /// Pages read ahead after each fault.
     #[arg(long, default_value_t = 16)]
     read_ahead: u16,
-    /// Faults outstanding at once.
+    /// Pages outstanding at once (the oldest asked for as a fault, the rest as prefetch).
     #[arg(long, default_value_t = 256)]
     window: usize,
     /// Also ask for every page up front at prefetch priority.

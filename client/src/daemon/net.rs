@@ -192,7 +192,9 @@ impl NetThread {
         blobs: ChannelTx<BlobEvent>,
         stop: Arc<AtomicBool>,
     ) -> Result<(NetThread, NetHandle), NetError> {
-        let udp = UdpConfig::new(settings.interface, settings.port).join(settings.group);
+        // Requests go from a reply socket, read first: out-of-stream fault answers (PROTOCOL.md 8.2)
+        // come back on it and never wait behind the push queued on the group's socket.
+        let udp = UdpConfig::new(settings.interface, settings.port).join(settings.group).reply_socket(true);
         let io = netio::open(settings.io, &udp).map_err(|source| NetError::Socket {
             interface: settings.interface,
             port: settings.port,

@@ -13,6 +13,10 @@
 //!   with `SO_RCVBUFFORCE`/`SO_SNDBUFFORCE` when running as root;
 //! * reports each datagram's destination address (`IP_PKTINFO`), so group traffic and unicast
 //!   replies on the same socket can be told apart;
+//! * optionally ([`UdpConfig::reply_socket`]) sends from a second socket, bound to the interface
+//!   address on a port of the kernel's choosing, and reads that socket first: the unicast answers
+//!   to what this host sent come back on it, ahead of the group's traffic queued on the first
+//!   (a host daemon's fault answers must not wait behind a push: `bench page-path`);
 //! * optionally ([`UdpConfig::gso`]) sends runs of equal-size datagrams to one destination as one
 //!   UDP GSO message (`UDP_SEGMENT`): the kernel's per-packet path then runs once per run, not
 //!   once per datagram, up to the point where the run is cut into datagrams.
@@ -229,6 +233,10 @@ pub struct UdpConfig {
     /// Send runs of equal-size datagrams to one destination as UDP GSO messages when the kernel
     /// supports it (see the [module docs](self) for what that means for loss in a lab). Default off.
     pub gso: bool,
+    /// Send from a second socket (bound to the interface address, a port of the kernel's choosing)
+    /// and read it before the first, so that unicast answers to what this side sent do not queue
+    /// behind the group's traffic. Default off.
+    pub reply_socket: bool,
 }
 
 impl UdpConfig {
@@ -246,6 +254,7 @@ impl UdpConfig {
             max_batch: DEFAULT_MAX_BATCH,
             reuse_address: true,
             gso: false,
+            reply_socket: false,
         }
     }
 
@@ -300,6 +309,13 @@ impl UdpConfig {
     /// Turns UDP GSO on sends on or off.
     pub fn gso(mut self, on: bool) -> UdpConfig {
         self.gso = on;
+        self
+    }
+
+    /// Sends from, and reads first, a second socket for the answers to what is sent (see
+    /// [`UdpConfig::reply_socket`](UdpConfig#structfield.reply_socket)).
+    pub fn reply_socket(mut self, on: bool) -> UdpConfig {
+        self.reply_socket = on;
         self
     }
 
@@ -360,6 +376,9 @@ pub struct UdpIo {
     send_buffer: usize,
     /// Longest datagram sent in GSO runs (0: GSO off). Lowered when the kernel refuses a run.
     gso_max_segment: usize,
+    /// The reply socket and its address ([`UdpConfig::reply_socket`]): every send goes from it,
+    /// and it is read first.
+    reply: Option<(Socket, SocketAddrV4)>,
 }
 
 impl std::fmt::Debug for UdpIo {
@@ -370,6 +389,7 @@ impl std::fmt::Debug for UdpIo {
             .field("groups", &self.groups)
             .field("max_batch", &self.caps.max_batch)
             .field("gso_max_segment", &self.gso_max_segment)
+            .field("reply", &self.reply.as_ref().map(|(_, a)| *a))
             .finish_non_exhaustive()
     }
 }
@@ -459,11 +479,25 @@ impl UdpIo {
             recv_buffer,
             send_buffer,
             gso_max_segment: if gso { MAX_UDP_PAYLOAD } else { 0 },
+            reply: None,
         };
         if let Some(group) = config.group {
             io.join(group)?;
         }
+        if config.reply_socket {
+            io.reply = Some(open_reply(config)?);
+        }
         Ok(io)
+    }
+
+    /// The reply socket's address, if there is one ([`UdpConfig::reply_socket`]).
+    pub fn reply_addr(&self) -> Option<SocketAddrV4> {
+        self.reply.as_ref().map(|(_, a)| *a)
+    }
+
+    /// The socket sends go from: the reply socket if there is one.
+    fn send_socket(&self) -> (&Socket, SocketAddrV4) {
+        self.reply.as_ref().map_or((&self.socket, self.local), |(s, a)| (s, *a))
     }
 
     /// Joins `group` on the configured interface (also after opening, e.g. when a session's group
@@ -498,6 +532,10 @@ impl UdpIo {
             recv_buffer: self.recv_buffer,
             send_buffer: self.send_buffer,
             gso_max_segment: self.gso_max_segment,
+            reply: match &self.reply {
+                Some((r, a)) => Some((r.try_clone().map_err(UdpError::Clone)?, *a)),
+                None => None,
+            },
         })
     }
 
@@ -546,6 +584,60 @@ impl UdpIo {
     }
 }
 
+/// The reply socket: non-blocking, bound to the interface address on a port the kernel picks, with
+/// the configured buffers, multicast out of the interface with the configured TTL.
+fn open_reply(config: &UdpConfig) -> Result<(Socket, SocketAddrV4), UdpError> {
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(UdpError::Socket)?;
+    let set = |option: &'static str, value: String| move |source| UdpError::SetOption { option, value, source };
+    socket.set_nonblocking(true).map_err(set("O_NONBLOCK", "on (reply socket)".into()))?;
+    set_buffer(&socket, Buffer::Recv, config.recv_buffer)?;
+    set_buffer(&socket, Buffer::Send, config.send_buffer)?;
+    let addr = SocketAddrV4::new(config.interface, 0);
+    socket.bind(&SockAddr::from(addr)).map_err(|source| UdpError::Bind {
+        addr,
+        hint: hint(Step::Bind, &source, config.interface),
+        source,
+    })?;
+    socket.set_multicast_if_v4(&config.interface).map_err(|source| UdpError::MulticastInterface {
+        interface: config.interface,
+        hint: hint(Step::MulticastInterface, &source, config.interface),
+        source,
+    })?;
+    socket
+        .set_multicast_ttl_v4(config.multicast_ttl)
+        .map_err(set("IP_MULTICAST_TTL", config.multicast_ttl.to_string()))?;
+    socket.set_multicast_loop_v4(config.multicast_loop).map_err(set("IP_MULTICAST_LOOP", "reply socket".into()))?;
+    let local = socket
+        .local_addr()
+        .map_err(UdpError::LocalAddr)?
+        .as_socket_ipv4()
+        .ok_or_else(|| UdpError::LocalAddr(io::Error::other("the reply socket has no IPv4 address")))?;
+    Ok((socket, local))
+}
+
+/// Receives into `batch` from `fd` until it is drained or the batch is full; false on an error
+/// that left datagrams in the batch (the error comes back on the next call).
+fn recv_into(
+    mmsg: &mut sys::Mmsg,
+    fd: BorrowedFd<'_>,
+    local: SocketAddrV4,
+    batch: &mut RxBatch,
+) -> Result<(), IoError> {
+    while !batch.is_full() {
+        match mmsg.recv(fd, batch, local) {
+            // Fewer than asked: the socket is drained.
+            Ok((n, asked)) if n < asked => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // Hand over what arrived; the error comes back on the next call.
+            Err(_) if !batch.is_empty() => break,
+            Err(source) => return Err(IoError::Recv { local, source }),
+        }
+    }
+    Ok(())
+}
+
 impl AsFd for UdpIo {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.socket.as_fd()
@@ -563,25 +655,24 @@ impl PacketIo for UdpIo {
 
     fn recv_batch(&mut self, batch: &mut RxBatch) -> Result<usize, IoError> {
         batch.clear();
-        while !batch.is_full() {
-            match self.mmsg.recv(self.socket.as_fd(), batch, self.local) {
-                // Fewer than asked: the socket is drained.
-                Ok((n, asked)) if n < asked => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // Hand over what arrived; the error comes back on the next call.
-                Err(_) if !batch.is_empty() => break,
-                Err(source) => return Err(IoError::Recv { local: self.local, source }),
-            }
+        if let Some((reply, local)) = &self.reply {
+            // Answers first: whatever the group has queued on the other socket waits.
+            recv_into(&mut self.mmsg, reply.as_fd(), *local, batch)?;
         }
+        recv_into(&mut self.mmsg, self.socket.as_fd(), self.local, batch)?;
         Ok(batch.len())
     }
 
     fn send_batch(&mut self, batch: &mut TxBatch) -> Result<usize, IoError> {
         let mut sent = 0;
+        // Field by field (not `send_socket`), so that `mmsg` and the GSO size stay mutable.
+        let (socket, local) = match &self.reply {
+            Some((reply, addr)) => (reply, *addr),
+            None => (&self.socket, self.local),
+        };
+        let fd = socket.as_fd();
         while !batch.is_sent() {
-            match self.mmsg.send(self.socket.as_fd(), batch, self.gso_max_segment) {
+            match self.mmsg.send(fd, batch, self.gso_max_segment) {
                 Ok(n) => {
                     batch.mark_sent(n);
                     sent += n;
@@ -599,9 +690,9 @@ impl PacketIo for UdpIo {
                 Err(_) if sent > 0 => break,
                 Err(sys::SendFailure { error: source, .. }) => {
                     let index = batch.sent();
-                    let destination = batch.get(index).map_or(self.local, |d| d.destination);
+                    let destination = batch.get(index).map_or(local, |d| d.destination);
                     batch.mark_sent(1);
-                    return Err(IoError::Send { local: self.local, destination, index, source });
+                    return Err(IoError::Send { local, destination, index, source });
                 }
             }
         }
@@ -617,7 +708,10 @@ impl PacketIo for UdpIo {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
             let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-            match sys::poll(self.socket.as_fd(), interest, left, also) {
+            let (send, _) = self.send_socket();
+            // With a reply socket, it sends (writability is its) and both are read.
+            let read_too = self.reply.as_ref().map(|_| self.socket.as_fd());
+            match sys::poll_sockets(send.as_fd(), read_too, interest, left, also) {
                 Ok(r) => return Ok(r),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(source) => return Err(IoError::Wait { local: self.local, source }),

@@ -336,6 +336,18 @@ pub(crate) fn poll(
     timeout: Option<std::time::Duration>,
     also: Option<BorrowedFd<'_>>,
 ) -> io::Result<Readiness> {
+    poll_sockets(fd, None, interest, timeout, also)
+}
+
+/// As [`poll`], over a socket that sends (`fd`: readable or writable as `interest` says) and an
+/// optional second socket that is only read (`read_too`): readable when either is.
+pub(crate) fn poll_sockets(
+    fd: BorrowedFd<'_>,
+    read_too: Option<BorrowedFd<'_>>,
+    interest: Interest,
+    timeout: Option<std::time::Duration>,
+    also: Option<BorrowedFd<'_>>,
+) -> io::Result<Readiness> {
     let mut events = 0;
     if interest.readable {
         events |= libc::POLLIN;
@@ -343,11 +355,20 @@ pub(crate) fn poll(
     if interest.writable {
         events |= libc::POLLOUT;
     }
+    let read_events = if interest.readable { libc::POLLIN } else { 0 };
     let mut pfds = [
         libc::pollfd { fd: fd.as_raw_fd(), events, revents: 0 },
+        // A negative descriptor is ignored by ppoll(2).
         libc::pollfd { fd: also.map_or(-1, |a| a.as_raw_fd()), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: read_too.map_or(-1, |r| r.as_raw_fd()), events: read_events, revents: 0 },
     ];
-    let nfds: libc::nfds_t = if also.is_some() { 2 } else { 1 };
+    let nfds: libc::nfds_t = if read_too.is_some() {
+        3
+    } else if also.is_some() {
+        2
+    } else {
+        1
+    };
     let ts = timeout.map(timespec);
     let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `pfds` holds `nfds` valid `pollfd`s and outlives the call; `ts_ptr` is null or points
@@ -356,11 +377,13 @@ pub(crate) fn poll(
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    let revents = pfds[0].revents;
-    let failed = revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0;
+    let bad = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
+    let (first, second) = (pfds[0].revents, pfds[2].revents);
+    let failed = first & bad != 0;
+    let second_ready = read_too.is_some() && second & (libc::POLLIN | bad) != 0;
     Ok(Readiness {
-        readable: interest.readable && (failed || revents & libc::POLLIN != 0),
-        writable: interest.writable && (failed || revents & libc::POLLOUT != 0),
+        readable: interest.readable && (failed || first & libc::POLLIN != 0 || second_ready),
+        writable: interest.writable && (failed || first & libc::POLLOUT != 0),
         woken: also.is_some() && pfds[1].revents != 0,
     })
 }

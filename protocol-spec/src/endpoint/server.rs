@@ -23,6 +23,8 @@ pub struct ServerTransmit {
     pub destination: SocketAddrV4,
     /// The session it belongs to.
     pub session: SessionId,
+    /// Send it now, before more is written ([`Transmit::urgent`]).
+    pub urgent: bool,
 }
 
 /// What the endpoint dropped before any sender saw it (each sender keeps its own counters).
@@ -161,14 +163,24 @@ impl<S: PageSource> ServerEndpoint<S> {
         };
         for (&id, (sender, group)) in first {
             if let Some(t) = sender.poll_transmit(now, buf) {
-                found = Some(ServerTransmit { len: t.len, destination: address(id, *group, t), session: id });
+                found = Some(ServerTransmit {
+                    len: t.len,
+                    destination: address(id, *group, t),
+                    session: id,
+                    urgent: t.urgent,
+                });
                 break;
             }
         }
         if let (None, Some(l)) = (found, last) {
             for (&id, (sender, group)) in self.sessions.range_mut(..=l) {
                 if let Some(t) = sender.poll_transmit(now, buf) {
-                    found = Some(ServerTransmit { len: t.len, destination: address(id, *group, t), session: id });
+                    found = Some(ServerTransmit {
+                        len: t.len,
+                        destination: address(id, *group, t),
+                        session: id,
+                        urgent: t.urgent,
+                    });
                     break;
                 }
             }

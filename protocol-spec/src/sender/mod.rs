@@ -155,6 +155,9 @@ pub struct Transmit {
     pub len: usize,
     /// Where it goes.
     pub destination: Destination,
+    /// It finished a page a host faulted on: send it, and what is queued before it, now, before
+    /// more is written (the next pages' encoding would hold the fault's answer back).
+    pub urgent: bool,
 }
 
 /// Things the sender tells its owner.
@@ -295,6 +298,8 @@ pub struct Sender<S: PageSource> {
     unicast_probe: u32,
     /// Where the datagram `next_datagram` just wrote goes.
     next_destination: Destination,
+    /// The datagram `next_datagram` just wrote finished a page a host faulted on.
+    next_urgent: bool,
     /// The datagram `take_datagram` just took was authentic.
     authentic: bool,
     /// Parity to send: (block, parity counter).
@@ -338,6 +343,8 @@ struct Encoding {
     page: u32,
     /// Pushed, not asked for.
     push: bool,
+    /// Asked for by a fault (the answer someone waits on, see [`Transmit::urgent`]).
+    fault: bool,
     zstd: bool,
     bytes: Vec<u8>,
     offset: usize,
@@ -450,6 +457,7 @@ impl<S: PageSource> Sender<S> {
             unicast_recent: (0.0, 0.0),
             unicast_probe: 0,
             next_destination: Destination::Group,
+            next_urgent: false,
             authentic: false,
             repairs: VecDeque::new(),
             group: Group::default(),
@@ -653,7 +661,7 @@ impl<S: PageSource> Sender<S> {
                     self.stats.pages_deduplicated += 1;
                     continue;
                 }
-                let raised = self.queue.enqueue(page, run.priority);
+                let raised = self.queue.enqueue(page, run.priority, node.0);
                 let mut became_shared = false;
                 self.requester
                     .entry(page)
@@ -843,7 +851,11 @@ impl<S: PageSource> Sender<S> {
             let cost = Duration::from_nanos((len as u64).saturating_mul(1_000_000_000) / rate);
             self.pace_at = self.pace_at.max(now) + cost;
         }
-        Some(Transmit { len, destination: std::mem::replace(&mut self.next_destination, Destination::Group) })
+        Some(Transmit {
+            len,
+            destination: std::mem::replace(&mut self.next_destination, Destination::Group),
+            urgent: std::mem::take(&mut self.next_urgent),
+        })
     }
 
     /// The next datagram, most urgent first; a branch that fails to produce one falls through to
@@ -1025,6 +1037,7 @@ impl<S: PageSource> Sender<S> {
                     if !enc.write_into(&mut w) {
                         break;
                     }
+                    self.next_urgent |= enc.fault;
                     self.current = None;
                     continue;
                 }
@@ -1051,9 +1064,11 @@ impl<S: PageSource> Sender<S> {
                     continue;
                 }
                 let mut pushed = false;
-                let page = if let Some((page, _)) = self.queue.pop_requested() {
+                let mut fault = false;
+                let page = if let Some((page, priority)) = self.queue.pop_requested() {
                     self.requester.remove(&page);
                     demand = true;
+                    fault = priority == Priority::Fault;
                     page
                 } else if self.push_allowed() {
                     let page_block = &self.page_block;
@@ -1070,10 +1085,11 @@ impl<S: PageSource> Sender<S> {
                     break;
                 };
                 self.page_block[page as usize] = self.block_id;
-                match self.encode(page, pushed) {
+                match self.encode(page, pushed, fault) {
                     // Room for a header was checked above.
                     None => {
                         w.push_zero_run(page, 1);
+                        self.next_urgent |= fault;
                     }
                     Some(enc) => self.current = Some(enc),
                 }
@@ -1137,7 +1153,7 @@ impl<S: PageSource> Sender<S> {
 
     /// The page's encoding (compressed where that saves bytes), or None for an all-zero page (sent
     /// as a zero run). Counts it as sent.
-    fn encode(&mut self, page: u32, push: bool) -> Option<Encoding> {
+    fn encode(&mut self, page: u32, push: bool, fault: bool) -> Option<Encoding> {
         self.stats.pages_sent += 1;
         let data = self.source.page(page);
         if data.iter().all(|&b| b == 0) {
@@ -1152,7 +1168,7 @@ impl<S: PageSource> Sender<S> {
             }
             None => (false, data.to_vec()),
         };
-        Some(Encoding { page, push, zstd, bytes, offset: 0 })
+        Some(Encoding { page, push, fault, zstd, bytes, offset: 0 })
     }
 
     /// An out-of-stream answer (see [`SenderConfig::unicast_answers`]): the page at the head of the
@@ -1170,20 +1186,30 @@ impl<S: PageSource> Sender<S> {
                     if !enc.write_into(&mut w) {
                         break;
                     }
+                    self.next_urgent |= enc.fault;
                     self.unicast = None;
                     continue;
                 }
                 if w.room() < 64 {
                     break;
                 }
-                let Some((page, _)) = self.queue.peek_requested() else { break };
+                let Some((page, priority)) = self.queue.peek_requested() else { break };
                 let asker = match self.requester.get(&page) {
                     Some(&Some(asker)) if node.is_none_or(|n| n == asker) => asker,
                     _ => break,
                 };
-                // While a push is to send every page to the group anyway, an answer in the stream
-                // spares the push its second transmission.
-                if node.is_none() && (self.queue.has_push() || !self.unicast_pays()) {
+                // While a push runs, only faults leave the stream: in it, the answer would reach the
+                // host behind the push data already on its way (up to a flow window, ~1.4 MiB), and
+                // the page goes to the group again when the push reaches it. Read-ahead and
+                // prefetch wait for the stream, which spares the push their second transmission.
+                // Whether they pay is not asked then: the page goes to the group once more anyway
+                // (the push, or the stream for a host that asks before the push reaches it), whoever
+                // else wants it.
+                let pushing = self.queue.has_push();
+                if pushing && priority != Priority::Fault {
+                    break;
+                }
+                if node.is_none() && !pushing && !self.unicast_pays() {
                     break;
                 }
                 if node.is_none() && !self.block_bodies.is_empty() {
@@ -1199,14 +1225,20 @@ impl<S: PageSource> Sender<S> {
                 self.unicast_sent.insert(page, (asker, self.now));
                 // Only pages a host faulted on count towards "another host then wanted it": read-ahead
                 // that ran past the end of a clone's share into another's is not sharing.
-                self.unicast_to[page as usize] = if priority == Some(Priority::Fault) { asker.0 } else { 0 };
-                self.unicast_recent =
-                    (self.unicast_recent.0 * UNICAST_DECAY + 1.0, self.unicast_recent.1 * UNICAST_DECAY);
+                // During a push a second asker costs nothing more (see above): not counted.
+                let counted = priority == Some(Priority::Fault) && !pushing;
+                self.unicast_to[page as usize] = if counted { asker.0 } else { 0 };
+                if !pushing {
+                    self.unicast_recent =
+                        (self.unicast_recent.0 * UNICAST_DECAY + 1.0, self.unicast_recent.1 * UNICAST_DECAY);
+                }
                 node = Some(asker);
                 self.stats.unicast_pages += 1;
-                match self.encode(page, false) {
+                let fault = priority == Some(Priority::Fault);
+                match self.encode(page, false, fault) {
                     None => {
                         w.push_zero_run(page, 1);
+                        self.next_urgent |= fault;
                     }
                     Some(enc) => self.unicast = Some((asker, enc)),
                 }
@@ -1315,7 +1347,7 @@ impl<S: PageSource> Sender<S> {
     pub fn enqueue_pages(&mut self, pages: &[u32], priority: Priority) {
         for &p in pages {
             if (p as usize) < self.page_block.len() {
-                self.queue.enqueue(p, priority);
+                self.queue.enqueue(p, priority, 0);
             }
         }
     }
