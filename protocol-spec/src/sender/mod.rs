@@ -1223,10 +1223,11 @@ impl<S: PageSource> Sender<S> {
                     self.unicast_sent.retain(|_, &mut (_, at)| now.saturating_since(at) < UNICAST_HOLD);
                 }
                 self.unicast_sent.insert(page, (asker, self.now));
-                // Only pages a host faulted on count towards "another host then wanted it": read-ahead
-                // that ran past the end of a clone's share into another's is not sharing.
-                // During a push a second asker costs nothing more (see above): not counted.
-                let counted = priority == Some(Priority::Fault) && !pushing;
+                // Only pages a host faulted on or prefetched (a bulk fetch, working-set hints) count
+                // towards "another host then wanted it": read-ahead that ran past the end of a clone's
+                // share into another's is not sharing. During a push a second asker costs nothing
+                // more (see above): not counted.
+                let counted = priority != Some(Priority::ReadAhead) && !pushing;
                 self.unicast_to[page as usize] = if counted { asker.0 } else { 0 };
                 if !pushing {
                     self.unicast_recent =
