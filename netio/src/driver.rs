@@ -11,7 +11,8 @@
 //!           (at once after a datagram Machine::urgent says answers a fault; between batches, a
 //!           new turn first if datagrams or the waker are ready, so arrivals never wait behind
 //!           everything the machine has queued)
-//!         wait_with(readable [+ writable if the socket was full], the waker fd, until poll_timeout)
+//!         wait_with(readable [+ writable if the socket was full], the waker fd, until poll_timeout);
+//!           or, while Machine::busy (a fault waits) and for up to busy_poll, a yield and a new turn
 //! ```
 //!
 //! * **One wait.** [`PacketIo::wait_with`] polls every descriptor the backend has (each AF_XDP
@@ -76,6 +77,12 @@ pub trait Machine {
     fn urgent(&self) -> bool {
         false
     }
+
+    /// Whether someone waits on what arrives next (a clone's fault): the driver then polls instead
+    /// of sleeping, for up to [`DriverConfig::busy_poll`] since the last arrival.
+    fn busy(&self) -> bool {
+        false
+    }
 }
 
 /// How a driver is set up.
@@ -91,6 +98,10 @@ pub struct DriverConfig {
     pub max_wait: Duration,
     /// Waits shorter than this yield the CPU instead of sleeping.
     pub spin_below: Duration,
+    /// While [`Machine::busy`], poll instead of sleeping for up to this long since the wait began
+    /// or the last datagram arrived (zero: never). Spares the wake-up of the thread when the answer
+    /// comes, at the cost of a CPU while someone waits anyway.
+    pub busy_poll: Duration,
     /// Waits shorter than this (and not shorter than `spin_below`) sleep without watching the
     /// backend: what arrives meanwhile waits for the timer, and is taken in one batch with what
     /// follows it. Longer waits then end half a nap early, so the timer is met by a nap. Zero: every
@@ -109,7 +120,15 @@ impl DriverConfig {
             max_wait: Duration::from_millis(100),
             spin_below: Duration::ZERO,
             nap_below: Duration::ZERO,
+            busy_poll: Duration::ZERO,
         }
+    }
+
+    /// Polls instead of sleeping while the machine is busy, for up to `busy_poll` at a time (see
+    /// [`DriverConfig::busy_poll`]).
+    pub fn busy_poll(mut self, busy_poll: Duration) -> DriverConfig {
+        self.busy_poll = busy_poll;
+        self
     }
 
     /// Sleeps blindly (see [`DriverConfig::nap_below`]) for waits shorter than `nap_below`.
@@ -151,6 +170,8 @@ pub struct DriverStats {
     pub urgent_sends: u64,
     /// Turns whose sending stopped, with more due, because datagrams or a command had arrived.
     pub tx_yields: u64,
+    /// Turns that polled again instead of sleeping because the machine was busy.
+    pub busy_polls: u64,
 }
 
 /// The event loop. See the module docs.
@@ -164,6 +185,10 @@ pub struct Driver {
     stats: DriverStats,
     /// The backend took fewer datagrams than were pending: wait for writability too.
     blocked: bool,
+    /// Since when the loop has polled for a busy machine with nothing arriving (None: not polling).
+    polling_since: Option<Instant>,
+    /// The last receive took datagrams.
+    received: bool,
 }
 
 impl std::fmt::Debug for Driver {
@@ -188,6 +213,8 @@ impl Driver {
             config,
             stats: DriverStats::default(),
             blocked: false,
+            polling_since: None,
+            received: false,
         })
     }
 
@@ -254,8 +281,10 @@ impl Driver {
     }
 
     fn receive(&mut self, machine: &mut dyn Machine) -> Result<(), IoError> {
+        self.received = false;
         for _ in 0..RX_ROUNDS {
             let n = self.io.recv_batch(&mut self.rx)?;
+            self.received |= n > 0;
             let now = self.now();
             self.stats.rx_datagrams += n as u64;
             for i in 0..n {
@@ -361,6 +390,19 @@ impl Driver {
             self.stats.spins += 1;
             std::thread::yield_now();
             return Ok(());
+        }
+        if !self.config.busy_poll.is_zero() && !self.blocked && machine.busy() {
+            let since = match self.polling_since {
+                Some(since) if !self.received => since,
+                _ => *self.polling_since.insert(Instant::now()),
+            };
+            if since.elapsed() < self.config.busy_poll {
+                self.stats.busy_polls += 1;
+                std::thread::yield_now();
+                return Ok(());
+            }
+        } else {
+            self.polling_since = None;
         }
         if wait < self.config.nap_below && !self.blocked {
             self.stats.waits += 1;

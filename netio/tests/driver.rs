@@ -301,3 +301,46 @@ fn arrivals_go_before_the_rest_of_a_long_send() {
     driver.turn(&mut m).expect("turn");
     assert_eq!((m.written, m.datagrams), (1000, 1), "read first, then the rest sent");
 }
+
+/// A machine that is busy (a fault waits) or not, with nothing to do.
+struct Waiting {
+    busy: bool,
+}
+
+impl Machine for Waiting {
+    fn on_datagram(&mut self, _now: Duration, _source: SocketAddrV4, _datagram: &mut [u8]) {}
+    fn on_turn(&mut self, _now: Duration) -> Flow {
+        Flow::Continue
+    }
+    fn poll_transmit(&mut self, _now: Duration, _buf: &mut [u8]) -> Option<(SocketAddrV4, usize)> {
+        None
+    }
+    fn poll_timeout(&self) -> Option<Duration> {
+        None
+    }
+    fn busy(&self) -> bool {
+        self.busy
+    }
+}
+
+#[test]
+fn a_busy_machine_is_polled_for_a_while_then_the_loop_sleeps() {
+    let io = MultiQueue::new(1);
+    let waits = io.waits.clone();
+    let mut cfg = config().busy_poll(Duration::from_millis(30));
+    cfg.max_wait = Duration::from_millis(5);
+    let mut driver = Driver::new(Box::new(io), cfg).expect("driver");
+    // Not busy: every turn waits in the backend.
+    let mut m = Waiting { busy: false };
+    driver.turn(&mut m).expect("turn");
+    assert_eq!((waits.lock().expect("lock").len(), driver.stats().busy_polls), (1, 0));
+    // Busy: turns poll without waiting, until the budget since the last arrival is spent.
+    m.busy = true;
+    let started = Instant::now();
+    while waits.lock().expect("lock").len() == 1 {
+        driver.turn(&mut m).expect("turn");
+        assert!(started.elapsed() < Duration::from_secs(5), "the busy poll never ended");
+    }
+    assert!(started.elapsed() >= Duration::from_millis(30), "slept before the budget: {:?}", started.elapsed());
+    assert!(driver.stats().busy_polls > 1);
+}

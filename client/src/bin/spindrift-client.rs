@@ -80,6 +80,12 @@ struct DaemonArgs {
     /// catches up with it); at most --read-ahead keeps it fixed.
     #[arg(long, default_value_t = 256)]
     read_ahead_max: u16,
+    /// While a clone's fault waits for the network, poll for the answer instead of sleeping, for up
+    /// to this many microseconds since the last arrival (0: always sleep). Spares a thread wake-up
+    /// per fault at the cost of a CPU while a clone waits anyway (bench page-path: one-page fault
+    /// p50 170-241 us with 300, 207-285 without; demo 4 hosts x 8 clones 0.86-0.95 s, 0.98-1.08 s).
+    #[arg(long, default_value_t = 300)]
+    busy_poll_us: u64,
     /// Most sessions live at once: sessions whose server ended them (or was lost) and that no clone
     /// uses do not count, and make room for new ones.
     #[arg(long, default_value_t = 8)]
@@ -307,6 +313,7 @@ fn daemon(args: DaemonArgs) -> Result<(), CliError> {
     config.session_linger = seconds("--session-linger-s", args.session_linger_s)?;
     config.read_ahead = args.read_ahead;
     config.read_ahead_max = args.read_ahead_max;
+    config.busy_poll = Duration::from_micros(args.busy_poll_us);
     config.io = args.io;
     config.max_sessions = args.max_sessions;
     config.validate()?;

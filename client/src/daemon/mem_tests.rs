@@ -72,6 +72,7 @@ impl Host {
             node: u32::from(interface),
             read_ahead: 4,
             read_ahead_max: 0,
+            busy_poll: Duration::ZERO,
             server_timeout: Duration::from_secs(3),
             max_sessions,
             linger: Duration::from_secs(3600),

@@ -74,6 +74,9 @@ pub struct DaemonConfig {
     pub read_ahead: u16,
     /// The window a sequential reader's read-ahead grows to (0 or at most `read_ahead`: fixed).
     pub read_ahead_max: u16,
+    /// How long the network thread polls, instead of sleeping, while a clone's fault waits (zero:
+    /// never).
+    pub busy_poll: Duration,
     /// Most sessions live at once (ended sessions no clone uses do not count).
     pub max_sessions: usize,
     /// How long an ended session that no clone uses keeps its cache (its server may start it again).
@@ -104,6 +107,7 @@ impl DaemonConfig {
             server_timeout: Duration::from_secs(10),
             read_ahead: 4,
             read_ahead_max: 256,
+            busy_poll: Duration::from_micros(300),
             max_sessions: 8,
             session_linger: Duration::from_secs(30),
             session_wait: Duration::from_secs(10),
@@ -207,6 +211,7 @@ pub fn run(config: &DaemonConfig, stop: &AtomicBool) -> Result<DaemonReport, Dae
         node: config.node,
         read_ahead: config.read_ahead,
         read_ahead_max: config.read_ahead_max,
+        busy_poll: config.busy_poll,
         server_timeout: config.server_timeout,
         max_sessions: config.max_sessions,
         linger: config.session_linger,

@@ -139,6 +139,7 @@ pub(crate) struct NetSettings {
     pub(crate) node: u32,
     pub(crate) read_ahead: u16,
     pub(crate) read_ahead_max: u16,
+    pub(crate) busy_poll: Duration,
     pub(crate) server_timeout: Duration,
     pub(crate) max_sessions: usize,
     pub(crate) linger: Duration,
@@ -226,8 +227,9 @@ impl NetThread {
         let endpoint = HostEndpoint::new(hc).map_err(NetError::Endpoint)?;
         let waker = Arc::new(Waker::new()?);
         let (tx, commands) = crossbeam_channel::unbounded();
-        let driver = Driver::new(io, DriverConfig::new(wire::MAX_DATAGRAM, wire::MIN_DATAGRAM))?
-            .with_waker(waker.clone() as Arc<dyn AsFd + Send + Sync>);
+        let driver =
+            Driver::new(io, DriverConfig::new(wire::MAX_DATAGRAM, wire::MIN_DATAGRAM).busy_poll(settings.busy_poll))?
+                .with_waker(waker.clone() as Arc<dyn AsFd + Send + Sync>);
         let node = NetNode {
             endpoint,
             server_timeout: settings.server_timeout,
@@ -301,6 +303,10 @@ impl Machine for NetNode {
 
     fn poll_timeout(&self) -> Option<Duration> {
         self.endpoint.poll_timeout().map(|t| t - Time::ZERO)
+    }
+
+    fn busy(&self) -> bool {
+        self.endpoint.faults_waiting()
     }
 }
 

@@ -654,6 +654,11 @@ impl<S: PageSink> HostEndpoint<S> {
         self.sessions.get_mut(&session).map(|s| &mut s.sink)
     }
 
+    /// Whether a fault of any session waits for its page (a driver may busy-poll meanwhile).
+    pub fn faults_waiting(&self) -> bool {
+        self.sessions.values().any(|s| s.receiver.faults_waiting())
+    }
+
     /// Sessions followed now (live or lingering).
     pub fn session_count(&self) -> usize {
         self.sessions.len()

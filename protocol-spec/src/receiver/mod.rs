@@ -345,6 +345,11 @@ impl Receiver {
         true
     }
 
+    /// Whether a fault (not only read-ahead or prefetch) waits for its page.
+    pub fn faults_waiting(&self) -> bool {
+        self.wants.has_fault()
+    }
+
     /// Pages held.
     pub fn pages_cached(&self) -> u32 {
         self.pages_cached
