@@ -149,6 +149,12 @@ pub struct Args {
     /// it; `off` multicasts every answer [default: on].
     #[arg(long, value_name = "on|off")]
     pub unicast_answers: Option<String>,
+    /// UDP segmentation offload: `on` hands the kernel runs of equal-size datagrams to one
+    /// destination as one send (`UDP_SEGMENT`), so its per-packet path runs once per run. In a
+    /// netlab lab a run stays one packet up to the receiving host, so link loss drops whole runs
+    /// [default: off].
+    #[arg(long, value_name = "on|off")]
+    pub gso: Option<String>,
     /// Packet I/O backend: `udp` (kernel sockets), `xdp` (AF_XDP; fails if it cannot be used) or
     /// `auto` (AF_XDP if it can be used here, else UDP with the reason logged). AF_XDP takes the
     /// interface's XDP hook and every datagram to the port: one AF_XDP process per interface and
@@ -188,6 +194,7 @@ struct FileConfig {
     min_receivers: Option<u32>,
     flow_control: Option<String>,
     unicast_answers: Option<String>,
+    gso: Option<String>,
     io: Option<String>,
     duration_s: Option<u64>,
     stats_json: Option<PathBuf>,
@@ -251,6 +258,8 @@ pub struct ServerConfig {
     pub flow_control: bool,
     /// Answer single-host requests by unicast, outside the stream.
     pub unicast_answers: bool,
+    /// UDP GSO on sends (the UDP backend only).
+    pub gso: bool,
     /// The packet I/O backend.
     pub io: IoKind,
     /// Run time limit.
@@ -277,6 +286,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("min_receivers", &self.min_receivers)
             .field("flow_control", &self.flow_control)
             .field("unicast_answers", &self.unicast_answers)
+            .field("gso", &self.gso)
             .field("io", &self.io)
             .field("duration", &self.duration)
             .field("stats_json", &self.stats_json)
@@ -320,6 +330,7 @@ impl ServerConfig {
             min_receivers: 1,
             flow_control: true,
             unicast_answers: true,
+            gso: false,
             io: IoKind::Udp,
             duration: None,
             stats_json: None,
@@ -488,6 +499,11 @@ impl ServerConfig {
             None | Some("on") => true,
             Some("off") => false,
             Some(other) => return Err(invalid("--unicast-answers", other, "is not one of on, off")),
+        };
+        c.gso = match args.gso.clone().or(file.gso).as_deref() {
+            None | Some("off") => false,
+            Some("on") => true,
+            Some(other) => return Err(invalid("--gso", other, "is not one of on, off")),
         };
         c.io = match args.io.clone().or(file.io) {
             None => IoKind::Udp,

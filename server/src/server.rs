@@ -190,7 +190,7 @@ pub fn serve_source<S: PageSource>(
     options: ServeOptions,
     stop: &AtomicBool,
 ) -> Result<SenderStats, ServerError> {
-    let udp = UdpConfig::new(config.iface, config.port).bind(Bind::Interface).multicast_ttl(1);
+    let udp = UdpConfig::new(config.iface, config.port).bind(Bind::Interface).multicast_ttl(1).gso(config.gso);
     let io = netio::open(config.io, &udp)?;
     serve_source_on(config, source, options, stop, io)
 }

@@ -59,8 +59,11 @@ fn good_flags_give_the_expected_config() {
         "42",
         "--epoch",
         "7",
+        "--gso",
+        "on",
     ])
     .expect("valid flags");
+    assert!(c.gso);
     assert_eq!(c.image_pages(), Some(3));
     assert_eq!(c.port, 7700);
     assert_eq!(c.session, 42);
@@ -144,6 +147,7 @@ fn bad_values_are_refused_with_clear_messages() {
     check(&["--key-hex", KEY, "--push", "some"], "--push some is not one of all, none");
     check(&["--key-hex", KEY, "--flow-control", "maybe"], "--flow-control maybe is not one of on, off");
     check(&["--key-hex", KEY, "--io", "dpdk"], "--io dpdk is not one of udp, xdp, auto");
+    check(&["--key-hex", KEY, "--gso", "yes"], "--gso yes is not one of on, off");
     let both = Args::try_parse_from(["spindrift-server", "--image", img, "--image-socket", "/tmp/x.sock"]);
     assert!(both.expect_err("both images").to_string().contains("cannot be used with"));
     check(&["--key-hex", KEY, "--rate", "fast"], "--rate fast is not a rate");
