@@ -43,6 +43,8 @@ pub struct DemoConfig {
     pub local_baseline: bool,
     /// The host daemons' `--read-ahead-max` (None: their default).
     pub read_ahead_max: Option<u16>,
+    /// More flags for every host daemon (e.g. `--busy-poll-us=300`).
+    pub daemon_flags: Vec<String>,
 }
 
 impl Default for DemoConfig {
@@ -59,6 +61,7 @@ impl Default for DemoConfig {
             private_clone_memory: false,
             local_baseline: false,
             read_ahead_max: None,
+            daemon_flags: Vec::new(),
         }
     }
 }
@@ -393,6 +396,7 @@ fn run_in_lab(
         if let Some(max) = config.read_ahead_max {
             cmd.args(["--read-ahead-max", &max.to_string()]);
         }
+        cmd.args(&config.daemon_flags);
         daemons.push((
             host.name().to_owned(),
             hdir.clone(),
@@ -567,6 +571,9 @@ pub struct DemoArgs {
     /// The host daemons' largest sequential read-ahead window, pages (default: theirs; 0: fixed).
     #[arg(long)]
     pub read_ahead_max: Option<u16>,
+    /// One more flag for every host daemon, e.g. `--daemon-flag=--busy-poll-us=300` (repeat it).
+    #[arg(long = "daemon-flag", allow_hyphen_values = true)]
+    pub daemon_flags: Vec<String>,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -586,6 +593,7 @@ pub fn demo_cmd(args: &DemoArgs) -> i32 {
         private_clone_memory: args.private_clone_memory,
         local_baseline: args.local_baseline,
         read_ahead_max: args.read_ahead_max,
+        daemon_flags: args.daemon_flags.clone(),
     };
     if !args.json {
         eprintln!(
