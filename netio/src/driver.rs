@@ -371,7 +371,9 @@ impl Driver {
             }
             // More is due: but datagrams that arrived meanwhile (a fault's request) or a command
             // go first, in a new turn, rather than after everything the machine has queued.
-            if self.woken() || self.io.wait(Interest::READABLE, Some(Duration::ZERO))?.readable {
+            let waker = self.waker.as_ref().map(|w| w.as_fd());
+            let ready = self.io.wait_with(Interest::READABLE, Some(Duration::ZERO), waker)?;
+            if ready.readable || ready.woken {
                 self.stats.tx_yields += 1;
                 self.blocked = false;
                 return Ok(());

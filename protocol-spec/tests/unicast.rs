@@ -25,6 +25,26 @@ fn image(pages: usize) -> Vec<u8> {
         .collect()
 }
 
+const KEY: SessionKey = SessionKey([9; 32]);
+const SESSION: SessionId = SessionId(7);
+
+/// The server of `img` at 1472-byte datagrams.
+fn sender(img: &[u8], unicast: bool, push: PushPolicy) -> Sender<Image> {
+    let mut cfg = SenderConfig::new(SESSION, 1, KEY, 12);
+    cfg.unicast_answers = unicast;
+    cfg.max_datagram = 1472;
+    cfg.push = push;
+    Sender::new(cfg, Image(img.to_vec()), Time::ZERO).expect("sender")
+}
+
+/// Host `node` of an image of `pages` pages, following the stream from its start.
+fn receiver(node: u32, pages: usize, read_ahead: u16) -> Receiver {
+    let mut c = ReceiverConfig::new(SESSION, NodeId(node), KEY, 12, pages as u32);
+    c.stream_start = Some(0);
+    c.read_ahead = read_ahead;
+    Receiver::new(c, Time::ZERO).expect("receiver")
+}
+
 /// What one run did.
 struct Outcome {
     /// Datagrams each receiver got.
@@ -59,21 +79,8 @@ fn run_with(
     drop: impl Fn(usize, u64) -> bool,
 ) -> Outcome {
     let img = image(pages);
-    let key = SessionKey([9; 32]);
-    let session = SessionId(7);
-    let mut cfg = SenderConfig::new(session, 1, key.clone(), 12);
-    cfg.unicast_answers = unicast;
-    cfg.max_datagram = 1472;
-    cfg.push = push;
-    let mut sender = Sender::new(cfg, Image(img.clone()), Time::ZERO).expect("sender");
-    let mut rx: Vec<Receiver> = (1..=receivers)
-        .map(|n| {
-            let mut c = ReceiverConfig::new(session, NodeId(n as u32), key.clone(), 12, pages as u32);
-            c.stream_start = Some(0);
-            c.read_ahead = 2;
-            Receiver::new(c, Time::ZERO).expect("receiver")
-        })
-        .collect();
+    let mut sender = sender(&img, unicast, push);
+    let mut rx: Vec<Receiver> = (1..=receivers).map(|n| receiver(n as u32, pages, 2)).collect();
     let mut sinks: Vec<Check<'_>> =
         (0..receivers).map(|_| Check { image: &img, stored: vec![false; pages], bad: 0 }).collect();
     let orders: Vec<Vec<u32>> = (0..receivers).map(&wants).collect();
@@ -142,17 +149,8 @@ fn during_a_push_only_faults_leave_the_stream() {
 fn the_datagram_finishing_a_faulted_page_is_urgent() {
     for unicast in [false, true] {
         let pages = 64;
-        let img = image(pages);
-        let key = SessionKey([9; 32]);
-        let session = SessionId(7);
-        let mut cfg = SenderConfig::new(session, 1, key.clone(), 12);
-        cfg.unicast_answers = unicast;
-        cfg.max_datagram = 1472;
-        let mut sender = Sender::new(cfg, Image(img.clone()), Time::ZERO).expect("sender");
-        let mut c = ReceiverConfig::new(session, NodeId(1), key, 12, pages as u32);
-        c.stream_start = Some(0);
-        c.read_ahead = 4;
-        let mut rx = Receiver::new(c, Time::ZERO).expect("receiver");
+        let mut sender = sender(&image(pages), unicast, PushPolicy::None);
+        let mut rx = receiver(1, pages, 4);
         let now = Time::ZERO;
         let mut buf = vec![0u8; 2048];
         assert!(!rx.fault(now, 10));

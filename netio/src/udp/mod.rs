@@ -426,41 +426,18 @@ impl UdpIo {
     /// Opens a socket as `config` says: validate, create, set options, bind, join.
     pub fn open(config: &UdpConfig) -> Result<UdpIo, UdpError> {
         config.validate()?;
-        let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(UdpError::Socket)?;
-        let set = |option: &'static str, value: String| move |source| UdpError::SetOption { option, value, source };
-        socket.set_nonblocking(true).map_err(set("O_NONBLOCK", "on".into()))?;
-        if config.reuse_address {
-            socket.set_reuse_address(true).map_err(set("SO_REUSEADDR", "on".into()))?;
-        }
-        set_buffer(&socket, Buffer::Recv, config.recv_buffer)?;
-        set_buffer(&socket, Buffer::Send, config.send_buffer)?;
-        sys::set_int_option(socket.as_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1)
-            .map_err(set("IP_PKTINFO", "on".into()))?;
-
-        let bind_addr = config.bind_addr();
-        socket.bind(&SockAddr::from(bind_addr)).map_err(|source| UdpError::Bind {
-            addr: bind_addr,
-            hint: hint(Step::Bind, &source, *bind_addr.ip()),
+        let (socket, local) = open_socket(config, config.bind_addr(), |socket| {
+            let set = |option: &'static str| move |source| UdpError::SetOption { option, value: "on".into(), source };
+            if config.reuse_address {
+                socket.set_reuse_address(true).map_err(set("SO_REUSEADDR"))?;
+            }
+            sys::set_int_option(socket.as_fd(), libc::IPPROTO_IP, libc::IP_PKTINFO, 1).map_err(set("IP_PKTINFO"))
+        })?;
+        socket.set_multicast_all_v4(false).map_err(|source| UdpError::SetOption {
+            option: "IP_MULTICAST_ALL",
+            value: "off".into(),
             source,
         })?;
-        socket.set_multicast_if_v4(&config.interface).map_err(|source| UdpError::MulticastInterface {
-            interface: config.interface,
-            hint: hint(Step::MulticastInterface, &source, config.interface),
-            source,
-        })?;
-        socket
-            .set_multicast_ttl_v4(config.multicast_ttl)
-            .map_err(set("IP_MULTICAST_TTL", config.multicast_ttl.to_string()))?;
-        socket
-            .set_multicast_loop_v4(config.multicast_loop)
-            .map_err(set("IP_MULTICAST_LOOP", config.multicast_loop.to_string()))?;
-        socket.set_multicast_all_v4(false).map_err(set("IP_MULTICAST_ALL", "off".into()))?;
-
-        let local = socket
-            .local_addr()
-            .map_err(UdpError::LocalAddr)?
-            .as_socket_ipv4()
-            .ok_or_else(|| UdpError::LocalAddr(io::Error::other("the socket has no IPv4 address")))?;
         let get = |option| move |source| UdpError::GetOption { option, source };
         let recv_buffer = socket.recv_buffer_size().map_err(get("SO_RCVBUF"))?;
         let send_buffer = socket.send_buffer_size().map_err(get("SO_SNDBUF"))?;
@@ -584,18 +561,23 @@ impl UdpIo {
     }
 }
 
-/// The reply socket: non-blocking, bound to the interface address on a port the kernel picks, with
-/// the configured buffers, multicast out of the interface with the configured TTL.
-fn open_reply(config: &UdpConfig) -> Result<(Socket, SocketAddrV4), UdpError> {
+/// A non-blocking UDP socket with the configured buffers, `before_bind`'s options, bound to `bind`,
+/// sending multicast out of the interface with the configured TTL and loop setting; with the
+/// address it got.
+fn open_socket(
+    config: &UdpConfig,
+    bind: SocketAddrV4,
+    before_bind: impl FnOnce(&Socket) -> Result<(), UdpError>,
+) -> Result<(Socket, SocketAddrV4), UdpError> {
     let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).map_err(UdpError::Socket)?;
     let set = |option: &'static str, value: String| move |source| UdpError::SetOption { option, value, source };
-    socket.set_nonblocking(true).map_err(set("O_NONBLOCK", "on (reply socket)".into()))?;
+    socket.set_nonblocking(true).map_err(set("O_NONBLOCK", "on".into()))?;
     set_buffer(&socket, Buffer::Recv, config.recv_buffer)?;
     set_buffer(&socket, Buffer::Send, config.send_buffer)?;
-    let addr = SocketAddrV4::new(config.interface, 0);
-    socket.bind(&SockAddr::from(addr)).map_err(|source| UdpError::Bind {
-        addr,
-        hint: hint(Step::Bind, &source, config.interface),
+    before_bind(&socket)?;
+    socket.bind(&SockAddr::from(bind)).map_err(|source| UdpError::Bind {
+        addr: bind,
+        hint: hint(Step::Bind, &source, *bind.ip()),
         source,
     })?;
     socket.set_multicast_if_v4(&config.interface).map_err(|source| UdpError::MulticastInterface {
@@ -606,13 +588,21 @@ fn open_reply(config: &UdpConfig) -> Result<(Socket, SocketAddrV4), UdpError> {
     socket
         .set_multicast_ttl_v4(config.multicast_ttl)
         .map_err(set("IP_MULTICAST_TTL", config.multicast_ttl.to_string()))?;
-    socket.set_multicast_loop_v4(config.multicast_loop).map_err(set("IP_MULTICAST_LOOP", "reply socket".into()))?;
+    socket
+        .set_multicast_loop_v4(config.multicast_loop)
+        .map_err(set("IP_MULTICAST_LOOP", config.multicast_loop.to_string()))?;
     let local = socket
         .local_addr()
         .map_err(UdpError::LocalAddr)?
         .as_socket_ipv4()
-        .ok_or_else(|| UdpError::LocalAddr(io::Error::other("the reply socket has no IPv4 address")))?;
+        .ok_or_else(|| UdpError::LocalAddr(io::Error::other("the socket has no IPv4 address")))?;
     Ok((socket, local))
+}
+
+/// The reply socket ([`UdpConfig::reply_socket`]): bound to the interface address on a port the
+/// kernel picks, otherwise set up as the main socket.
+fn open_reply(config: &UdpConfig) -> Result<(Socket, SocketAddrV4), UdpError> {
+    open_socket(config, SocketAddrV4::new(config.interface, 0), |_| Ok(()))
 }
 
 /// Receives into `batch` from `fd` until it is drained or the batch is full; false on an error

@@ -156,31 +156,26 @@ impl<S: PageSource> ServerEndpoint<S> {
         };
         let mut found = None;
         let hosts = &self.hosts;
-        let address = |id: SessionId, group: SocketAddrV4, t: Transmit| match t.destination {
-            Destination::Group => group,
-            // A host heard from (it asked): its address; else the group, which reaches it too.
-            Destination::Node(node) => hosts.get(&(id, node)).copied().unwrap_or(group),
+        let outgoing = |id: SessionId, group: SocketAddrV4, t: Transmit| ServerTransmit {
+            len: t.len,
+            destination: match t.destination {
+                Destination::Group => group,
+                // A host heard from (it asked): its address; else the group, which reaches it too.
+                Destination::Node(node) => hosts.get(&(id, node)).copied().unwrap_or(group),
+            },
+            session: id,
+            urgent: t.urgent,
         };
         for (&id, (sender, group)) in first {
             if let Some(t) = sender.poll_transmit(now, buf) {
-                found = Some(ServerTransmit {
-                    len: t.len,
-                    destination: address(id, *group, t),
-                    session: id,
-                    urgent: t.urgent,
-                });
+                found = Some(outgoing(id, *group, t));
                 break;
             }
         }
         if let (None, Some(l)) = (found, last) {
             for (&id, (sender, group)) in self.sessions.range_mut(..=l) {
                 if let Some(t) = sender.poll_transmit(now, buf) {
-                    found = Some(ServerTransmit {
-                        len: t.len,
-                        destination: address(id, *group, t),
-                        session: id,
-                        urgent: t.urgent,
-                    });
+                    found = Some(outgoing(id, *group, t));
                     break;
                 }
             }

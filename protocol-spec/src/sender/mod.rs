@@ -1216,7 +1216,8 @@ impl<S: PageSource> Sender<S> {
                     // The stream's open block ends here: nothing more may follow it for a while.
                     self.close_block(now);
                 }
-                let priority = self.queue.pop_requested().map(|(_, p)| p);
+                // The page peeked at above, at that priority.
+                self.queue.pop_requested();
                 self.requester.remove(&page);
                 if self.unicast_sent.len() > 4 * UNICAST_HOLD_PAGES {
                     let now = self.now;
@@ -1227,7 +1228,7 @@ impl<S: PageSource> Sender<S> {
                 // towards "another host then wanted it": read-ahead that ran past the end of a clone's
                 // share into another's is not sharing. During a push a second asker costs nothing
                 // more (see above): not counted.
-                let counted = priority != Some(Priority::ReadAhead) && !pushing;
+                let counted = priority != Priority::ReadAhead && !pushing;
                 self.unicast_to[page as usize] = if counted { asker.0 } else { 0 };
                 if !pushing {
                     self.unicast_recent =
@@ -1235,7 +1236,7 @@ impl<S: PageSource> Sender<S> {
                 }
                 node = Some(asker);
                 self.stats.unicast_pages += 1;
-                let fault = priority == Some(Priority::Fault);
+                let fault = priority == Priority::Fault;
                 match self.encode(page, false, fault) {
                     None => {
                         w.push_zero_run(page, 1);

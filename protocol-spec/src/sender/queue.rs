@@ -36,12 +36,13 @@ impl Lane {
     /// place.
     fn front(&mut self, live: impl Fn(u32) -> bool) -> Option<u32> {
         while let Some(&node) = self.turn.front() {
-            let fifo = self.fifos.entry(node).or_default();
-            while let Some(&page) = fifo.front() {
-                if live(page) {
-                    return Some(page);
+            if let Some(fifo) = self.fifos.get_mut(&node) {
+                while let Some(&page) = fifo.front() {
+                    if live(page) {
+                        return Some(page);
+                    }
+                    fifo.pop_front();
                 }
-                fifo.pop_front();
             }
             self.fifos.remove(&node);
             self.turn.pop_front();
