@@ -8,6 +8,7 @@ packages=(
   nftables     # netlab: random loss on links
   iperf3       # netlab: a third-party tool that must see the lab as a real network
   udpcast      # bench vs-udpcast: udp-sender/udp-receiver, the eager multicast baseline
+  uftp         # bench line-rate: uftp/uftpd, the paced NAK-based multicast baseline
   iputils-ping # netio: the AF_XDP lab test pings across a host whose XDP program is attached
 )
 # The AF_XDP backend needs no compiler, libbpf or libxdp: its XDP program is emitted as eBPF

@@ -284,6 +284,52 @@ pub fn read_json(path: &Path) -> Option<serde_json::Value> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
+/// Where `tool` is in `PATH`.
+pub fn which(tool: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.exists()).context("not in PATH")
+}
+
+/// `path` holds exactly `image`.
+pub fn same_file(path: &Path, image: &[u8]) -> bool {
+    std::fs::read(path).is_ok_and(|b| b == image)
+}
+
+/// Exit descriptions and file checks of the receivers, with the tail of a failed one's log.
+pub fn check_receivers(
+    tool: &str,
+    done: &[(Option<String>, PathBuf)],
+    image: &[u8],
+    log_of: impl Fn(usize) -> PathBuf,
+) -> (bool, Vec<String>) {
+    let mut receivers = Vec::new();
+    let mut all_correct = true;
+    for (i, (status, out)) in done.iter().enumerate() {
+        let ok = same_file(out, image);
+        all_correct &= ok && status.as_deref() == Some("ok");
+        receivers.push(format!(
+            "h{}: {}, {}",
+            i + 1,
+            status.as_deref().unwrap_or("timed out"),
+            if ok { "file matches" } else { "FILE DIFFERS" }
+        ));
+        if !ok || status.as_deref() != Some("ok") {
+            let log = std::fs::read_to_string(log_of(i + 1)).unwrap_or_default();
+            eprintln!("{tool} h{}: {}", i + 1, log.lines().rev().take(5).collect::<Vec<_>>().join(" | "));
+        }
+    }
+    (all_correct, receivers)
+}
+
+/// A random image of `pages` 4 KiB pages, from `seed`.
+pub fn random_image(pages: u64, seed: u64) -> Vec<u8> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut image = vec![0u8; (pages * 4096) as usize];
+    rng.fill(image.as_mut_slice());
+    image
+}
+
 /// One whole-image push: `spindrift-server --image IMG --push all` on h0 and
 /// `spindrift-client fetch` on h1..=`hosts`.
 pub struct Push<'a> {

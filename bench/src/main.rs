@@ -8,11 +8,13 @@
 //! bench xdp [--hosts 4] [--size 1400,8000] [--seconds 5] [--sink hosts|switch-drop] [--json]
 //! bench xdp-daemons [--hosts 4] [--mib 64] [--mtu 1500,9000] [--io udp,xdp] [--loss 0] [--json]
 //! bench page-path [--mib 64] [--fraction 0.05] [--json]
+//! bench line-rate [--rows 1x1gbit,4x250mbit,16x100mbit] [--loss 0,0.02] [--modes paced,uftp] [--json]
 //! ```
 //! Logs go to stderr (`RUST_LOG=debug` for more); results go to stdout.
 
 mod args;
 mod lab_run;
+mod line_rate_cmd;
 mod matrix;
 mod page_path_cmd;
 mod push_cmd;
@@ -54,6 +56,9 @@ enum Command {
     /// handler, a whole-image fetch, faults on an idle server, cache hits, faults during a push
     /// (needs root and the release spindrift-server and spindrift-client).
     PagePath(page_path_cmd::PagePathArgs),
+    /// A whole image to hosts behind shaped links, paced at a fraction of the link, beside uftp
+    /// at the same rate in the same lab (needs root, nftables, uftp and the release binaries).
+    LineRate(line_rate_cmd::LineRateArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -73,6 +78,7 @@ fn main() -> std::process::ExitCode {
         Command::Xdp(args) => xdp_cmd::run(&args),
         Command::XdpDaemons(args) => xdp_daemons_cmd::run(&args),
         Command::PagePath(args) => page_path_cmd::run(&args),
+        Command::LineRate(args) => line_rate_cmd::run(&args),
     };
     match result {
         Ok(code) => code,

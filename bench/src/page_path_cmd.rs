@@ -192,14 +192,6 @@ fn udp_baseline(lab: &Lab, seconds: f64) -> anyhow::Result<f64> {
     Ok(bytes as f64 / span / 1e6)
 }
 
-/// A random image of `pages` pages, from `seed`.
-fn random_image(pages: u64, seed: u64) -> Vec<u8> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut image = vec![0u8; (pages * 4096) as usize];
-    rng.fill(image.as_mut_slice());
-    image
-}
-
 /// `count` distinct pages of `[lo, hi)` in random order, from `seed`.
 fn random_pages(lo: u64, hi: u64, count: u64, seed: u64) -> Vec<u64> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
@@ -682,7 +674,7 @@ pub fn run(args: &PagePathArgs) -> anyhow::Result<ExitCode> {
     let mut scratch = Scratch::new("page-path", args.keep)?;
     let pages = args.mib * 256;
     let image_path = scratch.path("image.img");
-    std::fs::write(&image_path, random_image(pages, args.seed))?;
+    std::fs::write(&image_path, crate::lab_run::random_image(pages, args.seed))?;
     let mut out = PagePath { image_bytes: pages * 4096, ..PagePath::default() };
     let measured = {
         let ctx = Ctx {

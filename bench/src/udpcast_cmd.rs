@@ -32,7 +32,7 @@ use netlab::{Lab, LabConfig, LinkConditions, Loss};
 use serde::Serialize;
 
 use crate::args;
-use crate::lab_run::{tx_counters, wait_all, Binaries, Proc, Push, Scratch};
+use crate::lab_run::{check_receivers, tx_counters, wait_all, which, Binaries, Proc, Push, Scratch};
 
 /// The comparison's knobs.
 #[derive(Debug, Clone, Args)]
@@ -182,41 +182,6 @@ pub fn run(a: &VsUdpcastArgs) -> anyhow::Result<ExitCode> {
         print!("{}", table(&cmp));
     }
     Ok(if cmp.results.iter().all(|r| r.all_correct) { ExitCode::SUCCESS } else { ExitCode::from(1) })
-}
-
-fn which(tool: &str) -> anyhow::Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).map(|d| d.join(tool)).find(|p| p.exists()).context("not in PATH")
-}
-
-fn same_file(path: &Path, image: &[u8]) -> bool {
-    std::fs::read(path).is_ok_and(|b| b == image)
-}
-
-/// Exit descriptions and file checks of the receivers, with the tail of a failed one's log.
-fn check_receivers(
-    tool: &str,
-    done: &[(Option<String>, PathBuf)],
-    image: &[u8],
-    log_of: impl Fn(usize) -> PathBuf,
-) -> (bool, Vec<String>) {
-    let mut receivers = Vec::new();
-    let mut all_correct = true;
-    for (i, (status, out)) in done.iter().enumerate() {
-        let ok = same_file(out, image);
-        all_correct &= ok && status.as_deref() == Some("ok");
-        receivers.push(format!(
-            "h{}: {}, {}",
-            i + 1,
-            status.as_deref().unwrap_or("timed out"),
-            if ok { "file matches" } else { "FILE DIFFERS" }
-        ));
-        if !ok || status.as_deref() != Some("ok") {
-            let log = std::fs::read_to_string(log_of(i + 1)).unwrap_or_default();
-            eprintln!("{tool} h{}: {}", i + 1, log.lines().rev().take(5).collect::<Vec<_>>().join(" | "));
-        }
-    }
-    (all_correct, receivers)
 }
 
 fn spindrift(lab: &Lab, push: &Push<'_>, name: &str, image: &[u8]) -> anyhow::Result<ToolResult> {

@@ -1,0 +1,447 @@
+//! `bench line-rate`: a whole image to hosts behind shaped links, paced at a fraction of the link,
+//! beside uftp at the same rate in the same lab.
+//!
+//! ```text
+//! bench line-rate [--rows 1x1gbit,4x250mbit,16x100mbit] [--loss 0,0.02] [--modes paced,uftp]
+//!                 [--pace 0.9] [--mib 64] [--timeout-s 120] [--json]
+//! ```
+//!
+//! For each row `HxRATE` and each loss, one netlab lab: h0 serves, h1..hH receive, each behind
+//! a link of `RATE` (a `tbf` qdisc on its switch port, netlab's queue of 50 ms) that loses the
+//! given fraction of what it carries (nftables, independently per packet and per host). In it,
+//! every mode moves the same random image to every receiver:
+//!
+//! * `paced`: `spindrift-server --push all --min-receivers H --rate PACE*RATE` on h0,
+//!   `spindrift-client fetch --verify` on each receiver;
+//! * `unpaced`: the same without `--rate` (what congestion control must beat);
+//! * `uftp`: Debian's uftp (`uftp -R PACE*RATE`, closed group of the H receivers, no encryption,
+//!   the lab's sub-millisecond round trip as its initial GRTT) to `uftpd` on each receiver;
+//! * `uftp-cc`: uftp with TFMCC congestion control (`-C tfmcc`), the link rate as its cap.
+//!
+//! Reported per run: wall time (spindrift: from starting the fetches to the last one's exit;
+//! uftp: the sender's whole run, registration and completion included), goodput (image bytes
+//! over wall) as a fraction of the link, what h0's `eth0` sent over the image, spindrift's
+//! requests per page it sent (Request messages, the figure a request storm inflates) and pages
+//! asked for per page sent, and the packets the receivers' bottleneck qdiscs dropped as a
+//! fraction of those they carried. Needs root, nftables and uftp (`scripts/setup.sh`) and the
+//! release spindrift binaries beside this one (or `--bin-dir`). Every process is killed and the
+//! lab removed whatever happens.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use netlab::{Lab, LabConfig, LinkConditions, Loss, Rate};
+use serde::Serialize;
+
+use crate::args;
+use crate::lab_run::{check_receivers, random_image, tx_counters, wait_all, which, Binaries, Proc, Push, Scratch};
+
+/// One way of moving the image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// spindrift paced at `--pace` of the link.
+    Paced,
+    /// spindrift without a rate.
+    Unpaced,
+    /// uftp at `--pace` of the link.
+    Uftp,
+    /// uftp with TFMCC, capped at the link rate.
+    UftpCc,
+}
+
+/// The benchmark's knobs.
+#[derive(Debug, Clone, Args)]
+pub struct LineRateArgs {
+    /// Rows as HOSTSxRATE (receiving hosts and each one's link), comma-separated.
+    #[arg(long, default_value = "1x1gbit,4x250mbit,16x100mbit", value_delimiter = ',')]
+    pub rows: Vec<String>,
+    /// Link loss rates to run every row with, each in [0, 1).
+    #[arg(long, default_value = "0,0.02", value_delimiter = ',', value_parser = args::probability)]
+    pub loss: Vec<f64>,
+    /// Modes to run in every row and loss.
+    #[arg(long, default_value = "paced,uftp", value_delimiter = ',')]
+    pub modes: Vec<Mode>,
+    /// Pacing rate as a fraction of the link rate, in (0, 1].
+    #[arg(long, default_value = "0.9", value_parser = args::fraction)]
+    pub pace: f64,
+    /// Image size, MiB (random bytes).
+    #[arg(long, default_value = "64")]
+    pub mib: u32,
+    /// Seed of the image.
+    #[arg(long, default_value = "1")]
+    pub seed: u64,
+    /// Longest one run may take, seconds.
+    #[arg(long, default_value = "120")]
+    pub timeout_s: u64,
+    /// Where spindrift-server and spindrift-client are (default: beside this binary).
+    #[arg(long)]
+    pub bin_dir: Option<PathBuf>,
+    /// Extra flags for spindrift-server (split on spaces).
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    pub server_flags: String,
+    /// Keep the scratch directory (logs, statistics) and print its path.
+    #[arg(long)]
+    pub keep: bool,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One run of one mode in one row.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunResult {
+    /// Receiving hosts.
+    pub hosts: usize,
+    /// Each receiver's link, bits per second.
+    pub link_bps: u64,
+    /// Link loss.
+    pub loss: f64,
+    /// The mode.
+    pub mode: Mode,
+    /// The sender's rate setting, bits per second (None: none).
+    pub rate_bps: Option<u64>,
+    /// Seconds (see the module docs for what each mode's wall covers).
+    pub wall_s: f64,
+    /// Image bits over wall, over the link rate.
+    pub goodput_of_link: f64,
+    /// Bytes h0's eth0 sent (layer 2), over the image.
+    pub bytes_per_image: f64,
+    /// spindrift: Request messages received per page sent.
+    pub requests_per_page: Option<f64>,
+    /// spindrift: pages asked for (all requests together) per page sent.
+    pub pages_requested_per_page: Option<f64>,
+    /// spindrift: pages sent by the push, over pages sent.
+    pub pushed_fraction: Option<f64>,
+    /// Packets dropped by the receivers' bottleneck qdiscs.
+    pub bottleneck_drops: u64,
+    /// Those drops over the packets the qdiscs carried.
+    pub drop_fraction: f64,
+    /// The sender's CPU seconds (spindrift only).
+    pub server_cpu_s: Option<f64>,
+    /// Every receiver got the whole image, bit for bit.
+    pub all_correct: bool,
+}
+
+/// Everything the benchmark measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Image bytes.
+    pub image_bytes: u64,
+    /// Pacing fraction.
+    pub pace: f64,
+    /// One entry per row, loss and mode.
+    pub runs: Vec<RunResult>,
+}
+
+const SPINDRIFT_PORT: u16 = 7710;
+const UFTP_PORT: u16 = 7720;
+
+/// Runs `bench line-rate`.
+pub fn run(a: &LineRateArgs) -> anyhow::Result<ExitCode> {
+    if a.mib == 0 || a.mib > 1024 {
+        bail!("--mib {} is out of range: 1..=1024", a.mib);
+    }
+    let rows = a.rows.iter().map(|r| parse_row(r)).collect::<anyhow::Result<Vec<_>>>()?;
+    netlab::check_prerequisites().context("netlab needs root and iproute2")?;
+    netlab::preflight::check_nft().context("netlab's loss needs nftables")?;
+    let bins = Binaries::find(a.bin_dir.as_deref())?;
+    if a.modes.iter().any(|m| matches!(m, Mode::Uftp | Mode::UftpCc)) {
+        for tool in ["uftp", "uftpd"] {
+            which(tool).with_context(|| format!("{tool} not found: install uftp (scripts/setup.sh)"))?;
+        }
+    }
+    let scratch = Scratch::new("line-rate", a.keep)?;
+    let image = random_image(u64::from(a.mib) * 256, a.seed);
+    let image_path = scratch.path("image.img");
+    std::fs::write(&image_path, &image)?;
+    let timeout = Duration::from_secs(a.timeout_s);
+    let mut runs = Vec::new();
+    for &(hosts, link) in &rows {
+        for &loss in &a.loss {
+            let mut cond = LinkConditions::new().with_rate_rx(Some(link));
+            if loss > 0.0 {
+                cond = cond.with_loss_rx(Loss::from_probability(loss)?);
+            }
+            let mut cfg = LabConfig::new(netlab::unique_lab_name("lrate"), hosts + 1);
+            for i in 1..=hosts {
+                cfg = cfg.host_conditions(i, cond);
+            }
+            let lab = Lab::create(&cfg).context("creating the lab")?;
+            eprintln!("lab {}: h1..h{hosts} behind {link} each, {}% loss", lab.name(), loss * 100.0);
+            for &mode in &a.modes {
+                let ctx = RunCtx { a, lab: &lab, bins: &bins, scratch: &scratch, image: &image, image_path: &image_path };
+                let tag = format!("{hosts}x{link}-{}-{mode:?}", loss * 100.0);
+                let r = ctx.run(&tag, hosts, link, loss, mode, timeout)?;
+                eprintln!(
+                    "  {mode:?}: {:.2} s, {:.1}% of the link, {:.3}x the image, drops {:.2}%{}",
+                    r.wall_s,
+                    r.goodput_of_link * 100.0,
+                    r.bytes_per_image,
+                    r.drop_fraction * 100.0,
+                    if r.all_correct { "" } else { ", NOT ALL CORRECT" }
+                );
+                runs.push(r);
+            }
+            drop(lab);
+        }
+    }
+    let report = Report { image_bytes: image.len() as u64, pace: a.pace, runs };
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", table(&report));
+    }
+    Ok(if report.runs.iter().all(|r| r.all_correct) { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Parses `HOSTSxRATE`, e.g. `4x250mbit`.
+fn parse_row(text: &str) -> anyhow::Result<(usize, Rate)> {
+    let (h, r) = text.split_once('x').with_context(|| format!("row `{text}` is not HOSTSxRATE (e.g. 4x250mbit)"))?;
+    let hosts: usize = h.trim().parse().with_context(|| format!("row `{text}`: `{h}` is not a host count"))?;
+    if hosts == 0 || hosts > 64 {
+        bail!("row `{text}`: {hosts} hosts is out of range 1..=64");
+    }
+    let rate: Rate = r.parse().with_context(|| format!("row `{text}`: bad rate"))?;
+    Ok((hosts, rate))
+}
+
+/// Sums (packets, drops) of the receivers' bottleneck qdiscs (their switch ports' root `tbf`).
+fn bottleneck_counters(lab: &Lab, hosts: usize) -> anyhow::Result<(u64, u64)> {
+    let mut total = (0, 0);
+    for i in 1..=hosts {
+        let port = lab.host(i)?.switch_port();
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.switch_netns(), "tc", "-s", "-j", "qdisc", "show", "dev", &port])
+            .output()
+            .context("running tc in the switch namespace")?;
+        if !out.status.success() {
+            bail!("tc -s qdisc show dev {port} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("tc -j output")?;
+        let root = v
+            .as_array()
+            .and_then(|qs| qs.iter().find(|q| q["kind"] == "tbf"))
+            .with_context(|| format!("no tbf qdisc on {port}: {v}"))?;
+        total.0 += root["packets"].as_u64().unwrap_or(0);
+        total.1 += root["drops"].as_u64().unwrap_or(0);
+    }
+    Ok(total)
+}
+
+struct RunCtx<'a> {
+    a: &'a LineRateArgs,
+    lab: &'a Lab,
+    bins: &'a Binaries,
+    scratch: &'a Scratch,
+    image: &'a [u8],
+    image_path: &'a std::path::Path,
+}
+
+impl RunCtx<'_> {
+    fn run(
+        &self,
+        tag: &str,
+        hosts: usize,
+        link: Rate,
+        loss: f64,
+        mode: Mode,
+        timeout: Duration,
+    ) -> anyhow::Result<RunResult> {
+        let paced = (link.bits_per_sec() as f64 * self.a.pace).round() as u64;
+        let rate_bps = match mode {
+            Mode::Paced | Mode::Uftp => Some(paced),
+            Mode::UftpCc => Some(link.bits_per_sec()),
+            Mode::Unpaced => None,
+        };
+        let h0 = self.lab.host(0)?;
+        let (tx0, _) = tx_counters(h0)?;
+        let (pk0, dr0) = bottleneck_counters(self.lab, hosts)?;
+        let index = (self.lab.index() % 256) as u8;
+        let (wall_s, all_correct, server_cpu_s, stats) = match mode {
+            Mode::Paced | Mode::Unpaced => {
+                let mut server_flags: Vec<String> =
+                    self.a.server_flags.split_whitespace().map(str::to_string).collect();
+                if let Some(bps) = rate_bps {
+                    server_flags.extend(["--rate".to_string(), format!("{bps}bit")]);
+                }
+                let push = Push {
+                    bins: self.bins,
+                    scratch: self.scratch,
+                    tag,
+                    image: self.image_path,
+                    image_bytes: self.image.len() as u64,
+                    group: Ipv4Addr::new(239, 79, index, 1),
+                    port: SPINDRIFT_PORT,
+                    hosts,
+                    io: None,
+                    mtu: None,
+                    min_receivers: true,
+                    verify: false,
+                    remove_outputs: false,
+                    server_flags,
+                    server_cpus: None,
+                    timeout,
+                };
+                let outcome = push.run(self.lab)?;
+                let done: Vec<_> = outcome.fetched.iter().map(|f| (f.status.clone(), f.out.clone())).collect();
+                let (ok, _) = check_receivers("spindrift", &done, self.image, |i| {
+                    self.scratch.path(&format!("{tag}-h{i}-fetch.log"))
+                });
+                for f in &outcome.fetched {
+                    std::fs::remove_file(&f.out).ok();
+                }
+                let stat = |k: &str| outcome.server_stat(k) as f64;
+                let sent = stat("pages_sent").max(1.0);
+                let stats = (stat("requests") / sent, stat("pages_requested") / sent, stat("pages_pushed") / sent);
+                (outcome.wall_s, ok, outcome.server_cpu_s, Some(stats))
+            }
+            Mode::Uftp | Mode::UftpCc => {
+                let (wall, ok) = self.uftp(tag, hosts, rate_bps.unwrap_or(0), mode == Mode::UftpCc, index, timeout)?;
+                (wall, ok, None, None)
+            }
+        };
+        let (tx1, _) = tx_counters(h0)?;
+        let (pk1, dr1) = bottleneck_counters(self.lab, hosts)?;
+        let image_bits = self.image.len() as f64 * 8.0;
+        let (drops, carried) = (dr1.saturating_sub(dr0), pk1.saturating_sub(pk0));
+        Ok(RunResult {
+            hosts,
+            link_bps: link.bits_per_sec(),
+            loss,
+            mode,
+            rate_bps,
+            wall_s,
+            goodput_of_link: image_bits / wall_s.max(1e-9) / link.bits_per_sec() as f64,
+            bytes_per_image: tx1.saturating_sub(tx0) as f64 / self.image.len() as f64,
+            requests_per_page: stats.map(|s| s.0),
+            pages_requested_per_page: stats.map(|s| s.1),
+            pushed_fraction: stats.map(|s| s.2),
+            bottleneck_drops: drops,
+            drop_fraction: drops as f64 / (carried + drops).max(1) as f64,
+            server_cpu_s,
+            all_correct,
+        })
+    }
+
+    /// One uftp transfer: `uftpd` on every receiver, then `uftp` on h0 until it exits.
+    fn uftp(
+        &self,
+        tag: &str,
+        hosts: usize,
+        rate_bps: u64,
+        cc: bool,
+        index: u8,
+        timeout: Duration,
+    ) -> anyhow::Result<(f64, bool)> {
+        let public = Ipv4Addr::new(239, 80, index, 1).to_string();
+        let private = Ipv4Addr::new(239, 80, index, 2).to_string();
+        let port = UFTP_PORT.to_string();
+        let mut daemons = Vec::new();
+        let mut uids = Vec::new();
+        let mut outs = Vec::new();
+        for i in 1..=hosts {
+            let h = self.lab.host(i)?;
+            let dir = self.scratch.path(&format!("{tag}-uftp-h{i}"));
+            std::fs::create_dir_all(&dir)?;
+            let uid = format!("0x{:08x}", u32::from(h.addr()));
+            let mut c = h.command("uftpd")?;
+            c.args(["-d", "-q", "-x", "1", "-I", h.ifname(), "-M", &public, "-p", &port, "-U", &uid])
+                .arg("-D")
+                .arg(&dir);
+            daemons.push(Proc::spawn_logged(
+                format!("uftpd h{i}"),
+                &mut c,
+                &self.scratch.path(&format!("{tag}-uftpd-h{i}.log")),
+            )?);
+            uids.push(uid);
+            outs.push(dir.join(self.image_path.file_name().context("image file name")?));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let h0 = self.lab.host(0)?;
+        let mut c = h0.command("uftp")?;
+        c.args(["-x", "1", "-Y", "none", "-I", h0.ifname(), "-M", &public, "-P", &private, "-p", &port])
+            .args(["-H", &uids.join(","), "-r", "0.01:0.001:1.0", "-b", "1400"])
+            .args(["-R", &(rate_bps / 1000).to_string()]);
+        if cc {
+            c.args(["-C", "tfmcc"]);
+        }
+        c.arg(self.image_path);
+        let started = Instant::now();
+        let mut sender = vec![Proc::spawn_logged("uftp", &mut c, &self.scratch.path(&format!("{tag}-uftp.log")))?];
+        let status = wait_all(&mut sender, started + timeout);
+        let wall = started.elapsed().as_secs_f64();
+        drop(sender);
+        for d in &mut daemons {
+            d.stop(Duration::from_secs(2));
+        }
+        let done: Vec<_> = outs.iter().map(|o| (status[0].clone(), o.clone())).collect();
+        let (ok, _) =
+            check_receivers("uftp", &done, self.image, |i| self.scratch.path(&format!("{tag}-uftpd-h{i}.log")));
+        for o in &outs {
+            std::fs::remove_file(o).ok();
+        }
+        if !ok {
+            let log = std::fs::read_to_string(self.scratch.path(&format!("{tag}-uftp.log"))).unwrap_or_default();
+            eprintln!("uftp: {}", log.lines().rev().take(8).collect::<Vec<_>>().join(" | "));
+        }
+        Ok((wall, ok))
+    }
+}
+
+fn table(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "{} MiB random image from h0 to every receiver; paced modes at {:.0}% of the link.\n",
+        r.image_bytes >> 20,
+        r.pace * 100.0
+    );
+    let _ = writeln!(
+        s,
+        "| hosts x link | loss | mode | wall (s) | goodput / link | bytes / image | requests / page | \
+         pages asked / page | pushed | bottleneck drops | correct |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
+    for x in &r.runs {
+        let _ = writeln!(
+            s,
+            "| {} x {} | {}% | {:?} | {:.2} | {:.1}% | {:.3} | {} | {} | {} | {} ({:.2}%) | {} |",
+            x.hosts,
+            Rate::from_bits_per_sec(x.link_bps).map_or(x.link_bps.to_string(), |r| r.to_string()),
+            x.loss * 100.0,
+            x.mode,
+            x.wall_s,
+            x.goodput_of_link * 100.0,
+            x.bytes_per_image,
+            opt(x.requests_per_page, 2),
+            opt(x.pages_requested_per_page, 2),
+            x.pushed_fraction.map_or("-".to_string(), |p| format!("{:.0}%", p * 100.0)),
+            x.bottleneck_drops,
+            x.drop_fraction * 100.0,
+            if x.all_correct { "yes" } else { "NO" }
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_parse_and_bad_rows_say_why() {
+        let (h, r) = parse_row("4x250mbit").unwrap();
+        assert_eq!((h, r.bits_per_sec()), (4, 250_000_000));
+        for bad in ["4", "0x1gbit", "x1gbit", "4xfast", "65x1gbit"] {
+            let e = parse_row(bad).unwrap_err();
+            assert!(format!("{e:#}").contains(bad), "{bad}: {e:#}");
+        }
+    }
+}
