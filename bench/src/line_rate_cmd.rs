@@ -19,7 +19,8 @@
 //! * `uftp-cc`: uftp with TFMCC congestion control (`-C tfmcc`), the link rate as its cap.
 //!
 //! Reported per run: wall time (spindrift: from starting the fetches to the last one's exit;
-//! uftp: the sender's whole run, registration and completion included), goodput (image bytes
+//! uftp: the sender's whole run, registration and completion included; both write every
+//! receiver's image to disk), spindrift's longest fetch's own transfer time, goodput (image bytes
 //! over wall) as a fraction of the link, what h0's `eth0` sent over the image, spindrift's
 //! requests per page it sent (Request messages, the figure a request storm inflates) and pages
 //! asked for per page sent, and the packets the receivers' bottleneck qdiscs dropped as a
@@ -107,6 +108,9 @@ pub struct RunResult {
     pub rate_bps: Option<u64>,
     /// Seconds (see the module docs for what each mode's wall covers).
     pub wall_s: f64,
+    /// spindrift: the longest fetch's own transfer time (its report's `seconds`: from its first
+    /// request to its last page, without process start and writing the image out).
+    pub transfer_s: Option<f64>,
     /// Image bits over wall, over the link rate.
     pub goodput_of_link: f64,
     /// Bytes h0's eth0 sent (layer 2), over the image.
@@ -174,7 +178,8 @@ pub fn run(a: &LineRateArgs) -> anyhow::Result<ExitCode> {
             let lab = Lab::create(&cfg).context("creating the lab")?;
             eprintln!("lab {}: h1..h{hosts} behind {link} each, {}% loss", lab.name(), loss * 100.0);
             for &mode in &a.modes {
-                let ctx = RunCtx { a, lab: &lab, bins: &bins, scratch: &scratch, image: &image, image_path: &image_path };
+                let ctx =
+                    RunCtx { a, lab: &lab, bins: &bins, scratch: &scratch, image: &image, image_path: &image_path };
                 let tag = format!("{hosts}x{link}-{}-{mode:?}", loss * 100.0);
                 let r = ctx.run(&tag, hosts, link, loss, mode, timeout)?;
                 eprintln!(
@@ -262,7 +267,7 @@ impl RunCtx<'_> {
         let (tx0, _) = tx_counters(h0)?;
         let (pk0, dr0) = bottleneck_counters(self.lab, hosts)?;
         let index = (self.lab.index() % 256) as u8;
-        let (wall_s, all_correct, server_cpu_s, stats) = match mode {
+        let (wall_s, transfer_s, all_correct, server_cpu_s, stats) = match mode {
             Mode::Paced | Mode::Unpaced => {
                 let mut server_flags: Vec<String> =
                     self.a.server_flags.split_whitespace().map(str::to_string).collect();
@@ -298,11 +303,11 @@ impl RunCtx<'_> {
                 let stat = |k: &str| outcome.server_stat(k) as f64;
                 let sent = stat("pages_sent").max(1.0);
                 let stats = (stat("requests") / sent, stat("pages_requested") / sent, stat("pages_pushed") / sent);
-                (outcome.wall_s, ok, outcome.server_cpu_s, Some(stats))
+                (outcome.wall_s, Some(outcome.transfer_s()), ok, outcome.server_cpu_s, Some(stats))
             }
             Mode::Uftp | Mode::UftpCc => {
                 let (wall, ok) = self.uftp(tag, hosts, rate_bps.unwrap_or(0), mode == Mode::UftpCc, index, timeout)?;
-                (wall, ok, None, None)
+                (wall, None, ok, None, None)
             }
         };
         let (tx1, _) = tx_counters(h0)?;
@@ -316,6 +321,7 @@ impl RunCtx<'_> {
             mode,
             rate_bps,
             wall_s,
+            transfer_s,
             goodput_of_link: image_bits / wall_s.max(1e-9) / link.bits_per_sec() as f64,
             bytes_per_image: tx1.saturating_sub(tx0) as f64 / self.image.len() as f64,
             requests_per_page: stats.map(|s| s.0),
@@ -404,20 +410,21 @@ fn table(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "| hosts x link | loss | mode | wall (s) | goodput / link | bytes / image | requests / page | \
+        "| hosts x link | loss | mode | wall (s) | transfer (s) | goodput / link | bytes / image | requests / page | \
          pages asked / page | pushed | bottleneck drops | correct |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
     for x in &r.runs {
         let _ = writeln!(
             s,
-            "| {} x {} | {}% | {:?} | {:.2} | {:.1}% | {:.3} | {} | {} | {} | {} ({:.2}%) | {} |",
+            "| {} x {} | {}% | {:?} | {:.2} | {} | {:.1}% | {:.3} | {} | {} | {} | {} ({:.2}%) | {} |",
             x.hosts,
             Rate::from_bits_per_sec(x.link_bps).map_or(x.link_bps.to_string(), |r| r.to_string()),
             x.loss * 100.0,
             x.mode,
             x.wall_s,
+            opt(x.transfer_s, 2),
             x.goodput_of_link * 100.0,
             x.bytes_per_image,
             opt(x.requests_per_page, 2),
@@ -437,10 +444,10 @@ mod tests {
 
     #[test]
     fn rows_parse_and_bad_rows_say_why() {
-        let (h, r) = parse_row("4x250mbit").unwrap();
+        let (h, r) = parse_row("4x250mbit").expect("a good row");
         assert_eq!((h, r.bits_per_sec()), (4, 250_000_000));
         for bad in ["4", "0x1gbit", "x1gbit", "4xfast", "65x1gbit"] {
-            let e = parse_row(bad).unwrap_err();
+            let e = parse_row(bad).expect_err("a bad row");
             assert!(format!("{e:#}").contains(bad), "{bad}: {e:#}");
         }
     }

@@ -417,8 +417,9 @@ impl Session {
 
     /// Pulls the whole image into the cache: asks for the pages in order, keeping `window` of them
     /// outstanding (the oldest as a fault, with the receiver's read-ahead; the rest as prefetch),
-    /// until every page is present. `progress` is
-    /// called about once a second.
+    /// until every page is present. While the server's push brings pages, it asks for nothing
+    /// new and leaves the stream to deliver them (PROTOCOL.md section 10). `progress` is called
+    /// about once a second.
     pub fn fetch(&mut self, mut progress: impl FnMut(&Progress)) -> Result<FetchReport, SessionError> {
         let pages = self.config.pages;
         let started = Instant::now();
@@ -435,6 +436,7 @@ impl Session {
             next: 0,
             outstanding: VecDeque::with_capacity(self.config.window),
             faulted: None,
+            head: None,
             deadline: started + self.config.timeout,
             started,
             last_report: (started, 0),
@@ -460,6 +462,12 @@ impl Session {
     }
 }
 
+/// Push data within this long means a push is bringing pages: the fetch asks for nothing new.
+const PUSH_QUIET: Duration = Duration::from_millis(50);
+
+/// During a push, the lowest missing page is faulted once it has waited this long.
+const HEAD_PATIENCE: Duration = Duration::from_millis(20);
+
 /// A whole-image fetch as the driver's machine: a window of pages in page order, its head a fault.
 struct Fetch<'a> {
     endpoint: &'a mut HostEndpoint<CacheSink>,
@@ -471,6 +479,8 @@ struct Fetch<'a> {
     outstanding: VecDeque<u32>,
     /// The page at the window's head last asked for as a fault.
     faulted: Option<u32>,
+    /// The lowest page waited for, and since when.
+    head: Option<(u32, Time)>,
     deadline: Instant,
     started: Instant,
     /// When progress was last reported, and the pages present then.
@@ -552,24 +562,46 @@ impl Machine for Fetch<'_> {
         while self.outstanding.front().is_some_and(|&p| session.has_page(p)) {
             self.outstanding.pop_front();
         }
-        // The window is bulk: nothing waits on its pages, so they are asked for as prefetch, and
-        // only the oldest (what the fetch waits on) as a fault. A server answers a fault out of the
-        // stream during a push (PROTOCOL.md 8.2) and then pushes the page again: a whole window of
-        // faults would be sent twice, and would take other hosts' faults' turn.
-        let first_new = self.outstanding.len();
-        while self.outstanding.len() < self.config.window && self.next < pages {
-            if !session.has_page(self.next) {
-                self.outstanding.push_back(self.next);
+        // While a push brings pages (PROTOCOL.md section 10), the stream is the fetch: it comes
+        // in page order, repaired by NAK, so nothing new is asked for, and the lowest missing page
+        // is faulted only once it has waited HEAD_PATIENCE (lost past repair, or the push went
+        // elsewhere). Asking ahead of a push only took the push's turn and, paced, filled the link
+        // with requests (`bench line-rate`).
+        let pushing = session.last_push_at().is_some_and(|t| now.saturating_since(t) < PUSH_QUIET);
+        if pushing {
+            while self.outstanding.is_empty() && self.next < pages && session.has_page(self.next) {
+                self.next += 1;
             }
-            self.next += 1;
+        } else {
+            // The window is bulk: nothing waits on its pages, so they are asked for as prefetch,
+            // and only the oldest (what the fetch waits on) as a fault. A server answers a fault
+            // out of the stream during a push (PROTOCOL.md 8.2) and then pushes the page again: a
+            // whole window of faults would be sent twice, and would take other hosts' faults'
+            // turn.
+            let first_new = self.outstanding.len();
+            while self.outstanding.len() < self.config.window && self.next < pages {
+                if !session.has_page(self.next) {
+                    self.outstanding.push_back(self.next);
+                }
+                self.next += 1;
+            }
+            let fresh: Vec<u32> = self.outstanding.iter().skip(first_new).copied().collect();
+            if !fresh.is_empty() {
+                self.endpoint.prefetch(self.id, &fresh);
+            }
         }
-        let fresh: Vec<u32> = self.outstanding.iter().skip(first_new).copied().collect();
-        if !fresh.is_empty() {
-            self.endpoint.prefetch(self.id, &fresh);
-        }
-        if let Some(&head) = self.outstanding.front() {
-            if self.faulted != Some(head) {
+        let head = self.outstanding.front().copied().or((pushing && self.next < pages).then_some(self.next));
+        if let Some(head) = head {
+            if self.head.is_none_or(|(p, _)| p != head) {
+                self.head = Some((head, now));
+            }
+            let waited = self.head.map_or(Duration::ZERO, |(_, since)| now.saturating_since(since));
+            if self.faulted != Some(head) && (!pushing || waited >= HEAD_PATIENCE) {
                 self.faulted = Some(head);
+                if self.outstanding.is_empty() {
+                    self.outstanding.push_back(head);
+                    self.next = head + 1;
+                }
                 self.endpoint.fault(now, self.id, head);
             }
         }

@@ -123,6 +123,10 @@ pub struct Args {
     /// Pacing rate, e.g. 800mbit, 1gbit, 500kbit (default: unpaced).
     #[arg(long, value_name = "RATE")]
     pub rate: Option<String>,
+    /// How far behind its schedule the pacer may fall and still catch up, microseconds at the
+    /// rate: the largest burst a late wake-up sends at once [default: 2000].
+    #[arg(long, value_name = "US")]
+    pub pace_burst_us: Option<u64>,
     /// Link MTU; datagrams are at most MTU - 28 bytes [default: 1500].
     #[arg(long, value_name = "1500|9000")]
     pub mtu: Option<u32>,
@@ -187,6 +191,7 @@ struct FileConfig {
     key_hex: Option<String>,
     epoch: Option<u32>,
     rate: Option<String>,
+    pace_burst_us: Option<u64>,
     mtu: Option<u32>,
     zstd_level: Option<i32>,
     encrypt: Option<bool>,
@@ -244,6 +249,8 @@ pub struct ServerConfig {
     pub epoch: u32,
     /// Pacing rate in bytes per second.
     pub rate_bytes_per_sec: Option<u64>,
+    /// The pacer's credit ([`SenderConfig::pace_burst`]).
+    pub pace_burst: Duration,
     /// Largest datagram (MTU - 28).
     pub max_datagram: usize,
     /// zstd level (None: raw pages).
@@ -279,6 +286,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("key", &"..")
             .field("epoch", &self.epoch)
             .field("rate_bytes_per_sec", &self.rate_bytes_per_sec)
+            .field("pace_burst", &self.pace_burst)
             .field("max_datagram", &self.max_datagram)
             .field("zstd_level", &self.zstd_level)
             .field("encrypt", &self.encrypt)
@@ -323,6 +331,7 @@ impl ServerConfig {
             key,
             epoch: epoch_now(),
             rate_bytes_per_sec: None,
+            pace_burst: spindrift_protocol::sender::DEFAULT_PACE_BURST,
             max_datagram: (DEFAULT_MTU - IP_UDP_HEADERS) as usize,
             zstd_level: Some(1),
             encrypt: false,
@@ -478,6 +487,12 @@ impl ServerConfig {
             Some(r) => Some(parse_rate(&r)?),
             None => None,
         })?;
+        if let Some(us) = args.pace_burst_us.or(file.pace_burst_us) {
+            if us > 1_000_000 {
+                return Err(invalid("--pace-burst-us", &us.to_string(), "must be at most 1000000 (one second)"));
+            }
+            c.pace_burst = Duration::from_micros(us);
+        }
         c = c.with_mtu(args.mtu.or(file.mtu).unwrap_or(DEFAULT_MTU))?;
         c = c.with_zstd_level(Some(args.zstd_level.or(file.zstd_level).unwrap_or(1)))?;
         c.encrypt = args.encrypt || file.encrypt.unwrap_or(false);
@@ -524,6 +539,7 @@ impl ServerConfig {
         sc.encrypt = self.encrypt;
         sc.zstd_level = self.zstd_level;
         sc.rate_bytes_per_sec = self.rate_bytes_per_sec;
+        sc.pace_burst = self.pace_burst;
         sc.push = push.unwrap_or(match self.push {
             Push::All => PushPolicy::HintsThenAll(Vec::new()),
             Push::None => PushPolicy::None,

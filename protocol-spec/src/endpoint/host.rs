@@ -702,6 +702,11 @@ impl<'a, S> SessionView<'a, S> {
         self.session.receiver.epoch()
     }
 
+    /// When push data last arrived (see [`crate::receiver::Receiver::last_push_at`]).
+    pub fn last_push_at(&self) -> Option<Time> {
+        self.session.receiver.last_push_at()
+    }
+
     /// Pages in the image.
     pub fn page_count(&self) -> u32 {
         self.session.receiver.page_count()

@@ -214,6 +214,8 @@ pub struct Receiver {
     /// Push data has arrived in this epoch: Heartbeats (the server idle, perhaps because the push
     /// waits for our window after a lost Status) are answered with a Status.
     push_seen: bool,
+    /// When push data last arrived (this epoch).
+    last_push_at: Option<Time>,
     /// No Data has arrived yet in this epoch: the server may not have heard our first Status (it
     /// does not push to hosts it has not heard from), so Status repeats with a doubling interval.
     join_retry: Option<Duration>,
@@ -311,6 +313,7 @@ impl Receiver {
             last_status_rt: 0,
             push_since_status: false,
             push_seen: false,
+            last_push_at: None,
             join_retry: Some(Duration::ZERO),
             last_heard: None,
             server_lost: false,
@@ -343,6 +346,13 @@ impl Receiver {
         self.wants.satisfied(page, self.now);
         self.advertised.remove(&page);
         true
+    }
+
+    /// When push data last arrived in this epoch (None: none yet). While it keeps arriving the
+    /// push is bringing pages in its order, and a host with nothing urgent to ask need not ask
+    /// (PROTOCOL.md section 10).
+    pub fn last_push_at(&self) -> Option<Time> {
+        self.last_push_at
     }
 
     /// Whether a fault (not only read-ahead or prefetch) waits for its page.
@@ -590,6 +600,7 @@ impl Receiver {
                 self.last_status_rt = 0;
                 self.push_since_status = false;
                 self.push_seen = false;
+                self.last_push_at = None;
                 self.join_retry = Some(Duration::ZERO);
                 self.wants.rerequest_all();
                 self.read_ahead.clear();
@@ -616,6 +627,7 @@ impl Receiver {
         if d.flags & wire::DATA_PUSH != 0 {
             self.push_since_status = true;
             self.push_seen = true;
+            self.last_push_at = Some(now);
         }
         let before = self.stream.highest();
         let last = d.flags & wire::DATA_LAST_IN_BLOCK != 0;

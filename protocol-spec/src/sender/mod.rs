@@ -25,6 +25,15 @@ use group::{FlowParams, Group};
 use history::History;
 use queue::PageQueue;
 
+/// A prefetch for a page the push reaches within this many pages is left to the push (PROTOCOL.md
+/// section 10): 8 MiB of 4 KiB pages, well beyond a fetch's window (256 pages by default).
+pub const PUSH_FOLD_HORIZON: u32 = 2048;
+
+/// The pacer's default credit ([`SenderConfig::pace_burst`]). `bench line-rate` (4 hosts behind
+/// 250 Mbit/s, paced at 225): without credit the server, sharing 2 cores with the receivers, sent at
+/// half its rate (36% of the link).
+pub const DEFAULT_PACE_BURST: Duration = Duration::from_millis(2);
+
 /// Frozen memory the sender serves: a snapshot file, a forked parent's memory, a simulated image.
 pub trait PageSource {
     /// Number of pages.
@@ -70,6 +79,11 @@ pub struct SenderConfig {
     pub zstd_level: Option<i32>,
     /// Pacing rate for everything the server sends, bytes per second (None: unpaced).
     pub rate_bytes_per_sec: Option<u64>,
+    /// How far behind its schedule the pacer may fall and still catch up (a token bucket of this
+    /// much time at the rate): a driver loop that wakes late, because it shares the CPU with other
+    /// work, sends what it owes in one burst instead of losing the time. Zero keeps no credit at
+    /// all (every late wake-up lowers the rate).
+    pub pace_burst: Duration,
     /// A first estimate of the round-trip time to the hosts.
     pub rtt_hint: Duration,
     /// What to push in the background.
@@ -122,6 +136,7 @@ impl SenderConfig {
             encrypt: false,
             zstd_level: Some(1),
             rate_bytes_per_sec: None,
+            pace_burst: DEFAULT_PACE_BURST,
             rtt_hint: Duration::from_micros(200),
             push: PushPolicy::None,
             repair_history_bytes: 64 << 20,
@@ -213,6 +228,9 @@ pub struct SenderStats {
     pub pages_requested: u64,
     /// Requested pages not sent because they were queued, or sent where the requester can repair them.
     pub pages_deduplicated: u64,
+    /// Prefetch-priority pages left to the running push, which reaches them soon (PROTOCOL.md
+    /// section 10): not queued on demand.
+    pub prefetch_left_to_push: u64,
     /// Pages sent (zero pages included).
     pub pages_sent: u64,
     /// Of them, pages answered out of the stream to the one host that asked.
@@ -661,6 +679,17 @@ impl<S: PageSource> Sender<S> {
                     self.stats.pages_deduplicated += 1;
                     continue;
                 }
+                if run.priority == Priority::Prefetch
+                    && self.push_started
+                    && !self.group.is_empty()
+                    && self.queue.push_reaches_soon(page, PUSH_FOLD_HORIZON)
+                {
+                    // The running push sends it within its next pages anyway: on demand it would
+                    // take the push's turn, and a bulk fetch asking ahead of a push would keep the
+                    // push from ever running.
+                    self.stats.prefetch_left_to_push += 1;
+                    continue;
+                }
                 let raised = self.queue.enqueue(page, run.priority, node.0);
                 let mut became_shared = false;
                 self.requester
@@ -849,7 +878,10 @@ impl<S: PageSource> Sender<S> {
         self.stats.tx_bytes += len as u64;
         if let Some(rate) = self.config.rate_bytes_per_sec {
             let cost = Duration::from_nanos((len as u64).saturating_mul(1_000_000_000) / rate);
-            self.pace_at = self.pace_at.max(now) + cost;
+            // A token bucket: the schedule may lag `now` by at most `pace_burst`, the credit a
+            // late loop may spend at once.
+            let floor = Time::ZERO + (now - Time::ZERO).saturating_sub(self.config.pace_burst);
+            self.pace_at = self.pace_at.max(floor) + cost;
         }
         Some(Transmit {
             len,

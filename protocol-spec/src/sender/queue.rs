@@ -178,6 +178,14 @@ impl PageQueue {
         }
     }
 
+    /// Whether the push will reach `page` within its next `horizon` pages: it is in the
+    /// whole-image part of the push, at or after its next page and less than `horizon` beyond it,
+    /// with no hinted pages left before it (a page among the hints is not looked for: the hints
+    /// are short, and their order is the recorded one).
+    pub fn push_reaches_soon(&self, page: u32, horizon: u32) -> bool {
+        self.push_hints.is_empty() && self.push_all_next.is_some_and(|next| page >= next && page - next < horizon)
+    }
+
     /// Whether the push has anything left.
     pub fn has_push(&self) -> bool {
         !self.push_hints.is_empty() || self.push_all_next.is_some()
@@ -187,6 +195,18 @@ impl PageQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_push_reaches_only_what_lies_within_its_horizon() {
+        let mut q = PageQueue::new(100, &PushPolicy::HintsThenAll(vec![50]));
+        assert!(!q.push_reaches_soon(3, 10), "hints come first");
+        assert_eq!(q.pop_push(|_| false), Some(50));
+        assert!(q.push_reaches_soon(0, 10) && q.push_reaches_soon(9, 10));
+        assert!(!q.push_reaches_soon(10, 10), "beyond the horizon");
+        assert_eq!(q.pop_push(|_| false), Some(0));
+        assert!(!q.push_reaches_soon(0, 10), "already behind the push");
+        assert!(!PageQueue::new(100, &PushPolicy::None).push_reaches_soon(0, 10), "no push");
+    }
 
     #[test]
     fn faults_overtake_read_ahead_and_pages_are_sent_once() {
