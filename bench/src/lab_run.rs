@@ -23,7 +23,12 @@ pub struct Scratch {
 impl Scratch {
     /// Creates `<tmp>/spindrift-<tag>-<pid>`.
     pub fn new(tag: &str, keep: bool) -> anyhow::Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("spindrift-{tag}-{}", std::process::id()));
+        Scratch::in_dir(&std::env::temp_dir(), tag, keep)
+    }
+
+    /// Creates `<base>/spindrift-<tag>-<pid>`.
+    pub fn in_dir(base: &Path, tag: &str, keep: bool) -> anyhow::Result<Scratch> {
+        let dir = base.join(format!("spindrift-{tag}-{}", std::process::id()));
         std::fs::remove_dir_all(&dir).ok();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Scratch { dir, keep })
@@ -152,6 +157,11 @@ impl Proc {
     /// used so far; None once it has exited.
     pub fn cpu_seconds(&self) -> Option<f64> {
         process_cpu_seconds(self.child.id())
+    }
+
+    /// Whether its log holds `text` yet.
+    pub fn log_contains(&self, text: &str) -> bool {
+        std::fs::read_to_string(&self.log).is_ok_and(|l| l.contains(text))
     }
 
     /// The last `n` lines of its log, joined with ` | `.
@@ -440,7 +450,15 @@ impl Push<'_> {
         cmd.args(&self.server_flags);
         let mut server =
             Proc::spawn_logged("spindrift-server", &mut cmd, &self.scratch.path(&format!("{}-server.log", self.tag)))?;
-        std::thread::sleep(Duration::from_millis(300));
+        // Start the fetches once the server serves (its start-up waits for a restart-safe epoch and
+        // reads the image): a fetch started before that spends its first round trips on a server
+        // that is not there yet, which would count as transfer time.
+        // (A log filtered below `info` never says so: then the fetches start after 3 s.)
+        let ready_by = Instant::now() + Duration::from_secs(3);
+        std::thread::sleep(Duration::from_millis(100));
+        while !server.log_contains("serving ") && Instant::now() < ready_by {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         if let Some(s) = server.try_status() {
             bail!("spindrift-server exited at once ({s}): {}", server.log_tail(5));
         }

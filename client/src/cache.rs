@@ -126,6 +126,11 @@ unsafe impl Sync for CacheMap {}
 impl CacheMap {
     fn new(len: usize) -> io::Result<CacheMap> {
         let memfd = rustix::fs::memfd_create("spindrift-cache", rustix::fs::MemfdFlags::CLOEXEC)?;
+        CacheMap::over(memfd, len)
+    }
+
+    /// Sizes `memfd` (a memfd, or an empty regular file opened read-write) to `len` and maps it.
+    fn over(memfd: OwnedFd, len: usize) -> io::Result<CacheMap> {
         rustix::fs::ftruncate(&memfd, len as u64)?;
         let flags = libc::MAP_SHARED | libc::MAP_NORESERVE;
         // SAFETY: a fresh shared mapping of our own memfd at an address of the kernel's choosing
@@ -178,11 +183,14 @@ pub struct PageCache {
 impl PageCache {
     /// Reserves a cache for an image of `image_bytes` (a multiple of 4096). Commits no memory.
     pub fn new(image_bytes: u64) -> Result<PageCache, CacheError> {
+        PageCache::with_map(image_bytes, CacheMap::new)
+    }
+
+    fn with_map(image_bytes: u64, map: impl FnOnce(usize) -> io::Result<CacheMap>) -> Result<PageCache, CacheError> {
         if image_bytes == 0 || image_bytes & (CACHE_PAGE_SIZE - 1) != 0 || usize::try_from(image_bytes).is_err() {
             return Err(CacheError::BadImageSize { bytes: image_bytes });
         }
-        let map =
-            CacheMap::new(image_bytes as usize).map_err(|source| CacheError::Map { bytes: image_bytes, source })?;
+        let map = map(image_bytes as usize).map_err(|source| CacheError::Map { bytes: image_bytes, source })?;
         let pages = image_bytes / CACHE_PAGE_SIZE;
         Ok(PageCache {
             map,
@@ -198,6 +206,13 @@ impl PageCache {
             arrivals: Mutex::new(0),
             arrived: Condvar::new(),
         })
+    }
+
+    /// A cache whose store is `file` instead of a memfd: an empty regular file opened read-write
+    /// (a `fetch --out` target), sized to `image_bytes`, its holes the pages not yet here. Pages
+    /// land in the file as they arrive, so the finished image needs no copy.
+    pub fn over_file(file: OwnedFd, image_bytes: u64) -> Result<PageCache, CacheError> {
+        PageCache::with_map(image_bytes, |len| CacheMap::over(file, len))
     }
 
     /// Pages in the image.

@@ -1,7 +1,6 @@
 //! `spindrift-client`: the host daemon (`daemon`), a whole-image multicast download (`fetch`), and a
 //! test process that stands in for a clone (`touch`).
 
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,10 +12,11 @@ use clap::{Args, Parser, Subcommand};
 use netio::IoKind;
 use spindrift_client::daemon::{DaemonConfig, DaemonError};
 use spindrift_client::session::{
-    default_node, pages_for_bytes, parse_key_hex, read_key_file, Session, SessionConfig, SessionError, DEFAULT_PORT,
+    default_node, pages_for_bytes, parse_key_hex, read_key_file, FetchReport, Session, SessionConfig, SessionError,
+    DEFAULT_PORT,
 };
 use spindrift_client::touch::{self, Order, Pattern, TouchConfig, TouchError};
-use spindrift_client::CACHE_PAGE_SIZE;
+use spindrift_client::{PageCache, CACHE_PAGE_SIZE};
 use spindrift_protocol::wire::SessionKey;
 
 /// spindrift host daemon.
@@ -206,6 +206,11 @@ struct FetchArgs {
     /// Compare the fetched image with this reference file.
     #[arg(long)]
     verify: Option<PathBuf>,
+    /// Flush the image to stable storage (fsync) before exiting; without it the image is in the
+    /// page cache when the fetch exits, as after `cp`. The image is fetched into `OUT.partial`
+    /// (pages land there as they arrive) and renamed to `--out` once whole.
+    #[arg(long)]
+    sync: bool,
 }
 
 /// Errors of the command line tool.
@@ -371,27 +376,27 @@ fn fetch(args: FetchArgs) -> Result<(), CliError> {
     config.window = args.window;
     config.prefetch_all = args.prefetch_all;
     config.timeout = Duration::from_secs(args.timeout_s);
-    let mut session = Session::open_with_new_cache(config)?;
-    let report = session.fetch(|p| {
-        eprintln!(
-            "{:6.1}s  {:>9}/{} pages  {:5.1}%  {:9.0} pages/s",
-            p.elapsed.as_secs_f64(),
-            p.present,
-            p.pages,
-            p.present as f64 * 100.0 / f64::from(p.pages.max(1)),
-            p.pages_per_sec
-        );
-    })?;
-    let cache = session.cache();
-    let total = u64::from(pages);
-    if let Some(missing) = (0..total).find(|&p| !cache.is_present(p)) {
-        return Err(CliError::Missing(missing));
-    }
-    let image = cache.get_run(0, total).ok_or(CliError::Missing(0))?;
-    write_image(&args.out, image)?;
-    if let Some(reference) = &args.verify {
-        verify(reference, image)?;
-    }
+    // The image is fetched straight into a file beside `--out`, renamed over it once whole.
+    let partial = partial_path(&args.out);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&partial)
+        .map_err(|source| CliError::Write { path: partial.clone(), source })?;
+    let cache = PageCache::over_file(file.into(), u64::from(pages) * CACHE_PAGE_SIZE);
+    let opened = cache.map_err(SessionError::from).and_then(|c| Session::open(config, Arc::new(c)));
+    let finished =
+        opened.map_err(CliError::from).and_then(|mut session| fetch_into(&mut session, pages, &partial, &args));
+    let report = match finished {
+        Ok(report) => report,
+        Err(e) => {
+            std::fs::remove_file(&partial).ok();
+            return Err(e);
+        }
+    };
+    std::fs::rename(&partial, &args.out).map_err(|source| CliError::Write { path: args.out.clone(), source })?;
     eprintln!(
         "fetched {} pages ({} bytes) in {:.2}s: {:.1} MB/s, {} requests, {} NAKs{}",
         report.pages,
@@ -408,13 +413,39 @@ fn fetch(args: FetchArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn write_image(path: &Path, image: &[u8]) -> Result<(), CliError> {
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(path)?;
-        f.write_all(image)?;
-        f.sync_all()
-    };
-    write().map_err(|source| CliError::Write { path: path.to_path_buf(), source })
+/// Runs the fetch into the session's cache (over `partial`), checks that every page is there
+/// (and equals `--verify`), and flushes the file with `--sync`.
+fn fetch_into(session: &mut Session, pages: u32, partial: &Path, args: &FetchArgs) -> Result<FetchReport, CliError> {
+    let report = session.fetch(|p| {
+        eprintln!(
+            "{:6.1}s  {:>9}/{} pages  {:5.1}%  {:9.0} pages/s",
+            p.elapsed.as_secs_f64(),
+            p.present,
+            p.pages,
+            p.present as f64 * 100.0 / f64::from(p.pages.max(1)),
+            p.pages_per_sec
+        );
+    })?;
+    let cache = session.cache();
+    let total = u64::from(pages);
+    if let Some(missing) = (0..total).find(|&p| !cache.is_present(p)) {
+        return Err(CliError::Missing(missing));
+    }
+    if let Some(reference) = &args.verify {
+        verify(reference, cache.get_run(0, total).ok_or(CliError::Missing(0))?)?;
+    }
+    if args.sync {
+        let write = |source| CliError::Write { path: partial.to_path_buf(), source };
+        std::fs::File::open(partial).and_then(|f| f.sync_all()).map_err(write)?;
+    }
+    Ok(report)
+}
+
+/// `--out` with `.partial` appended: where a fetch writes until the image is whole.
+fn partial_path(out: &Path) -> PathBuf {
+    let mut name = out.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
 }
 
 fn verify(path: &Path, image: &[u8]) -> Result<(), CliError> {
