@@ -125,8 +125,11 @@ pub struct RunResult {
     pub bottleneck_drops: u64,
     /// Those drops over the packets the qdiscs carried.
     pub drop_fraction: f64,
-    /// The sender's CPU seconds (spindrift only).
+    /// The sender's CPU seconds during the run (spindrift only; the bridge's fan-out to every
+    /// receiver runs in its context and counts here).
     pub server_cpu_s: Option<f64>,
+    /// The receivers' CPU seconds together (spindrift: the fetches; uftp: the uftpd daemons).
+    pub receivers_cpu_s: Option<f64>,
     /// Every receiver got the whole image, bit for bit.
     pub all_correct: bool,
 }
@@ -271,7 +274,7 @@ impl RunCtx<'_> {
         let (tx0, _) = tx_counters(h0)?;
         let (pk0, dr0) = bottleneck_counters(self.lab, hosts)?;
         let index = (self.lab.index() % 256) as u8;
-        let (wall_s, transfer_s, all_correct, server_cpu_s, stats) = match mode {
+        let (wall_s, transfer_s, all_correct, server_cpu_s, receivers_cpu_s, stats) = match mode {
             Mode::Paced | Mode::Unpaced => {
                 let mut server_flags: Vec<String> =
                     self.a.server_flags.split_whitespace().map(str::to_string).collect();
@@ -307,11 +310,13 @@ impl RunCtx<'_> {
                 let stat = |k: &str| outcome.server_stat(k) as f64;
                 let sent = stat("pages_sent").max(1.0);
                 let stats = (stat("requests") / sent, stat("pages_requested") / sent, stat("pages_pushed") / sent);
-                (outcome.wall_s, Some(outcome.transfer_s()), ok, outcome.server_cpu_s, Some(stats))
+                let clients = Some(outcome.clients_cpu_s);
+                (outcome.wall_s, Some(outcome.transfer_s()), ok, outcome.server_cpu_s, clients, Some(stats))
             }
             Mode::Uftp | Mode::UftpCc => {
-                let (wall, ok) = self.uftp(tag, hosts, rate_bps.unwrap_or(0), mode == Mode::UftpCc, index, timeout)?;
-                (wall, None, ok, None, None)
+                let (wall, ok, cpu) =
+                    self.uftp(tag, hosts, rate_bps.unwrap_or(0), mode == Mode::UftpCc, index, timeout)?;
+                (wall, None, ok, None, cpu, None)
             }
         };
         let (tx1, _) = tx_counters(h0)?;
@@ -334,6 +339,7 @@ impl RunCtx<'_> {
             bottleneck_drops: drops,
             drop_fraction: drops as f64 / (carried + drops).max(1) as f64,
             server_cpu_s,
+            receivers_cpu_s,
             all_correct,
         })
     }
@@ -347,7 +353,7 @@ impl RunCtx<'_> {
         cc: bool,
         index: u8,
         timeout: Duration,
-    ) -> anyhow::Result<(f64, bool)> {
+    ) -> anyhow::Result<(f64, bool, Option<f64>)> {
         let public = Ipv4Addr::new(239, 80, index, 1).to_string();
         let private = Ipv4Addr::new(239, 80, index, 2).to_string();
         let port = UFTP_PORT.to_string();
@@ -386,6 +392,7 @@ impl RunCtx<'_> {
         let status = wait_all(&mut sender, started + timeout);
         let wall = started.elapsed().as_secs_f64();
         drop(sender);
+        let cpu: Option<f64> = daemons.iter().map(Proc::cpu_seconds).sum();
         for d in &mut daemons {
             d.stop(Duration::from_secs(2));
         }
@@ -399,7 +406,7 @@ impl RunCtx<'_> {
             let log = std::fs::read_to_string(self.scratch.path(&format!("{tag}-uftp.log"))).unwrap_or_default();
             eprintln!("uftp: {}", log.lines().rev().take(8).collect::<Vec<_>>().join(" | "));
         }
-        Ok((wall, ok))
+        Ok((wall, ok, cpu))
     }
 }
 

@@ -211,6 +211,10 @@ pub struct SessionConfig {
     pub window: usize,
     /// Fetch mode: also prefetch every page at the start (faults then only raise priorities).
     pub prefetch_all: bool,
+    /// Let arrivals gather this long before taking them (see `netio::driver::DriverConfig::coalesce`):
+    /// a fetch is bulk, nothing waits on one page, and a paced stream otherwise costs a wake-up
+    /// per datagram. Zero: take each as it comes.
+    pub coalesce: Duration,
     /// Fetch mode: give up after this long.
     pub timeout: Duration,
     /// The packet I/O backend.
@@ -240,6 +244,7 @@ impl SessionConfig {
             read_ahead: 16,
             window: 256,
             prefetch_all: false,
+            coalesce: DEFAULT_COALESCE,
             timeout: Duration::from_secs(60),
             io: IoKind::Udp,
         }
@@ -371,7 +376,8 @@ impl Session {
             return Err(SessionError::CacheSize { cache: cache.page_count(), session: config.pages });
         }
         let io = netio::open(config.io, &UdpConfig::new(config.interface, config.port).join(config.group))?;
-        let driver = Driver::new(io, DriverConfig::new(wire::MAX_DATAGRAM, wire::MIN_DATAGRAM))?;
+        let driver =
+            Driver::new(io, DriverConfig::new(wire::MAX_DATAGRAM, wire::MIN_DATAGRAM).coalesce(config.coalesce))?;
         let mut hc = HostConfig::new(NodeId(config.node), config.key.clone(), PAGE_SHIFT);
         hc.read_ahead = config.read_ahead;
         hc.max_sessions = 1;
@@ -461,6 +467,9 @@ impl Session {
         })
     }
 }
+
+/// The fetch's default [`SessionConfig::coalesce`].
+pub const DEFAULT_COALESCE: Duration = Duration::from_micros(500);
 
 /// Push data within this long means a push is bringing pages: the fetch asks for nothing new.
 const PUSH_QUIET: Duration = Duration::from_millis(50);

@@ -107,6 +107,12 @@ pub struct DriverConfig {
     /// follows it. Longer waits then end half a nap early, so the timer is met by a nap. Zero: every
     /// wait watches the backend until the timer.
     pub nap_below: Duration,
+    /// After a turn that received datagrams, while the machine is not [`Machine::busy`], sleep
+    /// this long (or until its next timer, if sooner) before looking again, so that what arrives
+    /// meanwhile is taken in one batch: userspace interrupt moderation for bulk receivers, which
+    /// otherwise pay a wake-up, a poll and a receive call per datagram of a paced stream. Zero:
+    /// never.
+    pub coalesce: Duration,
 }
 
 impl DriverConfig {
@@ -121,7 +127,14 @@ impl DriverConfig {
             spin_below: Duration::ZERO,
             nap_below: Duration::ZERO,
             busy_poll: Duration::ZERO,
+            coalesce: Duration::ZERO,
         }
+    }
+
+    /// Batches a bulk receiver's arrivals (see [`DriverConfig::coalesce`]).
+    pub fn coalesce(mut self, coalesce: Duration) -> DriverConfig {
+        self.coalesce = coalesce;
+        self
     }
 
     /// Polls instead of sleeping while the machine is busy, for up to `busy_poll` at a time (see
@@ -172,6 +185,8 @@ pub struct DriverStats {
     pub tx_yields: u64,
     /// Turns that polled again instead of sleeping because the machine was busy.
     pub busy_polls: u64,
+    /// Sleeps that let arrivals gather into one batch ([`DriverConfig::coalesce`]).
+    pub coalesced: u64,
 }
 
 /// The event loop. See the module docs.
@@ -387,6 +402,11 @@ impl Driver {
         let mut wait = self.config.max_wait;
         if let Some(t) = machine.poll_timeout() {
             wait = wait.min(t.saturating_sub(now));
+        }
+        if self.received && !self.config.coalesce.is_zero() && !wait.is_zero() && !self.blocked && !machine.busy() {
+            self.stats.coalesced += 1;
+            std::thread::sleep(wait.min(self.config.coalesce));
+            return Ok(());
         }
         if (wait.is_zero() || wait < self.config.spin_below) && !self.blocked {
             self.stats.spins += 1;

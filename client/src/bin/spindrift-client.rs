@@ -195,6 +195,10 @@ struct FetchArgs {
     /// Also ask for every page up front at prefetch priority.
     #[arg(long)]
     prefetch_all: bool,
+    /// Let arrivals gather this long before taking them in one batch, microseconds, at most
+    /// 100000 (0: take each as it comes; default 500).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    coalesce_us: Option<u64>,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout_s: u64,
@@ -375,6 +379,9 @@ fn fetch(args: FetchArgs) -> Result<(), CliError> {
     config.io = args.io;
     config.window = args.window;
     config.prefetch_all = args.prefetch_all;
+    if let Some(us) = args.coalesce_us {
+        config.coalesce = Duration::from_micros(us);
+    }
     config.timeout = Duration::from_secs(args.timeout_s);
     // The image is fetched straight into a file beside `--out`, renamed over it once whole.
     let partial = partial_path(&args.out);
