@@ -25,6 +25,31 @@ use group::{FlowParams, Group};
 use history::History;
 use queue::PageQueue;
 
+/// Bytes of a page sampled by [`looks_incompressible`].
+const ENTROPY_SAMPLES: usize = 512;
+
+/// Distinct byte values among [`ENTROPY_SAMPLES`] sampled bytes from which a page counts as random:
+/// uniformly random bytes give 221 on average (256 × (1 − e^−2)), with a standard deviation of about
+/// 5; a page half zeros, text or machine code, far fewer.
+const RANDOM_DISTINCT_BYTES: u32 = 205;
+
+/// Whether `page` looks incompressible: many distinct byte values in an even sample of it (the
+/// byte-set heuristic of btrfs's compression). Trying zstd on such a page costs more than sending it
+/// (`bench line-rate`, 1 host at 900 Mbit/s, a random image: the server's CPU 0.68-0.71 s with the
+/// attempts, 0.62-0.63 s without, and 71-73% of the link against 79-82%).
+pub fn looks_incompressible(page: &[u8]) -> bool {
+    if page.len() < ENTROPY_SAMPLES * 2 {
+        return false;
+    }
+    let stride = page.len() / ENTROPY_SAMPLES;
+    let mut seen = [0u64; 4];
+    for i in 0..ENTROPY_SAMPLES {
+        let b = page[i * stride];
+        seen[usize::from(b >> 6)] |= 1 << (b & 63);
+    }
+    seen.iter().map(|w| w.count_ones()).sum::<u32>() >= RANDOM_DISTINCT_BYTES
+}
+
 /// A prefetch for a page the push reaches within this many pages is left to the push (PROTOCOL.md
 /// section 10): 8 MiB of 4 KiB pages, well beyond a fetch's window (256 pages by default).
 pub const PUSH_FOLD_HORIZON: u32 = 2048;
@@ -243,6 +268,9 @@ pub struct SenderStats {
     pub zero_pages_sent: u64,
     /// Of which compressed.
     pub compressed_pages_sent: u64,
+    /// Pages sent raw without a compression attempt: a sample of their bytes looked random
+    /// ([`looks_incompressible`]).
+    pub incompressible_pages: u64,
     /// Of which pushed (not asked for).
     pub pages_pushed: u64,
     /// Times the push had pages left but the window of the slowest live receiver held it back.
@@ -1192,7 +1220,14 @@ impl<S: PageSource> Sender<S> {
             self.stats.zero_pages_sent += 1;
             return None;
         }
-        let compressed = self.compressor.as_mut().and_then(|c| c.compress(data).ok()).filter(|c| c.len() < data.len());
+        let compressed = match self.compressor.as_mut() {
+            Some(_) if looks_incompressible(data) => {
+                self.stats.incompressible_pages += 1;
+                None
+            }
+            Some(c) => c.compress(data).ok().filter(|c| c.len() < data.len()),
+            None => None,
+        };
         let (zstd, bytes) = match compressed {
             Some(c) => {
                 self.stats.compressed_pages_sent += 1;
