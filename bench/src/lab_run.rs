@@ -55,6 +55,14 @@ impl Drop for Scratch {
     }
 }
 
+/// Checks what a lab benchmark with link loss needs (root, iproute2, nftables) and finds the
+/// release binaries (in `bin_dir`, else beside this one).
+pub fn lossy_lab_preflight(bin_dir: Option<&Path>) -> anyhow::Result<Binaries> {
+    netlab::check_prerequisites().context("netlab needs root and iproute2")?;
+    netlab::preflight::check_nft().context("netlab's loss needs nftables")?;
+    Binaries::find(bin_dir)
+}
+
 /// The release `spindrift-server` and `spindrift-client`.
 pub struct Binaries {
     /// `spindrift-server`.

@@ -39,7 +39,9 @@ use netlab::{Lab, LabConfig, LinkConditions, Loss, Rate};
 use serde::Serialize;
 
 use crate::args;
-use crate::lab_run::{check_receivers, random_image, tx_counters, wait_all, which, Binaries, Proc, Push, Scratch};
+use crate::lab_run::{
+    check_receivers, lossy_lab_preflight, random_image, tx_counters, wait_all, which, Binaries, Proc, Push, Scratch,
+};
 
 /// One way of moving the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -154,9 +156,7 @@ pub fn run(a: &LineRateArgs) -> anyhow::Result<ExitCode> {
         bail!("--mib {} is out of range: 1..=1024", a.mib);
     }
     let rows = a.rows.iter().map(|r| parse_row(r)).collect::<anyhow::Result<Vec<_>>>()?;
-    netlab::check_prerequisites().context("netlab needs root and iproute2")?;
-    netlab::preflight::check_nft().context("netlab's loss needs nftables")?;
-    let bins = Binaries::find(a.bin_dir.as_deref())?;
+    let bins = lossy_lab_preflight(a.bin_dir.as_deref())?;
     if a.modes.iter().any(|m| matches!(m, Mode::Uftp | Mode::UftpCc)) {
         for tool in ["uftp", "uftpd"] {
             which(tool).with_context(|| format!("{tool} not found: install uftp (scripts/setup.sh)"))?;

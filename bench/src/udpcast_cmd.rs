@@ -32,7 +32,7 @@ use netlab::{Lab, LabConfig, LinkConditions, Loss};
 use serde::Serialize;
 
 use crate::args;
-use crate::lab_run::{check_receivers, tx_counters, wait_all, which, Binaries, Proc, Push, Scratch};
+use crate::lab_run::{check_receivers, lossy_lab_preflight, tx_counters, wait_all, which, Proc, Push, Scratch};
 
 /// The comparison's knobs.
 #[derive(Debug, Clone, Args)]
@@ -116,9 +116,7 @@ pub fn run(a: &VsUdpcastArgs) -> anyhow::Result<ExitCode> {
     if a.mib == 0 || a.mib > 4096 {
         bail!("--mib {} is out of range: 1..=4096", a.mib);
     }
-    netlab::check_prerequisites().context("netlab needs root and iproute2")?;
-    netlab::preflight::check_nft().context("netlab's loss needs nftables")?;
-    let bins = Binaries::find(a.bin_dir.as_deref())?;
+    let bins = lossy_lab_preflight(a.bin_dir.as_deref())?;
     for tool in ["udp-sender", "udp-receiver"] {
         which(tool).with_context(|| format!("{tool} not found: install udpcast (scripts/setup.sh)"))?;
     }
