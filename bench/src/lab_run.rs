@@ -382,6 +382,8 @@ pub struct Push<'a> {
     pub server_flags: Vec<String>,
     /// Pin the server to these CPUs (`taskset -c`), e.g. "0".
     pub server_cpus: Option<String>,
+    /// More flags for every fetch.
+    pub fetch_flags: Vec<String>,
     /// Longest the fetches may take.
     pub timeout: Duration,
 }
@@ -488,6 +490,7 @@ impl Push<'_> {
             if self.verify {
                 c.arg("--verify").arg(self.image);
             }
+            c.args(&self.fetch_flags);
             let (json, log) = (
                 self.scratch.path(&format!("{}-h{i}-fetch.json", self.tag)),
                 self.scratch.path(&format!("{}-h{i}-fetch.log", self.tag)),

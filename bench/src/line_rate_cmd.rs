@@ -87,6 +87,9 @@ pub struct LineRateArgs {
     /// Extra flags for spindrift-server (split on spaces).
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub server_flags: String,
+    /// Extra flags for every `spindrift-client fetch` (split on spaces).
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    pub fetch_flags: String,
     /// Keep the scratch directory (logs, statistics) and print its path.
     #[arg(long)]
     pub keep: bool,
@@ -297,6 +300,7 @@ impl RunCtx<'_> {
                     remove_outputs: false,
                     server_flags,
                     server_cpus: None,
+                    fetch_flags: self.a.fetch_flags.split_whitespace().map(str::to_string).collect(),
                     timeout,
                 };
                 let outcome = push.run(self.lab)?;

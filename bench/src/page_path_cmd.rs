@@ -514,6 +514,7 @@ fn measure(ctx: &Ctx<'_>, lab: &Lab, args: &PagePathArgs, out: &mut PagePath) ->
         remove_outputs: true,
         server_flags: ctx.args.server_flags.clone(),
         server_cpus: None,
+        fetch_flags: Vec::new(),
         timeout: ctx.timeout,
     };
     let fetched = push.run(lab)?;

@@ -164,6 +164,7 @@ pub fn run(a: &VsUdpcastArgs) -> anyhow::Result<ExitCode> {
             remove_outputs: false,
             server_flags,
             server_cpus: None,
+            fetch_flags: Vec::new(),
             timeout,
         };
         results.push(spindrift(&lab, &push, name, &image)?);

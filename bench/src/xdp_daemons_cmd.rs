@@ -364,6 +364,7 @@ fn push_run(c: &Ctx<'_>, lab: &Lab, mtu: usize, io: Io, run: u16) -> anyhow::Res
         remove_outputs: true,
         server_flags: c.server_flags(),
         server_cpus: c.server_cpus.clone(),
+        fetch_flags: Vec::new(),
         timeout: c.timeout,
     };
     let out = push.run(lab)?;
