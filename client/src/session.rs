@@ -205,9 +205,11 @@ pub struct SessionConfig {
     pub node: u32,
     /// Pages in the image (4 KiB each).
     pub pages: u32,
-    /// Pages the receiver reads ahead after each fault.
+    /// Pages the receiver reads ahead after each fault (default 0: the fetch's window already asks
+    /// ahead, and read-ahead would raise the window's next pages above prefetch on every arrival,
+    /// a stream of demand that can keep a push from starting).
     pub read_ahead: u16,
-    /// Fetch mode: faults outstanding at once.
+    /// Fetch mode: pages outstanding at once.
     pub window: usize,
     /// Fetch mode: also prefetch every page at the start (faults then only raise priorities).
     pub prefetch_all: bool,
@@ -241,7 +243,7 @@ impl SessionConfig {
             key,
             node: default_node(interface),
             pages,
-            read_ahead: 16,
+            read_ahead: 0,
             window: 256,
             prefetch_all: false,
             coalesce: DEFAULT_COALESCE,

@@ -184,9 +184,8 @@ struct FetchArgs {
     /// This host's node id (non-zero; default: the interface address as a number).
     #[arg(long)]
     node: Option<u32>,
-    /// Pages read ahead after each fault. The window already asks ahead (as prefetch, which a
-    /// running push takes over); read-ahead would raise the window's next pages above prefetch
-    /// on every arrival, a stream of demand that can keep a push from ever starting.
+    /// Pages read ahead after each fault (see `SessionConfig::read_ahead`: the window already asks
+    /// ahead).
     #[arg(long, default_value_t = 0)]
     read_ahead: u16,
     /// Pages outstanding at once (the oldest asked for as a fault, the rest as prefetch).
