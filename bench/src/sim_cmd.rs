@@ -85,6 +85,13 @@ pub struct SimArgs {
     /// A slow receiver's socket buffer, KiB (a datagram arriving when it is full is dropped).
     #[arg(long, default_value = "256", value_parser = args::positive)]
     pub slow_queue_kib: f64,
+    /// The slow receivers' bottleneck is a router queue in the network (their window is not
+    /// sized to it), not their socket.
+    #[arg(long)]
+    pub slow_in_network: bool,
+    /// Congestion control: the server finds its rate (--pacing, when not 0, caps it).
+    #[arg(long)]
+    pub congestion_control: bool,
     /// Turn push flow control off (to measure what it saves).
     #[arg(long)]
     pub no_flow_control: bool,
@@ -184,6 +191,8 @@ impl SimArgs {
             slow_receivers: self.slow_receivers,
             slow_rate_bps: gbps(self.slow_rate),
             slow_queue_bytes: (self.slow_queue_kib * 1024.0) as u64,
+            slow_in_network: self.slow_in_network,
+            congestion_control: self.congestion_control,
             flow_control: !self.no_flow_control,
             window: self.window,
             workload: match self.workload {

@@ -21,6 +21,7 @@ enum Owned {
     Report { fork: u32, clone: u32, status: u32, result: Vec<u8> },
     ReportAck(Vec<ReportKey>),
     Queued { next_seq: u64, runs: Vec<PageRun> },
+    Clock(Clock),
 }
 
 impl Owned {
@@ -28,6 +29,7 @@ impl Owned {
         match self {
             Owned::Announce(a) => Message::Announce(*a),
             Owned::Heartbeat(h) => Message::Heartbeat(*h),
+            Owned::Clock(c) => Message::Clock(*c),
             Owned::End(reason, final_seq) => Message::End { reason: *reason, final_seq: *final_seq },
             Owned::Data { seq, block, index, flags, records } => {
                 Message::Data(Data { seq: *seq, block: *block, index: *index, flags: *flags, records })
@@ -95,11 +97,12 @@ impl Owned {
             }
             Message::ReportAck(k) => Owned::ReportAck(list(k)),
             Message::Queued(q) => Owned::Queued { next_seq: q.next_seq, runs: list(&q.runs) },
+            Message::Clock(c) => Owned::Clock(*c),
         }
     }
 }
 
-const ALL_TYPES: [MsgType; 11] = [
+const ALL_TYPES: [MsgType; 12] = [
     MsgType::Announce,
     MsgType::Heartbeat,
     MsgType::End,
@@ -111,6 +114,7 @@ const ALL_TYPES: [MsgType; 11] = [
     MsgType::Report,
     MsgType::ReportAck,
     MsgType::Queued,
+    MsgType::Clock,
 ];
 
 /// One record, valid by construction.
@@ -253,7 +257,7 @@ fn message() -> impl Strategy<Value = Owned> {
                 loss_ppm,
                 entries
             }),
-        (any::<[u64; 3]>(), loss(), any::<[u32; 2]>(), any::<bool>()).prop_map(|(s, loss_ppm, w, leaving)| {
+        (any::<[u64; 4]>(), loss(), any::<[u32; 5]>(), any::<bool>()).prop_map(|(s, loss_ppm, w, leaving)| {
             Owned::Status(Status {
                 stream_start: s[0],
                 received_through: s[1],
@@ -262,8 +266,17 @@ fn message() -> impl Strategy<Value = Owned> {
                 window: w[0],
                 pages_cached: w[1],
                 flags: if leaving { STATUS_LEAVING } else { 0 },
+                echo: s[3],
+                echo_delay_us: w[2],
+                loss_events: w[3],
+                receive_rate_kib: w[4],
             })
         }),
+        (1..=u64::MAX, any::<u32>(), any::<u32>()).prop_map(|(timestamp_us, rate_kib, rtt_us)| Owned::Clock(Clock {
+            timestamp_us,
+            rate_kib,
+            rtt_us
+        })),
         (any::<[u32; 3]>(), prop::collection::vec(any::<u8>(), 0..=MAX_REPORT_RESULT))
             .prop_map(|(f, result)| { Owned::Report { fork: f[0], clone: f[1], status: f[2], result } }),
         prop::collection::vec(any::<(u32, u32)>().prop_map(|(fork, clone)| ReportKey { fork, clone }), 0..200)

@@ -435,6 +435,10 @@ fn one_server_endpoint_serves_two_sessions_to_their_groups() {
         window: 1024,
         pages_cached: 0,
         flags: 0,
+        echo: 0,
+        echo_delay_us: 0,
+        loss_events: 0,
+        receive_rate_kib: 0,
     });
     let len = wire::encode(&header, &status, &keys, &mut buf).expect("encode");
     servers.handle_datagram(now, HOST_ADDR, &mut buf[..len]);

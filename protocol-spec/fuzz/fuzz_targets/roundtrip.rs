@@ -25,7 +25,8 @@ enum Input {
     Repair { first_seq: u64, block: u32, k: u16, index: u16, total: u16, symbol: Vec<u8> },
     Request { stream_start: u64, loss_ppm: u32, runs: Vec<(u32, u16, u8)> },
     Nak { stream_start: u64, highest_seen: u64, loss_ppm: u32, entries: Vec<(u32, u16, u16, u64)> },
-    Status { s: [u64; 3], loss_ppm: u32, window: u32, pages_cached: u32, flags: u32 },
+    Status { s: [u64; 4], loss_ppm: u32, window: u32, pages_cached: u32, flags: u32, cc: [u32; 3] },
+    Clock { timestamp_us: u64, rate_kib: u32, rtt_us: u32 },
     Report { fork: u32, clone: u32, status: u32, result: Vec<u8> },
     ReportAck(Vec<(u32, u32)>),
     Fork { fork: u32, descriptor: u32, entries: Vec<(u32, u32, u32)> },
@@ -164,7 +165,7 @@ fuzz_target!(|input: Input| {
                 .collect();
             check(&Message::Nak(Nak { stream_start, highest_seen, loss_ppm, entries: Items::Slice(&entries) }))
         }
-        Input::Status { s, loss_ppm, window, pages_cached, flags } => check(&Message::Status(Status {
+        Input::Status { s, loss_ppm, window, pages_cached, flags, cc } => check(&Message::Status(Status {
             stream_start: s[0],
             received_through: s[1],
             highest_seen: s[2],
@@ -172,7 +173,14 @@ fuzz_target!(|input: Input| {
             window,
             pages_cached,
             flags,
+            echo: s[3],
+            echo_delay_us: cc[0],
+            loss_events: cc[1],
+            receive_rate_kib: cc[2],
         })),
+        Input::Clock { timestamp_us, rate_kib, rtt_us } => {
+            check(&Message::Clock(Clock { timestamp_us, rate_kib, rtt_us }))
+        }
         Input::Report { fork, clone, status, result } => {
             check(&Message::Report(Report { fork, clone, status, result: &result }))
         }

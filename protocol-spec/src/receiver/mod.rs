@@ -5,6 +5,7 @@
 //! FEC parity after a randomized NAK backoff, and turns faults into batched requests with read-ahead.
 
 mod assembly;
+mod feedback;
 mod readahead;
 mod stream;
 mod wants;
@@ -21,6 +22,7 @@ use crate::wire::{
 };
 use crate::Time;
 use assembly::Assembler;
+use feedback::Feedback;
 use readahead::ReadAhead;
 use stream::{Stream, Taken};
 use wants::Wants;
@@ -122,6 +124,8 @@ pub enum ReceiverEvent {
 pub struct ReceiverStats {
     /// Datagrams received.
     pub rx_packets: u64,
+    /// Loss events (congestion feedback, PROTOCOL.md 11.1): losses at least a round trip apart.
+    pub loss_events: u64,
     /// Data packets received (duplicates included).
     pub data_packets: u64,
     /// Parity packets received.
@@ -130,6 +134,8 @@ pub struct ReceiverStats {
     pub recovered_packets: u64,
     /// Duplicate data packets ignored.
     pub duplicates: u64,
+    /// Data packets that filled a position already counted missing (reordered, or sent again).
+    pub late_packets: u64,
     /// Out-of-stream Data packets (answers sent to this host alone) taken.
     pub unicast_packets: u64,
     /// Pages stored into the sink.
@@ -189,6 +195,8 @@ pub struct Receiver {
     blobs: Assembler<(BlobKind, u32)>,
     blobs_done: HashSet<(BlobKind, u32)>,
     stream: Stream,
+    /// Congestion feedback for the server (PROTOCOL.md 11.1).
+    feedback: Feedback,
     wants: Wants,
     read_ahead: ReadAhead,
     events: VecDeque<ReceiverEvent>,
@@ -296,6 +304,7 @@ impl Receiver {
             blobs: Assembler::default(),
             blobs_done: HashSet::new(),
             stream,
+            feedback: Feedback::default(),
             wants: Wants::default(),
             read_ahead: ReadAhead::default(),
             events: VecDeque::new(),
@@ -464,7 +473,18 @@ impl Receiver {
         self.last_heard = Some(now);
         self.server_lost = false;
         let started = self.stream.start() != wire::NO_STREAM;
+        if matches!(msg, Message::Data(_) | Message::Repair(_)) {
+            self.feedback.take_bytes(body.len() + HEADER_LEN + TAG_LEN);
+        }
         self.take_message(now, msg, body, sink);
+        if self.feedback.take_missing(now, self.stream.missing_count(), self.stats.late_packets) {
+            self.stats.loss_events += 1;
+            // With congestion control running (Clocks arrive), the server's rate should follow a
+            // new loss event within a round trip; without it, Status stays as rare as it was.
+            if self.feedback.clock_seen() {
+                self.status_due = true;
+            }
+        }
         if !started && self.stream.start() != wire::NO_STREAM {
             // The stream just started for us: say so at once, so the server counts us in its
             // window (and sends blobs and the push) without waiting for the periodic Status.
@@ -554,6 +574,14 @@ impl Receiver {
                     self.schedule_nak(now);
                 }
             }
+            Message::Clock(c) => {
+                self.feedback.take_clock(now, c.timestamp_us, c.rtt_us);
+                // Congestion control runs: feedback once per Clock while stream data arrives,
+                // no more often than the progress gap allows (PROTOCOL.md 11.1).
+                if self.feedback.took_data_since_status() {
+                    self.status_due = true;
+                }
+            }
             Message::End { .. } => {
                 if !self.ended {
                     self.ended = true;
@@ -592,6 +620,7 @@ impl Receiver {
                 tracing::info!("server restarted (epoch {e} -> {epoch}): following its new stream");
                 self.epoch = Some(epoch);
                 self.stream.reset();
+                self.feedback.reset_stream();
                 self.pages.clear();
                 self.blobs.clear();
                 self.pending_nak = None;
@@ -635,6 +664,7 @@ impl Receiver {
             self.stats.duplicates += 1;
             return;
         }
+        self.stats.late_packets += u64::from(d.seq < before);
         self.stats.bytes_copied += body.len() as u64;
         // A late (reordered) packet can complete a set that parity started.
         match self.stream.try_decode(d.block) {
@@ -923,6 +953,7 @@ impl Receiver {
             self.last_status_rt = self.stream.received_through();
             self.push_since_status = false;
             self.stats.statuses += 1;
+            let (echo, echo_delay_us, loss_events, receive_rate_kib) = self.feedback.status_fields(now);
             let msg = Message::Status(wire::Status {
                 stream_start: self.stream.start(),
                 received_through: self.stream.received_through(),
@@ -931,6 +962,10 @@ impl Receiver {
                 window: self.window(),
                 pages_cached: self.pages_cached,
                 flags: 0,
+                echo,
+                echo_delay_us,
+                loss_events,
+                receive_rate_kib,
             });
             return self.seal(msg, buf);
         }

@@ -46,6 +46,8 @@ pub(super) struct Stream {
     /// Loss estimate: positions seen missing vs. all positions, smoothed.
     loss: f64,
     samples: u64,
+    /// Of `samples`, positions found missing (congestion feedback counts them).
+    lost_samples: u64,
     /// When range entries were last NAKed.
     last_range_nak: Option<Time>,
     /// Positions in `received` still missing.
@@ -91,8 +93,14 @@ impl Stream {
         (self.loss * 1e6) as u32
     }
 
+    /// Positions found missing so far (congestion feedback counts their loss events).
+    pub fn missing_count(&self) -> u64 {
+        self.lost_samples
+    }
+
     fn sample(&mut self, lost: bool) {
         self.samples += 1;
+        self.lost_samples += u64::from(lost);
         let alpha = (1.0 / self.samples as f64).max(1.0 / 512.0);
         self.loss += alpha * (f64::from(u8::from(lost)) - self.loss);
     }

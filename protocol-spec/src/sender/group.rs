@@ -24,9 +24,28 @@ pub(super) struct Member {
     /// push back.
     pub complete: bool,
     pub replay: ReplayWindow,
+    /// Congestion feedback (PROTOCOL.md 11.1): smoothed round-trip time from Clock echoes, the
+    /// loss event count and the receive rate of its last Status.
+    pub srtt: Option<Duration>,
+    pub loss_events: Option<u32>,
+    pub receive_rate: f64,
+    /// Stream positions between its recent loss events (newest first), and its Highest Seen at
+    /// the last one: its loss event rate, measured here (TFRC's average loss interval).
+    pub loss_intervals: Vec<f64>,
+    pub seen_at_event: Option<u64>,
+    /// Highest Seen of its last Status.
+    pub highest_seen: u64,
 }
 
 impl Member {
+    /// Positions it has seen since its last loss event (0 before its first).
+    fn open_interval(&self) -> f64 {
+        match (self.seen_at_event, self.highest_seen) {
+            (Some(a), b) if b != NO_STREAM => b.saturating_sub(a) as f64,
+            _ => 0.0,
+        }
+    }
+
     /// Where the push must stop for this member, if it counts (see [`Group::push_limit`]).
     fn limit(&self, now: Time, p: &FlowParams) -> Option<u64> {
         (now < self.reported_at + p.timeout && !self.complete).then(|| {
@@ -82,6 +101,12 @@ impl Group {
                 reported_at: now,
                 complete: false,
                 replay: ReplayWindow::default(),
+                srtt: None,
+                loss_events: None,
+                receive_rate: 0.0,
+                loss_intervals: Vec::new(),
+                seen_at_event: None,
+                highest_seen: NO_STREAM,
             }
         });
         if joined {
@@ -118,6 +143,57 @@ impl Group {
                 _ => {}
             }
         }
+    }
+
+    /// Takes the congestion feedback of a Status from `node` (PROTOCOL.md 11.1): `rtt_sample`, if
+    /// its echo gave one, joins the smoothed round-trip time (gain 1/8, as TCP's). Returns true
+    /// if the member saw a new loss event since its last Status (its first only sets the count).
+    pub fn feedback(
+        &mut self,
+        node: NodeId,
+        rtt_sample: Option<Duration>,
+        loss_events: u32,
+        receive_rate_kib: u32,
+        highest_seen: u64,
+    ) -> bool {
+        let Some(m) = self.members.get_mut(&node) else { return false };
+        if let Some(sample) = rtt_sample {
+            m.srtt = Some(m.srtt.map_or(sample, |s| (s * 7 + sample) / 8));
+        }
+        let events = m.loss_events.map_or(0, |seen| loss_events.wrapping_sub(seen));
+        m.highest_seen = highest_seen;
+        m.loss_events = Some(loss_events);
+        m.receive_rate = f64::from(receive_rate_kib) * 1024.0;
+        if events > 0 && highest_seen != NO_STREAM {
+            if let Some(from) = m.seen_at_event {
+                // The positions since the last event, shared by the events this Status reports.
+                let each = (highest_seen.saturating_sub(from) as f64 / f64::from(events.min(8))).max(1.0);
+                for _ in 0..events.min(8) {
+                    m.loss_intervals.insert(0, each);
+                }
+                m.loss_intervals.truncate(LOSS_INTERVALS);
+            }
+            m.seen_at_event = Some(highest_seen);
+        } else if m.seen_at_event.is_none() && highest_seen != NO_STREAM {
+            m.seen_at_event = Some(highest_seen);
+        }
+        events > 0
+    }
+
+    /// The congestion feedback of the members that count in flow control (reported within
+    /// `timeout` and still lacking pages).
+    pub fn congestion_feedback(
+        &self,
+        now: Time,
+        timeout: Duration,
+    ) -> impl Iterator<Item = super::congestion::Feedback> + '_ {
+        self.members.values().filter(move |m| now < m.reported_at + timeout && !m.complete).map(|m| {
+            super::congestion::Feedback {
+                rtt: m.srtt,
+                receive_rate: m.receive_rate,
+                loss_event_rate: loss_event_rate(&m.loss_intervals, m.open_interval()),
+            }
+        })
     }
 
     /// Forgets the cached push limit if `node` set it.
@@ -236,6 +312,30 @@ impl Group {
     }
 }
 
+/// Loss intervals kept per receiver (RFC 5348 section 5.4).
+const LOSS_INTERVALS: usize = 8;
+
+/// The loss event rate of `intervals` (newest first) and the open interval since the last event:
+/// one over TFRC's weighted average, the open interval counted when it raises it (RFC 5348
+/// section 5.4); 0 before the first.
+fn loss_event_rate(intervals: &[f64], open: f64) -> f64 {
+    const WEIGHTS: [f64; LOSS_INTERVALS] = [1.0, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2];
+    if intervals.is_empty() {
+        return 0.0;
+    }
+    let mean = |xs: &mut dyn Iterator<Item = f64>| {
+        let (mut sum, mut w) = (0.0, 0.0);
+        for (x, wt) in xs.zip(WEIGHTS) {
+            sum += x * wt;
+            w += wt;
+        }
+        sum / w
+    };
+    let closed = mean(&mut intervals.iter().copied());
+    let with_open = mean(&mut std::iter::once(open).chain(intervals.iter().copied()));
+    1.0 / closed.max(with_open).max(1.0)
+}
+
 /// Rounds a loss rate to about two significant digits (in ppm), so reports cluster into few buckets.
 fn quantize(ppm: u32) -> u32 {
     let ppm = ppm.min(1_000_000);
@@ -328,6 +428,31 @@ mod tests {
         assert_eq!(limit(&g, t(1041)), 13024);
         // Everyone silent: nothing is pushed.
         assert_eq!(limit(&g, t(5000)), 0);
+    }
+
+    #[test]
+    fn loss_event_rates_follow_the_reported_loss_events() {
+        let mut g = Group::default();
+        let n = NodeId(1);
+        g.touch(n, Time::ZERO, 0);
+        let rate = |g: &Group| g.congestion_feedback(Time::ZERO, SEC).next().map(|f| f.loss_event_rate);
+        // The first Status only sets the count and where counting starts.
+        assert!(!g.feedback(n, None, 5, 0, 100));
+        assert_eq!(rate(&g), Some(0.0));
+        assert!(g.feedback(n, None, 6, 0, 1_000));
+        assert!((rate(&g).unwrap() - 1.0 / 900.0).abs() < 1e-9, "{:?}", rate(&g));
+        // Events 100 positions apart: 1%.
+        for i in 1..=8u64 {
+            assert!(g.feedback(n, None, 6 + i as u32, 0, 1_000 + 100 * i));
+        }
+        assert!((rate(&g).unwrap() - 0.01).abs() < 1e-9, "{:?}", rate(&g));
+        // A long run without loss counts once it raises the average.
+        assert!(!g.feedback(n, None, 14, 0, 1_000_000));
+        assert!(rate(&g).unwrap() < 1e-4, "{:?}", rate(&g));
+        // The count wraps.
+        assert!(g.feedback(n, Some(Duration::from_millis(3)), 15, 0, 1_000_100));
+        g.feedback(n, None, u32::MAX, 0, 1_000_200);
+        assert!(g.feedback(n, None, 0, 0, 1_000_300));
     }
 
     #[test]

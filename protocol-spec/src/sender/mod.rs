@@ -4,6 +4,7 @@
 //! them into FEC blocks, adds proactive parity sized to the group's loss, answers NAKs with parity that
 //! serves every receiver at once, and keeps the group's liveness and flow-control state.
 
+mod congestion;
 mod group;
 mod history;
 mod queue;
@@ -102,8 +103,12 @@ pub struct SenderConfig {
     pub encrypt: bool,
     /// zstd level for pages (None: send pages raw). A page is sent compressed only when that saves bytes.
     pub zstd_level: Option<i32>,
-    /// Pacing rate for everything the server sends, bytes per second (None: unpaced).
+    /// Pacing rate for everything the server sends, bytes per second (None: unpaced). With
+    /// congestion control on, the most it may send at.
     pub rate_bytes_per_sec: Option<u64>,
+    /// Congestion control (PROTOCOL.md section 11.1): pace at the rate the slowest receiver's path
+    /// sustains, found from the receivers' loss event rates, receive rates and round trips.
+    pub congestion_control: bool,
     /// How far behind its schedule the pacer may fall and still catch up (a token bucket of this
     /// much time at the rate): a driver loop that wakes late, because it shares the CPU with other
     /// work, sends what it owes in one burst instead of losing the time. Zero keeps no credit at
@@ -161,6 +166,7 @@ impl SenderConfig {
             encrypt: false,
             zstd_level: Some(1),
             rate_bytes_per_sec: None,
+            congestion_control: false,
             pace_burst: DEFAULT_PACE_BURST,
             rtt_hint: Duration::from_micros(200),
             push: PushPolicy::None,
@@ -285,6 +291,16 @@ pub struct SenderStats {
     pub repairs_expired: u64,
     /// Receivers currently live.
     pub receivers_live: u64,
+    /// Congestion control: the rate it paces at now, bytes per second (0: off).
+    pub congestion_rate: u64,
+    /// Congestion control: the lowest rate it has set, bytes per second (0: off or never set).
+    pub congestion_min_rate: u64,
+    /// Congestion control: rate updates.
+    pub congestion_updates: u64,
+    /// Congestion control: Clock messages sent (PROTOCOL.md 3.13).
+    pub clocks: u64,
+    /// Congestion control: the largest smoothed round trip among the receivers that count, µs.
+    pub congestion_rtt_us: u64,
 }
 
 /// Why a sender could not be set up.
@@ -362,6 +378,8 @@ pub struct Sender<S: PageSource> {
     heartbeat_at: Option<Time>,
     heartbeat_gap: Duration,
     pace_at: Time,
+    /// The congestion controller (PROTOCOL.md 11.1), when congestion control is on.
+    congestion: Option<congestion::Controller>,
     ends_to_send: u8,
     end_reason: Option<EndReason>,
     compressor: Option<zstd::bulk::Compressor<'static>>,
@@ -516,6 +534,9 @@ impl<S: PageSource> Sender<S> {
             heartbeat_at: None,
             heartbeat_gap: config.rtt_hint,
             pace_at: now,
+            congestion: config.congestion_control.then(|| {
+                congestion::Controller::new(now, config.rtt_hint, config.max_datagram, config.rate_bytes_per_sec)
+            }),
             ends_to_send: 0,
             end_reason: None,
             compressor,
@@ -630,6 +651,9 @@ impl<S: PageSource> Sender<S> {
                 let complete = s.pages_cached >= self.page_block.len() as u32;
                 self.group.status(node, now, s.received_through, s.window, complete);
                 self.group.report_loss(node, s.loss_ppm);
+                if self.congestion.is_some() {
+                    self.take_feedback(now, node, &s);
+                }
                 self.blobs_for(s.stream_start);
                 if s.flags & STATUS_LEAVING != 0 && self.group.remove(node) {
                     self.events.push_back(SenderEvent::ReceiverLost(node));
@@ -898,13 +922,17 @@ impl<S: PageSource> Sender<S> {
         let buf = &mut buf[..self.config.max_datagram];
         self.now = self.now.max(now);
         self.note_push_window();
-        if self.config.rate_bytes_per_sec.is_some() && now < self.pace_at {
+        let pace = self.pace_rate();
+        if pace.is_some() && now < self.pace_at {
             return None;
         }
         let len = self.next_datagram(now, buf)?;
         self.stats.tx_packets += 1;
         self.stats.tx_bytes += len as u64;
-        if let Some(rate) = self.config.rate_bytes_per_sec {
+        if let Some(c) = &mut self.congestion {
+            c.on_sent(len);
+        }
+        if let Some(rate) = pace {
             let cost = Duration::from_nanos((len as u64).saturating_mul(1_000_000_000) / rate);
             // A token bucket: the schedule may lag `now` by at most `pace_burst`, the credit a
             // late loop may spend at once.
@@ -963,6 +991,11 @@ impl<S: PageSource> Sender<S> {
                 return Some(len);
             }
         }
+        if self.has_data() && !self.group.is_empty() && self.congestion.as_mut().is_some_and(|c| c.clock_due(now)) {
+            if let Some(len) = self.write_clock(now, buf) {
+                return Some(len);
+            }
+        }
         if self.has_data() {
             self.heartbeat_gap = (self.config.rtt_hint * 2).max(Duration::from_micros(100));
             self.heartbeat_at = Some(now + self.heartbeat_gap);
@@ -1000,6 +1033,54 @@ impl<S: PageSource> Sender<S> {
             return self.seal(Message::ReportAck(Items::Slice(&acks)), buf);
         }
         None
+    }
+
+    /// The rate to pace at now, bytes per second: the congestion controller's (within the
+    /// configured rate), else the configured rate; None: unpaced.
+    fn pace_rate(&self) -> Option<u64> {
+        match &self.congestion {
+            Some(c) => Some(c.rate()),
+            None => self.config.rate_bytes_per_sec,
+        }
+    }
+
+    /// Microseconds on the clock Clock messages carry (never 0, which means "no echo").
+    fn clock_us(now: Time) -> u64 {
+        u64::try_from((now - Time::ZERO).as_micros()).unwrap_or(u64::MAX).saturating_add(1)
+    }
+
+    /// A Clock (PROTOCOL.md 3.13): the server's clock, its rate and the round trip receivers group
+    /// losses by.
+    fn write_clock(&mut self, now: Time, buf: &mut [u8]) -> Option<usize> {
+        let c = self.congestion.as_ref()?;
+        let msg = Message::Clock(wire::Clock {
+            timestamp_us: Self::clock_us(now),
+            rate_kib: u32::try_from(c.rate() / 1024).unwrap_or(u32::MAX),
+            rtt_us: u32::try_from(c.max_rtt().as_micros()).unwrap_or(u32::MAX),
+        });
+        self.stats.control_packets += 1;
+        self.stats.clocks += 1;
+        self.seal(msg, buf)
+    }
+
+    /// Takes a Status's congestion feedback and updates the rate (PROTOCOL.md 11.1).
+    fn take_feedback(&mut self, now: Time, node: NodeId, s: &wire::Status) {
+        let rtt_sample = (s.echo != 0)
+            .then(|| Self::clock_us(now).checked_sub(s.echo)?.checked_sub(u64::from(s.echo_delay_us)))
+            .flatten()
+            .filter(|&us| us < 10_000_000)
+            .map(|us| Duration::from_micros(us.max(1)));
+        let new_loss = self.group.feedback(node, rtt_sample, s.loss_events, s.receive_rate_kib, s.highest_seen);
+        let timeout = self.flow_params().timeout;
+        let Some(c) = self.congestion.as_mut() else { return };
+        if let Some(rate) = c.update(now, self.config.rtt_hint, self.group.congestion_feedback(now, timeout), new_loss)
+        {
+            self.stats.congestion_updates += 1;
+            self.stats.congestion_rate = rate;
+            self.stats.congestion_min_rate =
+                if self.stats.congestion_min_rate == 0 { rate } else { self.stats.congestion_min_rate.min(rate) };
+            self.stats.congestion_rtt_us = u64::try_from(c.max_rtt().as_micros()).unwrap_or(u64::MAX);
+        }
     }
 
     /// Advertises pages queued since the last advertisement (as many runs as fit one datagram).
@@ -1379,7 +1460,7 @@ impl<S: PageSource> Sender<S> {
             sends.push(self.pace_at);
         }
         let mut t = sends.into_iter().min()?;
-        if self.config.rate_bytes_per_sec.is_some() {
+        if self.pace_rate().is_some() {
             // Paced: nothing goes out before the pacer allows it.
             t = t.max(self.pace_at);
         }

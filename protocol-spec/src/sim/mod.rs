@@ -109,6 +109,12 @@ pub struct SimConfig {
     pub slow_rate_bps: u64,
     /// The socket buffer of a slow receiver, bytes.
     pub slow_queue_bytes: u64,
+    /// The slow receivers' bottleneck is in the network (a router's queue, as netlab's `tbf`),
+    /// not their socket: they cannot size their window to it, so it keeps its size.
+    pub slow_in_network: bool,
+    /// Congestion control (PROTOCOL.md 11.1): the sender finds its rate from the receivers'
+    /// feedback; `pacing`, when set, caps it.
+    pub congestion_control: bool,
     /// Push flow control (the window of PROTOCOL.md section 11); off only to measure what it saves.
     pub flow_control: bool,
     /// Each receiver's window, stream positions (None: the receiver's default).
@@ -167,6 +173,8 @@ impl Default for SimConfig {
             slow_receivers: 0,
             slow_rate_bps: 1_000_000_000,
             slow_queue_bytes: 256 << 10,
+            slow_in_network: false,
+            congestion_control: false,
             flow_control: true,
             window: None,
             workload: Workload::Shuffled,

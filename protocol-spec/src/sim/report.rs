@@ -144,6 +144,10 @@ pub struct Settings {
     pub slow_rate_bps: u64,
     /// Their socket buffer, bytes.
     pub slow_queue_bytes: u64,
+    /// The slow receivers' bottleneck is in the network, not their socket.
+    pub slow_in_network: bool,
+    /// Congestion control on.
+    pub congestion_control: bool,
     /// Push flow control on.
     pub flow_control: bool,
     /// Receivers' window (None: default).
@@ -274,6 +278,7 @@ impl SimReport {
 /// Adds `b` into `a`, field by field.
 pub fn add_receiver_stats(a: &mut ReceiverStats, b: &ReceiverStats) {
     a.rx_packets += b.rx_packets;
+    a.loss_events += b.loss_events;
     a.data_packets += b.data_packets;
     a.repair_packets += b.repair_packets;
     a.recovered_packets += b.recovered_packets;

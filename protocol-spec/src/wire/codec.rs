@@ -7,10 +7,10 @@
 
 use super::bytes::{Reader, Writer};
 use super::{
-    max_body_len, seal, Announce, Data, DecodeError, EncodeError, EndReason, Header, Heartbeat, Items, Keys, Message,
-    MsgType, Nak, NakEntry, NodeId, PageRun, Priority, Records, Repair, Report, ReportKey, Request, SessionId, Status,
-    WireItem, ANNOUNCE_LEN, DATA_FIXED_LEN, DATA_LAST_IN_BLOCK, DATA_PUSH, DATA_UNICAST, END_LEN, HEADER_LEN,
-    HEARTBEAT_LEN, KNOWN_FLAGS, MAGIC, MAX_BLOCK, MAX_DATAGRAM, MAX_LOSS_PPM, MAX_PAGE_SHIFT, MAX_PARITY,
+    max_body_len, seal, Announce, Clock, Data, DecodeError, EncodeError, EndReason, Header, Heartbeat, Items, Keys,
+    Message, MsgType, Nak, NakEntry, NodeId, PageRun, Priority, Records, Repair, Report, ReportKey, Request, SessionId,
+    Status, WireItem, ANNOUNCE_LEN, CLOCK_LEN, DATA_FIXED_LEN, DATA_LAST_IN_BLOCK, DATA_PUSH, DATA_UNICAST, END_LEN,
+    HEADER_LEN, HEARTBEAT_LEN, KNOWN_FLAGS, MAGIC, MAX_BLOCK, MAX_DATAGRAM, MAX_LOSS_PPM, MAX_PAGE_SHIFT, MAX_PARITY,
     MAX_REPORT_RESULT, MIN_DATAGRAM, MIN_PAGE_SHIFT, NAK_FIXED_LEN, NO_BLOCK, NO_STREAM, REPAIR_FIXED_LEN,
     REPORT_ACK_FIXED_LEN, REPORT_FIXED_LEN, REQUEST_FIXED_LEN, STATUS_LEAVING, STATUS_LEN, TAG_LEN, VERSION,
 };
@@ -105,6 +105,7 @@ pub(super) fn parse_body(msg_type: MsgType, body: &[u8]) -> Result<Message<'_>, 
         MsgType::Request => parse_request(body).map(Message::Request),
         MsgType::Nak => parse_nak(body).map(Message::Nak),
         MsgType::Status => parse_status(body).map(Message::Status),
+        MsgType::Clock => parse_clock(body).map(Message::Clock),
         MsgType::Report => parse_report(body).map(Message::Report),
         MsgType::ReportAck => parse_report_ack(body).map(Message::ReportAck),
         MsgType::Queued => parse_queued(body).map(Message::Queued),
@@ -327,12 +328,30 @@ fn parse_status(body: &[u8]) -> Result<Status, DecodeError> {
         window: r.u32()?,
         pages_cached: r.u32()?,
         flags: r.u32()?,
+        echo: r.u64()?,
+        echo_delay_us: r.u32()?,
+        loss_events: r.u32()?,
+        receive_rate_kib: r.u32()?,
     };
+    check_reserved("status reserved", r.u32()?)?;
     r.end()?;
     if s.flags & !STATUS_LEAVING != 0 {
         return Err(bad("status flags", s.flags));
     }
     Ok(s)
+}
+
+fn parse_clock(body: &[u8]) -> Result<Clock, DecodeError> {
+    let mut r = Reader::new("clock", body);
+    if body.len() != CLOCK_LEN {
+        return Err(r.bad_length());
+    }
+    let c = Clock { timestamp_us: r.u64()?, rate_kib: r.u32()?, rtt_us: r.u32()? };
+    r.end()?;
+    if c.timestamp_us == 0 {
+        return Err(bad("clock timestamp", 0u64));
+    }
+    Ok(c)
 }
 
 fn parse_report(body: &[u8]) -> Result<Report<'_>, DecodeError> {
@@ -376,6 +395,7 @@ pub(super) fn body_len(msg: &Message<'_>) -> usize {
         Message::Request(r) => REQUEST_FIXED_LEN.saturating_add(items_len(&r.runs)),
         Message::Nak(n) => NAK_FIXED_LEN.saturating_add(items_len(&n.entries)),
         Message::Status(_) => STATUS_LEN,
+        Message::Clock(_) => CLOCK_LEN,
         Message::Report(r) => REPORT_FIXED_LEN.saturating_add(r.result.len()),
         Message::ReportAck(keys) => REPORT_ACK_FIXED_LEN.saturating_add(items_len(keys)),
         Message::Queued(q) => REQUEST_FIXED_LEN.saturating_add(items_len(&q.runs)),
@@ -475,6 +495,16 @@ pub(super) fn write_body(msg: &Message<'_>, out: &mut [u8]) -> Result<usize, Enc
             w.u32(s.window);
             w.u32(s.pages_cached);
             w.u32(s.flags);
+            w.u64(s.echo);
+            w.u32(s.echo_delay_us);
+            w.u32(s.loss_events);
+            w.u32(s.receive_rate_kib);
+            w.u32(0);
+        }
+        Message::Clock(c) => {
+            w.u64(c.timestamp_us);
+            w.u32(c.rate_kib);
+            w.u32(c.rtt_us);
         }
         Message::Report(r) => {
             if r.result.len() > MAX_REPORT_RESULT {

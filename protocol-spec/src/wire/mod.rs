@@ -70,7 +70,9 @@ pub const HEARTBEAT_LEN: usize = 28;
 /// Length of a [`Message::End`] body.
 pub const END_LEN: usize = 12;
 /// Length of a [`Message::Status`] body.
-pub const STATUS_LEN: usize = 40;
+pub const STATUS_LEN: usize = 64;
+/// Length of a [`Message::Clock`] body.
+pub const CLOCK_LEN: usize = 16;
 /// Length of the fixed part of a [`Message::Request`] body (before its runs).
 pub const REQUEST_FIXED_LEN: usize = 16;
 /// Length of the fixed part of a [`Message::Nak`] body (before its entries).
@@ -165,6 +167,9 @@ pub enum MsgType {
     ReportAck = 10,
     /// Server to group: pages just queued for sending (request suppression).
     Queued = 11,
+    /// Server to group (version 2): the server's clock, for round-trip times, and its sending rate
+    /// (congestion control, PROTOCOL.md section 11.1).
+    Clock = 12,
 }
 
 impl MsgType {
@@ -182,6 +187,7 @@ impl MsgType {
             9 => MsgType::Report,
             10 => MsgType::ReportAck,
             11 => MsgType::Queued,
+            12 => MsgType::Clock,
             other => return Err(DecodeError::UnknownType(other)),
         })
     }
@@ -472,6 +478,27 @@ pub struct Status {
     pub pages_cached: u32,
     /// `STATUS_*` flags.
     pub flags: u32,
+    /// The Timestamp of the latest [`Clock`] received (0: none yet).
+    pub echo: u64,
+    /// Microseconds between that Clock's arrival and this Status (saturating).
+    pub echo_delay_us: u32,
+    /// Loss events the receiver has seen in this epoch (losses at least a round trip apart,
+    /// PROTOCOL.md 11.1; wrapping): the server backs off when it grows.
+    pub loss_events: u32,
+    /// Stream bytes the receiver took in per second since its previous Status, in KiB/s.
+    pub receive_rate_kib: u32,
+}
+
+/// Server to group (version 2): the server's clock and its current sending rate, sent while
+/// congestion control runs (PROTOCOL.md section 11.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    /// The server's clock, microseconds (any origin; receivers echo it back in Status).
+    pub timestamp_us: u64,
+    /// The rate the server sends at now, KiB/s (0: unpaced).
+    pub rate_kib: u32,
+    /// The round-trip time receivers use to group losses into loss events, microseconds.
+    pub rtt_us: u32,
 }
 
 /// Receiver to server: a clone's result.
@@ -538,6 +565,8 @@ pub enum Message<'a> {
     ReportAck(Items<'a, ReportKey>),
     /// See [`Queued`].
     Queued(Queued<'a>),
+    /// See [`Clock`].
+    Clock(Clock),
 }
 
 /// Why a datagram could not be decoded. Every variant names what was wrong.
@@ -636,6 +665,7 @@ impl<'a> Message<'a> {
             Message::Report(_) => MsgType::Report,
             Message::ReportAck(_) => MsgType::ReportAck,
             Message::Queued(_) => MsgType::Queued,
+            Message::Clock(_) => MsgType::Clock,
         }
     }
 

@@ -29,6 +29,7 @@ enum Owned {
     Report(u32, u32, u32, Vec<u8>),
     ReportAck(Vec<ReportKey>),
     Queued(u64, Vec<PageRun>),
+    Clock(Clock),
 }
 
 fn owned(m: &Message<'_>) -> Owned {
@@ -47,6 +48,7 @@ fn owned(m: &Message<'_>) -> Owned {
         Message::Report(r) => Owned::Report(r.fork, r.clone, r.status, r.result.to_vec()),
         Message::ReportAck(k) => Owned::ReportAck(list(k)),
         Message::Queued(q) => Owned::Queued(q.next_seq, list(&q.runs)),
+        Message::Clock(c) => Owned::Clock(*c),
     }
 }
 
@@ -416,12 +418,30 @@ fn status_round_trips_and_checks_flags() {
         window: 4096,
         pages_cached: 1000,
         flags: STATUS_LEAVING,
+        echo: 123_456_789,
+        echo_delay_us: 250,
+        loss_events: u32::MAX,
+        receive_rate_kib: 30_000,
     };
     let body = round_trip(&Message::Status(s));
     let mut b = body.clone();
     b[39] = 3;
     assert_eq!(parse_err(MsgType::Status, &b), field("status flags", 3));
-    assert_eq!(parse_err(MsgType::Status, &body[..39]), DecodeError::BadLength { msg: "status", len: 39 });
+    assert_eq!(parse_err(MsgType::Status, &body[..63]), DecodeError::BadLength { msg: "status", len: 63 });
+    let mut b = body.clone();
+    b[63] = 1;
+    assert_eq!(parse_err(MsgType::Status, &b), field("status reserved", 1));
+}
+
+#[test]
+fn clock_round_trips_and_refuses_a_zero_timestamp() {
+    let c = Clock { timestamp_us: 42, rate_kib: 30_000, rtt_us: 1_500 };
+    let body = round_trip(&Message::Clock(c));
+    assert_eq!(body.len(), CLOCK_LEN);
+    let mut b = body.clone();
+    b[..8].fill(0);
+    assert_eq!(parse_err(MsgType::Clock, &b), field("clock timestamp", 0));
+    assert_eq!(parse_err(MsgType::Clock, &body[..15]), DecodeError::BadLength { msg: "clock", len: 15 });
 }
 
 #[test]

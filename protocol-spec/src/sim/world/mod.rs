@@ -170,6 +170,7 @@ impl World {
         sc.rate_bytes_per_sec =
             (cfg.pacing > 0.0).then(|| ((cfg.server_rate_bps as f64 * cfg.pacing) / 8.0).max(1.0) as u64);
         sc.rtt_hint = rtt;
+        sc.congestion_control = cfg.congestion_control;
         sc.seed = rng::value(seed, Domain::Protocol, 0);
         sc.flow_control = cfg.flow_control;
         // Receivers that start together are the hosts of one fork plan: the push waits for them all.
@@ -211,7 +212,7 @@ impl World {
             if let Some(w) = cfg.window {
                 rc.window = w;
             }
-            if i < cfg.slow_receivers {
+            if i < cfg.slow_receivers && !cfg.slow_in_network {
                 // A host sizes its window to its socket buffer, as a daemon does (three quarters of
                 // it: repairs and control share the buffer).
                 let fit = cfg.slow_queue_bytes * 3 / 4 / (cfg.max_datagram + super::link::WIRE_OVERHEAD) as u64;

@@ -129,6 +129,8 @@ impl World {
                 slow_receivers: cfg.slow_receivers,
                 slow_rate_bps: cfg.slow_rate_bps,
                 slow_queue_bytes: cfg.slow_queue_bytes,
+                slow_in_network: cfg.slow_in_network,
+                congestion_control: cfg.congestion_control,
                 flow_control: cfg.flow_control,
                 window: cfg.window,
                 workload: cfg.workload,
