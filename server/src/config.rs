@@ -123,6 +123,13 @@ pub struct Args {
     /// Pacing rate, e.g. 800mbit, 1gbit, 500kbit (default: unpaced).
     #[arg(long, value_name = "RATE")]
     pub rate: Option<String>,
+    /// Congestion control (PROTOCOL.md section 11.1): `on` finds the rate the slowest receiver's
+    /// path sustains from the receivers' loss events, receive rates and round trips (within
+    /// `--rate`, when set); `off` sends at `--rate`, or unpaced. Off by default: at random link
+    /// loss it costs most of the rate (`bench line-rate --modes cc` at 2% loss), as TCP's
+    /// congestion control does [default: off].
+    #[arg(long, value_name = "on|off")]
+    pub congestion_control: Option<String>,
     /// How far behind its schedule the pacer may fall and still catch up, microseconds at the
     /// rate: the largest burst a late wake-up sends at once [default: 2000].
     #[arg(long, value_name = "US")]
@@ -191,6 +198,7 @@ struct FileConfig {
     key_hex: Option<String>,
     epoch: Option<u32>,
     rate: Option<String>,
+    congestion_control: Option<String>,
     pace_burst_us: Option<u64>,
     mtu: Option<u32>,
     zstd_level: Option<i32>,
@@ -251,6 +259,8 @@ pub struct ServerConfig {
     pub rate_bytes_per_sec: Option<u64>,
     /// The pacer's credit ([`SenderConfig::pace_burst`]).
     pub pace_burst: Duration,
+    /// Congestion control ([`SenderConfig::congestion_control`]).
+    pub congestion_control: bool,
     /// Largest datagram (MTU - 28).
     pub max_datagram: usize,
     /// zstd level (None: raw pages).
@@ -287,6 +297,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("epoch", &self.epoch)
             .field("rate_bytes_per_sec", &self.rate_bytes_per_sec)
             .field("pace_burst", &self.pace_burst)
+            .field("congestion_control", &self.congestion_control)
             .field("max_datagram", &self.max_datagram)
             .field("zstd_level", &self.zstd_level)
             .field("encrypt", &self.encrypt)
@@ -332,6 +343,7 @@ impl ServerConfig {
             epoch: epoch_now(),
             rate_bytes_per_sec: None,
             pace_burst: spindrift_protocol::sender::DEFAULT_PACE_BURST,
+            congestion_control: false,
             max_datagram: (DEFAULT_MTU - IP_UDP_HEADERS) as usize,
             zstd_level: Some(1),
             encrypt: false,
@@ -487,6 +499,11 @@ impl ServerConfig {
             Some(r) => Some(parse_rate(&r)?),
             None => None,
         })?;
+        c.congestion_control = match args.congestion_control.clone().or(file.congestion_control).as_deref() {
+            None | Some("off") => false,
+            Some("on") => true,
+            Some(other) => return Err(invalid("--congestion-control", other, "is not one of on, off")),
+        };
         if let Some(us) = args.pace_burst_us.or(file.pace_burst_us) {
             if us > 1_000_000 {
                 return Err(invalid("--pace-burst-us", &us.to_string(), "must be at most 1000000 (one second)"));
@@ -540,6 +557,7 @@ impl ServerConfig {
         sc.zstd_level = self.zstd_level;
         sc.rate_bytes_per_sec = self.rate_bytes_per_sec;
         sc.pace_burst = self.pace_burst;
+        sc.congestion_control = self.congestion_control;
         sc.push = push.unwrap_or(match self.push {
             Push::All => PushPolicy::HintsThenAll(Vec::new()),
             Push::None => PushPolicy::None,
