@@ -13,7 +13,15 @@
 //!
 //! * `paced`: `spindrift-server --push all --min-receivers H --rate PACE*RATE` on h0,
 //!   `spindrift-client fetch --verify` on each receiver;
-//! * `unpaced`: the same without `--rate` (what congestion control must beat);
+//! * `unpaced`: the same without `--rate`: as fast as the receivers' windows let it;
+//! * `cc`: the same with `--congestion-control on` (PROTOCOL.md 11.1): the server finds the rate;
+//! * `unpaced-tcp`, `cc-tcp`: `unpaced` or `cc` while one TCP flow (iperf3, `--tcp-cc`, cubic
+//!   by default) from h0 to h1 shares h1's bottleneck: it starts 1 s before the fetches and runs
+//!   until they end, and its throughput over the fetches' time is reported beside spindrift's
+//!   goodput (bytes over the image then count the TCP flow's bytes too). Both iperf3 ends run
+//!   at `nice -n -10`: on 2 cores the fetches would otherwise starve the TCP receiver of CPU
+//!   (seen: its window closed, 0 bytes for 2 s and no retransmission), which measures the
+//!   scheduler, not the bottleneck;
 //! * `uftp`: Debian's uftp (`uftp -R PACE*RATE`, closed group of the H receivers, no encryption,
 //!   the lab's sub-millisecond round trip as its initial GRTT) to `uftpd` on each receiver;
 //! * `uftp-cc`: uftp with TFMCC congestion control (`-C tfmcc`), the link rate as its cap.
@@ -51,6 +59,12 @@ pub enum Mode {
     Paced,
     /// spindrift without a rate.
     Unpaced,
+    /// `unpaced` beside one iperf3 TCP flow through h1's bottleneck.
+    UnpacedTcp,
+    /// spindrift with congestion control.
+    Cc,
+    /// `cc` beside one iperf3 TCP flow through h1's bottleneck.
+    CcTcp,
     /// uftp at `--pace` of the link.
     Uftp,
     /// uftp with TFMCC, capped at the link rate.
@@ -87,6 +101,9 @@ pub struct LineRateArgs {
     /// Extra flags for spindrift-server (split on spaces).
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub server_flags: String,
+    /// TCP congestion control of the `unpaced-tcp` flow (iperf3 `-C`).
+    #[arg(long, default_value = "cubic")]
+    pub tcp_cc: String,
     /// Extra flags for every `spindrift-client fetch` (split on spaces).
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub fetch_flags: String,
@@ -135,6 +152,8 @@ pub struct RunResult {
     pub server_cpu_s: Option<f64>,
     /// The receivers' CPU seconds together (spindrift: the fetches; uftp: the uftpd daemons).
     pub receivers_cpu_s: Option<f64>,
+    /// `unpaced-tcp`, `cc-tcp`: the TCP flow's throughput while the fetches ran, over the link rate.
+    pub tcp_of_link: Option<f64>,
     /// Every receiver got the whole image, bit for bit.
     pub all_correct: bool,
 }
@@ -152,6 +171,11 @@ pub struct Report {
 
 const SPINDRIFT_PORT: u16 = 7710;
 const UFTP_PORT: u16 = 7720;
+const IPERF_PORT: u16 = 7730;
+/// How long the TCP flow runs before the fetches start (its slow start is over by then).
+const TCP_LEAD: Duration = Duration::from_secs(1);
+/// iperf3's report interval: the TCP throughput over the fetches' time is summed from these.
+const TCP_INTERVAL_S: f64 = 0.1;
 
 /// Runs `bench line-rate`.
 pub fn run(a: &LineRateArgs) -> anyhow::Result<ExitCode> {
@@ -164,6 +188,9 @@ pub fn run(a: &LineRateArgs) -> anyhow::Result<ExitCode> {
         for tool in ["uftp", "uftpd"] {
             which(tool).with_context(|| format!("{tool} not found: install uftp (scripts/setup.sh)"))?;
         }
+    }
+    if a.modes.iter().any(|m| matches!(m, Mode::UnpacedTcp | Mode::CcTcp)) {
+        which("iperf3").context("iperf3 not found: install it (scripts/setup.sh)")?;
     }
     // Received images go to memory (tmpfs) when there is one: writing 16 x 64 MiB to this
     // machine's disk took 1.8 s of wall and 3.3 CPU-s, which would measure the disk, not the link.
@@ -193,9 +220,10 @@ pub fn run(a: &LineRateArgs) -> anyhow::Result<ExitCode> {
                 let tag = format!("{hosts}x{link}-{}-{mode:?}", loss * 100.0);
                 let r = ctx.run(&tag, hosts, link, loss, mode, timeout)?;
                 eprintln!(
-                    "  {mode:?}: {:.2} s, {:.1}% of the link, {:.3}x the image, drops {:.2}%{}",
+                    "  {mode:?}: {:.2} s, {:.1}% of the link{}, {:.3}x the image, drops {:.2}%{}",
                     r.wall_s,
                     r.goodput_of_link * 100.0,
+                    r.tcp_of_link.map_or(String::new(), |t| format!(" (TCP {:.1}%)", t * 100.0)),
                     r.bytes_per_image,
                     r.drop_fraction * 100.0,
                     if r.all_correct { "" } else { ", NOT ALL CORRECT" }
@@ -271,18 +299,22 @@ impl RunCtx<'_> {
         let rate_bps = match mode {
             Mode::Paced | Mode::Uftp => Some(paced),
             Mode::UftpCc => Some(link.bits_per_sec()),
-            Mode::Unpaced => None,
+            Mode::Unpaced | Mode::UnpacedTcp | Mode::Cc | Mode::CcTcp => None,
         };
         let h0 = self.lab.host(0)?;
         let (tx0, _) = tx_counters(h0)?;
         let (pk0, dr0) = bottleneck_counters(self.lab, hosts)?;
         let index = (self.lab.index() % 256) as u8;
+        let mut tcp_of_link = None;
         let (wall_s, transfer_s, all_correct, server_cpu_s, receivers_cpu_s, stats) = match mode {
-            Mode::Paced | Mode::Unpaced => {
+            Mode::Paced | Mode::Unpaced | Mode::UnpacedTcp | Mode::Cc | Mode::CcTcp => {
                 let mut server_flags: Vec<String> =
                     self.a.server_flags.split_whitespace().map(str::to_string).collect();
                 if let Some(bps) = rate_bps {
                     server_flags.extend(["--rate".to_string(), format!("{bps}bit")]);
+                }
+                if matches!(mode, Mode::Cc | Mode::CcTcp) {
+                    server_flags.extend(["--congestion-control".to_string(), "on".to_string()]);
                 }
                 let push = Push {
                     bins: self.bins,
@@ -303,7 +335,17 @@ impl RunCtx<'_> {
                     fetch_flags: self.a.fetch_flags.split_whitespace().map(str::to_string).collect(),
                     timeout,
                 };
+                let tcp = if matches!(mode, Mode::UnpacedTcp | Mode::CcTcp) {
+                    Some(TcpFlow::start(self, tag)?)
+                } else {
+                    None
+                };
+                let fetches_from = tcp.as_ref().map(|t| t.started.elapsed().as_secs_f64());
                 let outcome = push.run(self.lab)?;
+                if let (Some(mut tcp), Some(from)) = (tcp, fetches_from) {
+                    let bits = tcp.bits_between(from, from + outcome.wall_s)?;
+                    tcp_of_link = Some(bits / outcome.wall_s.max(1e-9) / link.bits_per_sec() as f64);
+                }
                 let done: Vec<_> = outcome.fetched.iter().map(|f| (f.status.clone(), f.out.clone())).collect();
                 let (ok, _) = check_receivers("spindrift", &done, self.image, |i| {
                     self.scratch.path(&format!("{tag}-h{i}-fetch.log"))
@@ -344,6 +386,7 @@ impl RunCtx<'_> {
             drop_fraction: drops as f64 / (carried + drops).max(1) as f64,
             server_cpu_s,
             receivers_cpu_s,
+            tcp_of_link,
             all_correct,
         })
     }
@@ -414,6 +457,77 @@ impl RunCtx<'_> {
     }
 }
 
+/// One iperf3 TCP flow from h0 to h1, reporting every [`TCP_INTERVAL_S`] seconds.
+struct TcpFlow {
+    _server: Proc,
+    client: Proc,
+    out: PathBuf,
+    started: Instant,
+}
+
+impl TcpFlow {
+    /// Starts `iperf3 -s` on h1 and the client on h0, then waits [`TCP_LEAD`].
+    fn start(ctx: &RunCtx<'_>, tag: &str) -> anyhow::Result<TcpFlow> {
+        let (h0, h1) = (ctx.lab.host(0)?, ctx.lab.host(1)?);
+        let port = IPERF_PORT.to_string();
+        let mut s = h1.command("nice")?;
+        s.args(["-n", "-10", "iperf3", "-s", "-1", "-B", &h1.addr().to_string(), "-p", &port]);
+        let server = Proc::spawn_logged("iperf3 -s", &mut s, &ctx.scratch.path(&format!("{tag}-iperf3-s.log")))?;
+        std::thread::sleep(Duration::from_millis(200));
+        let out = ctx.scratch.path(&format!("{tag}-iperf3-c.log"));
+        let mut c = h0.command("nice")?;
+        c.args(["-n", "-10", "iperf3", "-c", &h1.addr().to_string(), "-B", &h0.addr().to_string(), "-p", &port])
+            .args(["-C", &ctx.a.tcp_cc])
+            .args(["-t", &(ctx.a.timeout_s + 5).to_string(), "-i", &TCP_INTERVAL_S.to_string(), "--forceflush"]);
+        let client = Proc::spawn_logged("iperf3 -c", &mut c, &out)?;
+        let started = Instant::now();
+        std::thread::sleep(TCP_LEAD);
+        Ok(TcpFlow { _server: server, client, out, started })
+    }
+
+    /// Stops the flow and sums the bits of its report intervals within `from..to` seconds after
+    /// the client started (the client's clock: its first interval starts when it connected).
+    fn bits_between(&mut self, from: f64, to: f64) -> anyhow::Result<f64> {
+        self.client.stop(Duration::from_secs(2));
+        let log = std::fs::read_to_string(&self.out).context("reading iperf3's output")?;
+        let intervals = parse_iperf_intervals(&log);
+        if intervals.is_empty() {
+            bail!("iperf3 reported no intervals: {}", log.lines().take(5).collect::<Vec<_>>().join(" | "));
+        }
+        Ok(intervals
+            .iter()
+            .map(|&(a, b, bits)| {
+                let overlap = (b.min(to) - a.max(from)).max(0.0);
+                bits * overlap / (b - a).max(1e-9)
+            })
+            .sum())
+    }
+}
+
+/// The `(start s, end s, bits)` of iperf3's per-interval lines, e.g.
+/// `[  5]   0.10-0.20   sec  2.88 MBytes   241 Mbits/sec    0    410 KBytes` (summary lines,
+/// with a `sender`/`receiver` suffix, are left out).
+fn parse_iperf_intervals(log: &str) -> Vec<(f64, f64, f64)> {
+    log.lines()
+        .filter(|l| l.starts_with('[') && l.contains(" sec ") && !l.contains("sender") && !l.contains("receiver"))
+        .filter_map(|l| {
+            let rest = l.split_once(']')?.1;
+            let mut w = rest.split_whitespace();
+            let (a, b) = w.next()?.split_once('-')?;
+            (w.next()? == "sec").then_some(())?;
+            let (n, unit) = (w.next()?.parse::<f64>().ok()?, w.next()?);
+            let bytes = match unit {
+                "Bytes" => n,
+                "KBytes" => n * 1024.0,
+                "MBytes" => n * 1024.0 * 1024.0,
+                "GBytes" => n * 1024.0 * 1024.0 * 1024.0,
+                _ => return None,
+            };
+            Some((a.parse().ok()?, b.parse().ok()?, bytes * 8.0))
+        })
+        .collect()
+}
+
 fn table(r: &Report) -> String {
     use std::fmt::Write;
     let mut s = String::new();
@@ -426,14 +540,14 @@ fn table(r: &Report) -> String {
     let _ = writeln!(
         s,
         "| hosts x link | loss | mode | wall (s) | transfer (s) | goodput / link | bytes / image | requests / page | \
-         pages asked / page | pushed | bottleneck drops | correct |"
+         pages asked / page | pushed | bottleneck drops | TCP / link | correct |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     let opt = |v: Option<f64>, prec: usize| v.map_or("-".to_string(), |v| format!("{v:.prec$}"));
     for x in &r.runs {
         let _ = writeln!(
             s,
-            "| {} x {} | {}% | {:?} | {:.2} | {} | {:.1}% | {:.3} | {} | {} | {} | {} ({:.2}%) | {} |",
+            "| {} x {} | {}% | {:?} | {:.2} | {} | {:.1}% | {:.3} | {} | {} | {} | {} ({:.2}%) | {} | {} |",
             x.hosts,
             Rate::from_bits_per_sec(x.link_bps).map_or(x.link_bps.to_string(), |r| r.to_string()),
             x.loss * 100.0,
@@ -447,6 +561,7 @@ fn table(r: &Report) -> String {
             x.pushed_fraction.map_or("-".to_string(), |p| format!("{:.0}%", p * 100.0)),
             x.bottleneck_drops,
             x.drop_fraction * 100.0,
+            x.tcp_of_link.map_or("-".to_string(), |t| format!("{:.1}%", t * 100.0)),
             if x.all_correct { "yes" } else { "NO" }
         );
     }
@@ -465,5 +580,19 @@ mod tests {
             let e = parse_row(bad).expect_err("a bad row");
             assert!(format!("{e:#}").contains(bad), "{bad}: {e:#}");
         }
+    }
+
+    #[test]
+    fn iperf_intervals_parse_and_summaries_are_left_out() {
+        let log = "Connecting to host 198.18.0.2, port 7730\n\
+            [  5] local 198.18.0.1 port 40000 connected to 198.18.0.2 port 7730\n\
+            [ ID] Interval           Transfer     Bitrate         Retr  Cwnd\n\
+            [  5]   0.00-0.10   sec  2.50 MBytes   210 Mbits/sec    0    410 KBytes\n\
+            [  5]   0.10-0.20   sec   512 KBytes  41.9 Mbits/sec    3    100 KBytes\n\
+            [  5]   0.00-0.20   sec  3.00 MBytes   126 Mbits/sec    3             sender\n";
+        let v = parse_iperf_intervals(log);
+        assert_eq!(v.len(), 2, "{v:?}");
+        assert_eq!(v[0], (0.0, 0.1, 2.5 * 1024.0 * 1024.0 * 8.0));
+        assert_eq!(v[1], (0.1, 0.2, 512.0 * 1024.0 * 8.0));
     }
 }
