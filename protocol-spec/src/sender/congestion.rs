@@ -10,7 +10,8 @@
 //! * **slow start**: the rate doubles every round trip while the server sends as fast as the rate
 //!   lets it, but never beyond twice the lowest receive rate (a path that delivers less than half
 //!   of what is sent is overrun); it ends at a loss event, or at the lowest receive rate once the
-//!   round trip grows by [`SLOW_START_DELAY`] over the least seen (a queue is building:
+//!   smoothed round trip of a receiver grows by [`SLOW_START_DELAY`] over its least sample (a
+//!   queue is building on its path:
 //!   HyStart++'s delay exit, RFC 9406, which spares the overflow that a loss exit costs);
 //! * **congestion avoidance: CUBIC** (RFC 9438) in rate form: a loss event at any receiver that
 //!   counts multiplies the rate by [`BETA`] (once per round trip), and between losses the rate
@@ -66,6 +67,8 @@ const MAX_CLOCK_GAP: Duration = Duration::from_millis(25);
 pub(super) struct Feedback {
     /// Its smoothed round-trip time, if measured.
     pub rtt: Option<Duration>,
+    /// Its least round-trip sample, if measured.
+    pub min_rtt: Option<Duration>,
     /// Its receive rate, bytes per second (0: not reported).
     pub receive_rate: f64,
     /// Its loss event rate (0: not known yet).
@@ -104,8 +107,6 @@ pub(super) struct Controller {
     cap: f64,
     /// None: slow start.
     epoch: Option<Epoch>,
-    /// The least round trip seen (the path's own, without queueing).
-    base_rtt: Option<Duration>,
     /// When the rate was last reduced for a loss.
     reduced_at: Option<Time>,
     updated_at: Time,
@@ -127,7 +128,6 @@ impl Controller {
             rate: initial,
             cap,
             epoch: None,
-            base_rtt: None,
             reduced_at: None,
             updated_at: now,
             sent_since: 0,
@@ -211,12 +211,16 @@ impl Controller {
         }
         let dt = now - self.updated_at;
         let data_limited = (self.sent_since as f64) < DATA_LIMITED_BELOW * self.rate * dt.as_secs_f64();
-        let (mut min_receive, mut max_rtt, mut measured, mut floor, mut any) =
-            (f64::INFINITY, Duration::ZERO, Duration::ZERO, f64::INFINITY, false);
+        let (mut min_receive, mut max_rtt, mut queue_building, mut floor, mut any) =
+            (f64::INFINITY, Duration::ZERO, false, f64::INFINITY, false);
         for m in members {
             any = true;
             max_rtt = max_rtt.max(m.rtt.unwrap_or(fallback_rtt));
-            measured = measured.max(m.rtt.unwrap_or(Duration::ZERO));
+            // HyStart++ per receiver: its round trip against its own least (paths differ: one
+            // may sit behind another flow's standing queue from the start).
+            if let (Some(rtt), Some(base)) = (m.rtt, m.min_rtt) {
+                queue_building |= rtt > base + (base / 8).clamp(SLOW_START_DELAY.0, SLOW_START_DELAY.1);
+            }
             floor = floor.min(tcp_rate(self.segment, m.rtt.unwrap_or(fallback_rtt), m.loss_event_rate));
             if m.receive_rate > 0.0 {
                 min_receive = min_receive.min(m.receive_rate);
@@ -228,15 +232,10 @@ impl Controller {
         self.updated_at = now;
         self.sent_since = 0;
         self.max_rtt = max_rtt.max(Duration::from_micros(20));
-        // The least round trip is learnt from measured ones only (the hint is a guess).
-        if !measured.is_zero() {
-            self.base_rtt = Some(self.base_rtt.map_or(measured, |b| b.min(measured)));
-        }
-        let base = self.base_rtt.unwrap_or(self.max_rtt);
         let r = self.max_rtt.as_secs_f64();
         let mut rate = self.rate;
         match self.epoch {
-            None if self.max_rtt > base + (base / 8).clamp(SLOW_START_DELAY.0, SLOW_START_DELAY.1) => {
+            None if queue_building => {
                 // HyStart: a queue builds. Leave slow start at what the path delivers.
                 if min_receive.is_finite() {
                     rate = rate.min(min_receive);
@@ -295,7 +294,12 @@ mod tests {
     }
 
     fn fb(rtt_ms: u64, recv: f64) -> std::iter::Once<Feedback> {
-        std::iter::once(Feedback { rtt: Some(Duration::from_millis(rtt_ms)), receive_rate: recv, loss_event_rate: 0.0 })
+        std::iter::once(Feedback {
+            rtt: Some(Duration::from_millis(rtt_ms)),
+            min_rtt: Some(Duration::from_millis(rtt_ms.min(10))),
+            receive_rate: recv,
+            loss_event_rate: 0.0,
+        })
     }
 
     #[test]
@@ -370,7 +374,7 @@ mod tests {
         let mut c = Controller::new(at(0), MS, 1472, None);
         c.update(at(1), MS, fb(1, 1e9), true);
         let floor = tcp_rate(s, MS, 0.02);
-        let lossy = Feedback { rtt: Some(MS), receive_rate: 1e9, loss_event_rate: 0.02 };
+        let lossy = Feedback { rtt: Some(MS), min_rtt: Some(MS), receive_rate: 1e9, loss_event_rate: 0.02 };
         for t in 0..20 {
             c.on_sent(1 << 20);
             c.update(at(3 + 2 * t), MS, std::iter::once(lossy), true);

@@ -27,6 +27,8 @@ pub(super) struct Member {
     /// Congestion feedback (PROTOCOL.md 11.1): smoothed round-trip time from Clock echoes, the
     /// loss event count and the receive rate of its last Status.
     pub srtt: Option<Duration>,
+    /// The least round-trip sample (its path without queueing).
+    pub min_rtt: Option<Duration>,
     pub loss_events: Option<u32>,
     pub receive_rate: f64,
     /// Stream positions between its recent loss events (newest first), and its Highest Seen at
@@ -102,6 +104,7 @@ impl Group {
                 complete: false,
                 replay: ReplayWindow::default(),
                 srtt: None,
+                min_rtt: None,
                 loss_events: None,
                 receive_rate: 0.0,
                 loss_intervals: Vec::new(),
@@ -159,6 +162,7 @@ impl Group {
         let Some(m) = self.members.get_mut(&node) else { return false };
         if let Some(sample) = rtt_sample {
             m.srtt = Some(m.srtt.map_or(sample, |s| (s * 7 + sample) / 8));
+            m.min_rtt = Some(m.min_rtt.map_or(sample, |s| s.min(sample)));
         }
         let events = m.loss_events.map_or(0, |seen| loss_events.wrapping_sub(seen));
         m.highest_seen = highest_seen;
@@ -180,6 +184,11 @@ impl Group {
         events > 0
     }
 
+    /// The smoothed round trip of `node`, if measured (congestion control's Clock echoes).
+    pub fn srtt(&self, node: NodeId) -> Option<Duration> {
+        self.members.get(&node)?.srtt
+    }
+
     /// The congestion feedback of the members that count in flow control (reported within
     /// `timeout` and still lacking pages).
     pub fn congestion_feedback(
@@ -190,6 +199,7 @@ impl Group {
         self.members.values().filter(move |m| now < m.reported_at + timeout && !m.complete).map(|m| {
             super::congestion::Feedback {
                 rtt: m.srtt,
+                min_rtt: m.min_rtt,
                 receive_rate: m.receive_rate,
                 loss_event_rate: loss_event_rate(&m.loss_intervals, m.open_interval()),
             }
@@ -435,20 +445,22 @@ mod tests {
         let mut g = Group::default();
         let n = NodeId(1);
         g.touch(n, Time::ZERO, 0);
-        let rate = |g: &Group| g.congestion_feedback(Time::ZERO, SEC).next().map(|f| f.loss_event_rate);
+        let rate = |g: &Group| {
+            g.congestion_feedback(Time::ZERO, SEC).next().map(|f| f.loss_event_rate).expect("the member counts")
+        };
         // The first Status only sets the count and where counting starts.
         assert!(!g.feedback(n, None, 5, 0, 100));
-        assert_eq!(rate(&g), Some(0.0));
+        assert_eq!(rate(&g), 0.0);
         assert!(g.feedback(n, None, 6, 0, 1_000));
-        assert!((rate(&g).unwrap() - 1.0 / 900.0).abs() < 1e-9, "{:?}", rate(&g));
+        assert!((rate(&g) - 1.0 / 900.0).abs() < 1e-9, "{:?}", rate(&g));
         // Events 100 positions apart: 1%.
         for i in 1..=8u64 {
             assert!(g.feedback(n, None, 6 + i as u32, 0, 1_000 + 100 * i));
         }
-        assert!((rate(&g).unwrap() - 0.01).abs() < 1e-9, "{:?}", rate(&g));
+        assert!((rate(&g) - 0.01).abs() < 1e-9, "{:?}", rate(&g));
         // A long run without loss counts once it raises the average.
         assert!(!g.feedback(n, None, 14, 0, 1_000_000));
-        assert!(rate(&g).unwrap() < 1e-4, "{:?}", rate(&g));
+        assert!(rate(&g) < 1e-4, "{:?}", rate(&g));
         // The count wraps.
         assert!(g.feedback(n, Some(Duration::from_millis(3)), 15, 0, 1_000_100));
         g.feedback(n, None, u32::MAX, 0, 1_000_200);

@@ -444,6 +444,9 @@ const ANNOUNCE_FIRST_GAP: Duration = Duration::from_millis(10);
 /// Parity sent after a position a receiver has not seen counts as on its way to it for at most
 /// this long (then it was lost, or the receiver is stuck).
 const PARITY_FLIGHT_LIMIT: Duration = Duration::from_millis(250);
+
+/// The send time of parity still queued (not sent yet) in a block's parity log.
+const NOT_SENT: Time = Time::from_nanos(u64::MAX);
 const MAX_HEARTBEAT_GAP: Duration = Duration::from_secs(1);
 const MAX_PAGES_PER_REQUEST: usize = 4096;
 /// How much longer a Repair body is than the longest Data body of its block, at most: the symbol
@@ -643,7 +646,8 @@ impl<S: PageSource> Sender<S> {
                 member.stream_start = n.stream_start;
                 self.blobs_for(n.stream_start);
                 self.group.report_loss(node, n.loss_ppm);
-                self.handle_nak(now, n.highest_seen, n.entries);
+                let rtt = self.group.srtt(node).unwrap_or(self.config.rtt_hint).max(self.config.rtt_hint);
+                self.handle_nak(now, rtt, n.highest_seen, n.entries);
             }
             Message::Status(s) => {
                 self.stats.statuses += 1;
@@ -773,7 +777,8 @@ impl<S: PageSource> Sender<S> {
         }
     }
 
-    fn handle_nak(&mut self, now: Time, highest_seen: u64, entries: Items<'_, wire::NakEntry>) {
+    /// Takes a NAK from a receiver `rtt` away.
+    fn handle_nak(&mut self, now: Time, rtt: Duration, highest_seen: u64, entries: Items<'_, wire::NakEntry>) {
         for entry in entries.iter() {
             let Ok(e) = entry else {
                 self.stats.rx_malformed += 1;
@@ -787,11 +792,12 @@ impl<S: PageSource> Sender<S> {
                 }
                 for (block, missing) in blocks {
                     // The receiver knows nothing of the block, so it saw none of its parity.
-                    self.queue_parity(now, block, missing as u32, None, Some(highest_seen));
+                    self.queue_parity(now, rtt, block, missing as u32, None, Some(highest_seen));
                 }
             } else if self.history.contains(e.block) {
                 self.queue_parity(
                     now,
+                    rtt,
                     e.block,
                     u32::from(e.needed),
                     Some(u32::from(e.parity_seen)),
@@ -803,9 +809,10 @@ impl<S: PageSource> Sender<S> {
         }
     }
 
-    /// Queues parity for `block` so that a receiver needing `needed` more symbols, having seen
-    /// parity below `parity_seen` and stream positions below `highest_seen`, gets them. Parity it
-    /// has not seen is still on its way, and counts, if it went out within the last two round trips,
+    /// Queues parity for `block` so that a receiver `rtt` away needing `needed` more symbols, having
+    /// seen parity below `parity_seen` and stream positions below `highest_seen`, gets them. Parity
+    /// it has not seen is still on its way, and counts, if it is still queued here (paced), if it
+    /// went out within the last two round trips,
     /// or after a position the receiver has not seen yet (the stream is FIFO: a receiver whose
     /// socket holds a backlog sees that parity after the backlog); other parity it has not seen
     /// was lost. This is what makes NAKs that cross repairs in flight cost nothing extra, from
@@ -814,25 +821,28 @@ impl<S: PageSource> Sender<S> {
     fn queue_parity(
         &mut self,
         now: Time,
+        rtt: Duration,
         block: u32,
         needed: u32,
         parity_seen: Option<u32>,
         highest_seen: Option<u64>,
     ) {
-        let window = self.config.rtt_hint * 2;
+        let window = rtt * 2;
         let next_seq = self.next_seq;
         let Some(b) = self.history.get_mut(block) else { return };
         let from = parity_seen.map_or(0, |s| s as usize).min(b.parity_log.len());
         let on_its_way = |&(t, stamp): &(Time, u64)| {
-            t + window > now || highest_seen.is_some_and(|h| stamp > h && t + PARITY_FLIGHT_LIMIT > now)
+            t == NOT_SENT
+                || t + window > now
+                || highest_seen.is_some_and(|h| stamp > h && t + PARITY_FLIGHT_LIMIT > now)
         };
         let in_flight = b.parity_log[from..].iter().filter(|e| on_its_way(e)).count() as u32;
         let cap = 2 * b.k() as u32 + 2;
         let send = needed.saturating_sub(in_flight).min(cap);
         for _ in 0..send {
             self.repairs.push_back((block, b.parity_log.len() as u32));
-            // Repairs go out before any new Data, so `next_seq` is the position they follow.
-            b.parity_log.push((now, next_seq));
+            // Stamped when it goes out (`write_repair`): a paced queue may hold it a while.
+            b.parity_log.push((NOT_SENT, next_seq));
         }
     }
 
@@ -1160,7 +1170,13 @@ impl<S: PageSource> Sender<S> {
             symbol: &symbol.symbol,
         });
         self.stats.repair_packets += 1;
-        self.seal(msg, buf)
+        let len = self.seal(msg, buf)?;
+        // Repairs go out before any new Data, so `next_seq` is the position they follow.
+        let (now, next_seq) = (self.now, self.next_seq);
+        if let Some(entry) = self.history.get_mut(block).and_then(|b| b.parity_log.get_mut(counter as usize)) {
+            *entry = (now, next_seq);
+        }
+        Some(len)
     }
 
     /// Fills one Data packet with the most urgent content and appends it to the open block.
@@ -1440,7 +1456,7 @@ impl<S: PageSource> Sender<S> {
         let p = self.group.proactive_parity(k, self.config.assumed_loss, target);
         if p > 0 {
             self.stats.proactive_repairs += p as u64;
-            self.queue_parity(now, id, p as u32, Some(0), None);
+            self.queue_parity(now, self.config.rtt_hint, id, p as u32, Some(0), None);
         }
     }
 
