@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
-use spindrift_protocol::sim::{run, ContentMix, Push, SimConfig, SimReport, Workload};
+mod common;
+
+use spindrift_protocol::sim::{ContentMix, Push, SimConfig, SimReport, Workload};
 
 /// Pages pushed: 32 MiB of random pages, about 2.8 s at 100 Mbit/s.
 const PAGES: u32 = 8192;
@@ -39,13 +41,7 @@ fn scenario(one_way: Duration, congestion_control: bool, loss: f64) -> SimConfig
 }
 
 fn check(name: &str, c: &SimConfig) -> SimReport {
-    let r = run(c).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert!(
-        r.all_bit_exact,
-        "{name}: completed={} stopped_by={:?} mismatched={} unfinished={:?}",
-        r.completed, r.stopped_by, r.mismatched_pages, r.unfinished
-    );
-    r
+    common::run_exact(name, c)
 }
 
 /// Of what reached the slow path's queue, the fraction it dropped.

@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+mod common;
+
 use spindrift_protocol::sim::{run, Push, SimConfig, SimReport, Workload};
 
 /// A whole-image push of raw pages (so bytes compare with the image's size) to passive receivers.
@@ -24,13 +26,7 @@ fn push(receivers: u32, pages: u32, loss: f64) -> SimConfig {
 }
 
 fn check(name: &str, c: &SimConfig) -> SimReport {
-    let r = run(c).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert!(
-        r.all_bit_exact,
-        "{name}: completed={} stopped_by={:?} mismatched={} unfinished={:?}",
-        r.completed, r.stopped_by, r.mismatched_pages, r.unfinished
-    );
-    r
+    common::run_exact(name, c)
 }
 
 /// Bytes sent relative to the same run without loss (one clean transmission).

@@ -104,3 +104,14 @@ pub fn lockstep<S: PageSource>(
     }
     (pos, received)
 }
+
+/// Runs a simulation that must finish bit-exact; panics naming `name` and what went wrong.
+pub fn run_exact(name: &str, c: &spindrift_protocol::sim::SimConfig) -> spindrift_protocol::sim::SimReport {
+    let r = spindrift_protocol::sim::run(c).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert!(
+        r.all_bit_exact,
+        "{name}: completed={} stopped_by={:?} mismatched={} unfinished={:?}",
+        r.completed, r.stopped_by, r.mismatched_pages, r.unfinished
+    );
+    r
+}
