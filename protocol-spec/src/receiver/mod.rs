@@ -477,7 +477,8 @@ impl Receiver {
             self.feedback.take_bytes(body.len() + HEADER_LEN + TAG_LEN);
         }
         self.take_message(now, msg, body, sink);
-        if self.feedback.take_missing(now, self.stream.missing_count(), self.stats.late_packets) {
+        let (missing, late) = self.stream.loss_counts();
+        if self.feedback.take_missing(now, missing, late) {
             self.stats.loss_events += 1;
             // With congestion control running (Clocks arrive), the server's rate should follow a
             // new loss event within a round trip; without it, Status stays as rare as it was.
@@ -660,11 +661,14 @@ impl Receiver {
         }
         let before = self.stream.highest();
         let last = d.flags & wire::DATA_LAST_IN_BLOCK != 0;
-        if self.stream.take_data(d.seq, d.block, d.index, last, body) == Taken::Duplicate {
-            self.stats.duplicates += 1;
-            return;
+        match self.stream.take_data(d.seq, d.block, d.index, last, body) {
+            Taken::Duplicate => {
+                self.stats.duplicates += 1;
+                return;
+            }
+            Taken::Late => self.stats.late_packets += 1,
+            Taken::New => {}
         }
-        self.stats.late_packets += u64::from(d.seq < before);
         self.stats.bytes_copied += body.len() as u64;
         // A late (reordered) packet can complete a set that parity started.
         match self.stream.try_decode(d.block) {

@@ -29,6 +29,8 @@ struct RxBlock {
 pub(super) enum Taken {
     /// New: process it.
     New,
+    /// New, and it filled a position already counted missing (it came late): process it.
+    Late,
     /// Seen before, or from before this receiver's start: ignore it.
     Duplicate,
 }
@@ -46,8 +48,10 @@ pub(super) struct Stream {
     /// Loss estimate: positions seen missing vs. all positions, smoothed.
     loss: f64,
     samples: u64,
-    /// Of `samples`, positions found missing (congestion feedback counts them).
+    /// Of `samples`, positions found missing (congestion feedback counts them) ...
     lost_samples: u64,
+    /// ... and Data packets that later filled such a position (reordered, or sent again).
+    late: u64,
     /// When range entries were last NAKed.
     last_range_nak: Option<Time>,
     /// Positions in `received` still missing.
@@ -93,9 +97,10 @@ impl Stream {
         (self.loss * 1e6) as u32
     }
 
-    /// Positions found missing so far (congestion feedback counts their loss events).
-    pub fn missing_count(&self) -> u64 {
-        self.lost_samples
+    /// Positions found missing so far, and Data packets that later filled one: congestion
+    /// feedback counts as lost what the second has not made up for.
+    pub fn loss_counts(&self) -> (u64, u64) {
+        (self.lost_samples, self.late)
     }
 
     fn sample(&mut self, lost: bool) {
@@ -137,6 +142,7 @@ impl Stream {
             return Taken::Duplicate;
         }
         let end = seq + 1;
+        let mut taken = Taken::New;
         if end > self.highest() {
             // Positions between the old highest and seq are missing (the samples count them).
             let gap = seq - self.highest();
@@ -151,6 +157,8 @@ impl Stream {
             }
             *slot = true;
             self.missing -= 1;
+            self.late += 1;
+            taken = Taken::Late;
         }
         let first_seq = seq - u64::from(index);
         self.newest_block = Some(self.newest_block.map_or(block, |n| n.max(block)));
@@ -168,7 +176,7 @@ impl Stream {
         }
         self.settle(block);
         self.advance();
-        Taken::New
+        taken
     }
 
     /// Records a parity symbol. Returns the rebuilt `(position, body)`s when the block can now be
@@ -397,6 +405,21 @@ mod tests {
 
     fn body(i: u8) -> Vec<u8> {
         vec![i; 40 + usize::from(i)]
+    }
+
+    #[test]
+    fn a_late_packet_is_counted_against_the_loss_it_seemed_to_be_until_the_stream_resets() {
+        let mut s = Stream::default();
+        s.begin(0);
+        let bodies: Vec<Vec<u8>> = (0..3).map(body).collect();
+        assert_eq!(s.take_data(0, 0, 0, false, &bodies[0]), Taken::New);
+        assert_eq!(s.take_data(2, 0, 2, true, &bodies[2]), Taken::New);
+        assert_eq!(s.loss_counts(), (1, 0), "position 1 is missing");
+        assert_eq!(s.take_data(1, 0, 1, false, &bodies[1]), Taken::Late);
+        assert_eq!(s.take_data(1, 0, 1, false, &bodies[1]), Taken::Duplicate);
+        assert_eq!(s.loss_counts(), (1, 1), "it came late");
+        s.reset();
+        assert_eq!(s.loss_counts(), (0, 0), "a new epoch's stream counts afresh, with its feedback");
     }
 
     #[test]
