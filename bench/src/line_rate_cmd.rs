@@ -101,7 +101,7 @@ pub struct LineRateArgs {
     /// Extra flags for spindrift-server (split on spaces).
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub server_flags: String,
-    /// TCP congestion control of the `unpaced-tcp` flow (iperf3 `-C`).
+    /// TCP congestion control of the `unpaced-tcp` and `cc-tcp` flow (iperf3 `-C`).
     #[arg(long, default_value = "cubic")]
     pub tcp_cc: String,
     /// Extra flags for every `spindrift-client fetch` (split on spaces).
@@ -340,9 +340,10 @@ impl RunCtx<'_> {
                 } else {
                     None
                 };
-                let fetches_from = tcp.as_ref().map(|t| t.started.elapsed().as_secs_f64());
+                // The fetches start now, this far into the TCP flow's clock.
+                let tcp = tcp.map(|t| (t.started.elapsed().as_secs_f64(), t));
                 let outcome = push.run(self.lab)?;
-                if let (Some(mut tcp), Some(from)) = (tcp, fetches_from) {
+                if let Some((from, mut tcp)) = tcp {
                     let bits = tcp.bits_between(from, from + outcome.wall_s)?;
                     tcp_of_link = Some(bits / outcome.wall_s.max(1e-9) / link.bits_per_sec() as f64);
                 }

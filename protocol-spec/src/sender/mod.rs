@@ -812,10 +812,9 @@ impl<S: PageSource> Sender<S> {
     /// Queues parity for `block` so that a receiver `rtt` away needing `needed` more symbols, having
     /// seen parity below `parity_seen` and stream positions below `highest_seen`, gets them. Parity
     /// it has not seen is still on its way, and counts, if it is still queued here (paced), if it
-    /// went out within the last two round trips,
-    /// or after a position the receiver has not seen yet (the stream is FIFO: a receiver whose
-    /// socket holds a backlog sees that parity after the backlog); other parity it has not seen
-    /// was lost. This is what makes NAKs that cross repairs in flight cost nothing extra, from
+    /// went out within the last two round trips, or after a position the receiver has not seen yet
+    /// (the stream is FIFO: a receiver whose socket holds a backlog sees that parity after the
+    /// backlog); other parity it has not seen was lost. This is what makes NAKs that cross repairs in flight cost nothing extra, from
     /// nearby and from slow, deeply queued receivers alike, and NAKs from many receivers for one
     /// block answered once.
     fn queue_parity(
