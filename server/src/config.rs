@@ -499,11 +499,8 @@ impl ServerConfig {
             Some(r) => Some(parse_rate(&r)?),
             None => None,
         })?;
-        c.congestion_control = match args.congestion_control.clone().or(file.congestion_control).as_deref() {
-            None | Some("off") => false,
-            Some("on") => true,
-            Some(other) => return Err(invalid("--congestion-control", other, "is not one of on, off")),
-        };
+        c.congestion_control =
+            on_off("--congestion-control", args.congestion_control.clone().or(file.congestion_control), false)?;
         if let Some(us) = args.pace_burst_us.or(file.pace_burst_us) {
             if us > 1_000_000 {
                 return Err(invalid("--pace-burst-us", &us.to_string(), "must be at most 1000000 (one second)"));
@@ -522,21 +519,9 @@ impl ServerConfig {
             Some(0) => return Err(invalid("--min-receivers", "0", "must be at least 1")),
             n => n.unwrap_or(1),
         };
-        c.flow_control = match args.flow_control.clone().or(file.flow_control).as_deref() {
-            None | Some("on") => true,
-            Some("off") => false,
-            Some(other) => return Err(invalid("--flow-control", other, "is not one of on, off")),
-        };
-        c.unicast_answers = match args.unicast_answers.clone().or(file.unicast_answers).as_deref() {
-            None | Some("on") => true,
-            Some("off") => false,
-            Some(other) => return Err(invalid("--unicast-answers", other, "is not one of on, off")),
-        };
-        c.gso = match args.gso.clone().or(file.gso).as_deref() {
-            None | Some("off") => false,
-            Some("on") => true,
-            Some(other) => return Err(invalid("--gso", other, "is not one of on, off")),
-        };
+        c.flow_control = on_off("--flow-control", args.flow_control.clone().or(file.flow_control), true)?;
+        c.unicast_answers = on_off("--unicast-answers", args.unicast_answers.clone().or(file.unicast_answers), true)?;
+        c.gso = on_off("--gso", args.gso.clone().or(file.gso), false)?;
         c.io = match args.io.clone().or(file.io) {
             None => IoKind::Udp,
             Some(text) => text.parse().map_err(|_| invalid("--io", &text, "is not one of udp, xdp, auto"))?,
@@ -567,6 +552,16 @@ impl ServerConfig {
         sc.min_receivers = self.min_receivers;
         sc.seed = u64::from(self.epoch) ^ self.session.rotate_left(32);
         sc
+    }
+}
+
+/// An `on|off` setting: `default` when not given.
+fn on_off(flag: &'static str, value: Option<String>, default: bool) -> Result<bool, ConfigError> {
+    match value.as_deref() {
+        None => Ok(default),
+        Some("on") => Ok(true),
+        Some("off") => Ok(false),
+        Some(other) => Err(invalid(flag, other, "is not one of on, off")),
     }
 }
 

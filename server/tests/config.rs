@@ -148,6 +148,7 @@ fn bad_values_are_refused_with_clear_messages() {
     check(&["--key-hex", KEY, "--flow-control", "maybe"], "--flow-control maybe is not one of on, off");
     check(&["--key-hex", KEY, "--io", "dpdk"], "--io dpdk is not one of udp, xdp, auto");
     check(&["--key-hex", KEY, "--gso", "yes"], "--gso yes is not one of on, off");
+    check(&["--key-hex", KEY, "--congestion-control", "auto"], "--congestion-control auto is not one of on, off");
     let both = Args::try_parse_from(["spindrift-server", "--image", img, "--image-socket", "/tmp/x.sock"]);
     assert!(both.expect_err("both images").to_string().contains("cannot be used with"));
     check(&["--key-hex", KEY, "--rate", "fast"], "--rate fast is not a rate");
