@@ -8,6 +8,7 @@
 //! bench xdp [--hosts 4] [--size 1400,8000] [--seconds 5] [--sink hosts|switch-drop] [--json]
 //! bench xdp-daemons [--hosts 4] [--mib 64] [--mtu 1500,9000] [--io udp,xdp] [--loss 0] [--json]
 //! bench page-path [--mib 64] [--fraction 0.05] [--json]
+//! bench memory [--pages 4096] [--seeds 1,2,3] [--bin-dir OLD --bin-dir NEW] [--json]
 //! bench line-rate [--rows 1x1gbit,4x250mbit,16x100mbit] [--loss 0,0.02] [--modes paced,uftp] [--json]
 //! ```
 //! Logs go to stderr (`RUST_LOG=debug` for more); results go to stdout.
@@ -16,6 +17,7 @@ mod args;
 mod lab_run;
 mod line_rate_cmd;
 mod matrix;
+mod memory_cmd;
 mod page_path_cmd;
 mod push_cmd;
 mod sim_cmd;
@@ -59,6 +61,9 @@ enum Command {
     /// A whole image to hosts behind shaped links, paced at a fraction of the link, beside uftp
     /// at the same rate in the same lab (needs root, nftables, uftp and the release binaries).
     LineRate(line_rate_cmd::LineRateArgs),
+    /// What hosts fetch against what clones touch, on the trace guest in the demo's lab: over-fetch
+    /// of random runs, network faults of a sequential reader (needs root and the release binaries).
+    Memory(memory_cmd::MemoryArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -79,6 +84,7 @@ fn main() -> std::process::ExitCode {
         Command::XdpDaemons(args) => xdp_daemons_cmd::run(&args),
         Command::PagePath(args) => page_path_cmd::run(&args),
         Command::LineRate(args) => line_rate_cmd::run(&args),
+        Command::Memory(args) => memory_cmd::run(&args),
     };
     match result {
         Ok(code) => code,

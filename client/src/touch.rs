@@ -95,6 +95,16 @@ pub enum Pattern {
     Runs,
 }
 
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Pattern::Sequential => "sequential",
+            Pattern::Random => "random",
+            Pattern::Runs => "runs",
+        })
+    }
+}
+
 impl std::str::FromStr for Pattern {
     type Err = String;
 

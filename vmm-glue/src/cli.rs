@@ -114,9 +114,13 @@ pub struct RunArgs {
     /// Zero-map method.
     #[arg(long, value_enum, default_value = "auto")]
     pub zero_map: ZeroMapArg,
-    /// Trace guest: pages to touch (random order from the seed).
+    /// Trace guest: pages to touch (in the order of `--trace-pattern`, from the seed).
     #[arg(long, default_value_t = 1024)]
     pub trace_pages: u64,
+    /// Trace guest: the touch order: `random` (single pages), `runs` (runs of 1 to 4 contiguous
+    /// pages at random places) or `sequential` (the data set's first pages in order).
+    #[arg(long, default_value = "random")]
+    pub trace_pattern: spindrift_client::touch::Pattern,
     /// Longest JOIN, seconds.
     #[arg(long, default_value_t = 120)]
     pub join_timeout_s: u64,
@@ -190,7 +194,16 @@ pub fn build_vm(args: &RunArgs) -> Result<(Vm, Vec<u64>), CliError> {
             let data_pages = args
                 .data_mib
                 .map_or_else(|| ParallelJob::for_memory(mem, 1, args.seed).data_bytes / 4096, |d| (d << 20) / 4096);
-            let trace = crate::guest::TraceJob::shuffled_trace(data_pages, args.trace_pages, args.seed);
+            let trace = match args.trace_pattern {
+                spindrift_client::touch::Pattern::Random => {
+                    TraceJob::shuffled_trace(data_pages, args.trace_pages, args.seed)
+                }
+                pattern => {
+                    let fraction = args.trace_pages.min(data_pages) as f64 / data_pages.max(1) as f64;
+                    spindrift_client::touch::pattern_pages(pattern, data_pages, fraction, args.seed)
+                        .map_err(|e| CliError::Usage(format!("--trace-pattern: {e}")))?
+                }
+            };
             let job = TraceJob { clones: args.clones, data_pages, seed: args.seed, trace };
             job.install(&mut vm)?;
             expected = vec![job.expected_sum(); args.clones as usize];

@@ -45,6 +45,42 @@ pub struct DemoConfig {
     pub read_ahead_max: Option<u16>,
     /// More flags for every host daemon (e.g. `--busy-poll-us=300`).
     pub daemon_flags: Vec<String>,
+    /// The parent's guest.
+    pub guest: DemoGuest,
+    /// Seed of the data set (and the trace guest's trace).
+    pub seed: u64,
+}
+
+/// The guest the demo's parent runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DemoGuest {
+    /// The parallel job: every clone works on its share of a data set of half the memory.
+    Parallel,
+    /// The trace guest: every clone reads one qword of each of `pages` data-set pages in `pattern`'s
+    /// order (for `bench memory`: what hosts fetch against what clones touch).
+    Trace {
+        /// The touch order.
+        pattern: spindrift_client::touch::Pattern,
+        /// Pages each clone touches.
+        pages: u64,
+    },
+}
+
+impl DemoGuest {
+    /// The `spindrift-vmm run` flags that choose this guest.
+    fn run_args(&self) -> Vec<String> {
+        match self {
+            DemoGuest::Parallel => vec!["--guest".into(), "parallel".into()],
+            DemoGuest::Trace { pattern, pages } => vec![
+                "--guest".into(),
+                "trace".into(),
+                "--trace-pattern".into(),
+                pattern.to_string(),
+                "--trace-pages".into(),
+                pages.to_string(),
+            ],
+        }
+    }
 }
 
 impl Default for DemoConfig {
@@ -62,6 +98,8 @@ impl Default for DemoConfig {
             local_baseline: false,
             read_ahead_max: None,
             daemon_flags: Vec::new(),
+            guest: DemoGuest::Parallel,
+            seed: 1,
         }
     }
 }
@@ -149,8 +187,12 @@ pub struct DemoReport {
     pub descriptor_bytes: Option<u64>,
     /// Per clone.
     pub clone_figures: Vec<CloneFigures>,
-    /// Pages received by all host daemons together.
+    /// Pages present in all host daemons' caches together (what arrived, zero runs included).
     pub pages_fetched: u64,
+    /// Pages the host daemons stored from the wire (data and zero-run records), summed.
+    pub pages_stored: u64,
+    /// With the trace guest: the pages each clone touches (its trace).
+    pub touched_pages: Option<u64>,
     /// Pages of guest memory times hosts: what eager copying would move.
     pub pages_eager: u64,
     /// Bytes the memory server sent.
@@ -336,7 +378,9 @@ pub fn run(config: &DemoConfig) -> Result<DemoReport, DemoError> {
 /// and whether every clone's result was right.
 fn local_baseline(config: &DemoConfig, vmm_exe: &Path) -> Result<(f64, bool), DemoError> {
     let out = Command::new(vmm_exe)
-        .args(["run", "--guest", "parallel", "--mem-mib", &config.mem_mib.to_string()])
+        .arg("run")
+        .args(config.guest.run_args())
+        .args(["--seed", &config.seed.to_string(), "--mem-mib", &config.mem_mib.to_string()])
         .args(["--clones", &config.clones.to_string(), "--local", "--preload", "--json"])
         .stdin(Stdio::null())
         .stderr(Stdio::null())
@@ -417,7 +461,9 @@ fn run_in_lab(
     let parent_host = lab.host(0)?;
     let parent_json = dir.join("parent.json");
     let mut cmd = parent_host.command(vmm_exe)?;
-    cmd.args(["run", "--guest", "parallel", "--mem-mib", &config.mem_mib.to_string()])
+    cmd.arg("run")
+        .args(config.guest.run_args())
+        .args(["--seed", &config.seed.to_string(), "--mem-mib", &config.mem_mib.to_string()])
         .args(["--clones", &config.clones.to_string()])
         .args(["--net-iface", &parent_host.addr().to_string(), "--group", &group.to_string(), "--key-hex", &key])
         .args(["--hosts", &host_addrs.join(",")])
@@ -436,13 +482,18 @@ fn run_in_lab(
     let t_fork = parent_out.as_ref().and_then(|p| num(p, "/fork_unix_us"));
     let mut clone_figures = Vec::new();
     let mut pages_fetched = 0u64;
+    let mut pages_stored = 0u64;
     for (name, hdir, _) in &daemons {
         if let Some(stats) = read_json(&hdir.join("daemon.json")) {
-            pages_fetched += stats
-                .pointer("/sessions")
-                .and_then(Value::as_array)
-                .map(|s| s.iter().filter_map(|x| x.pointer("/pages_present").and_then(Value::as_u64)).sum::<u64>())
-                .unwrap_or(0);
+            let sum = |field: &str| {
+                stats
+                    .pointer("/sessions")
+                    .and_then(Value::as_array)
+                    .map(|s| s.iter().filter_map(|x| x.pointer(field).and_then(Value::as_u64)).sum::<u64>())
+                    .unwrap_or(0)
+            };
+            pages_fetched += sum("/pages_present");
+            pages_stored += sum("/receiver/pages_stored");
         }
         for clone_json in glob_clone_files(hdir) {
             let Some(c) = read_json(&clone_json) else { continue };
@@ -496,6 +547,11 @@ fn run_in_lab(
         descriptor_bytes: p.and_then(|p| p.pointer("/descriptor_bytes")).and_then(Value::as_u64),
         clone_figures,
         pages_fetched,
+        pages_stored,
+        touched_pages: match config.guest {
+            DemoGuest::Trace { pages, .. } => Some(pages),
+            DemoGuest::Parallel => None,
+        },
         pages_eager: (memory_bytes / 4096) * config.hosts as u64,
         server_tx_bytes: server("tx_bytes"),
         server_naks: server("naks"),
@@ -574,9 +630,31 @@ pub struct DemoArgs {
     /// One more flag for every host daemon, e.g. `--daemon-flag=--busy-poll-us=300` (repeat it).
     #[arg(long = "daemon-flag", allow_hyphen_values = true)]
     pub daemon_flags: Vec<String>,
+    /// The parent's guest: `parallel` (the parallel job) or `trace` (pages read in
+    /// `--trace-pattern` order).
+    #[arg(long, value_enum, default_value = "parallel")]
+    pub guest: DemoGuestKind,
+    /// Trace guest: the touch order (random, runs or sequential).
+    #[arg(long, default_value = "runs")]
+    pub trace_pattern: spindrift_client::touch::Pattern,
+    /// Trace guest: pages each clone touches.
+    #[arg(long, default_value_t = 4096)]
+    pub trace_pages: u64,
+    /// Seed of the data set and of the trace.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--guest` of `spindrift-vmm demo`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DemoGuestKind {
+    /// The parallel job.
+    Parallel,
+    /// The trace guest.
+    Trace,
 }
 
 /// Runs `spindrift-vmm demo`: returns the exit code (0: every clone's result checked out).
@@ -594,6 +672,11 @@ pub fn demo_cmd(args: &DemoArgs) -> i32 {
         local_baseline: args.local_baseline,
         read_ahead_max: args.read_ahead_max,
         daemon_flags: args.daemon_flags.clone(),
+        guest: match args.guest {
+            DemoGuestKind::Parallel => DemoGuest::Parallel,
+            DemoGuestKind::Trace => DemoGuest::Trace { pattern: args.trace_pattern, pages: args.trace_pages },
+        },
+        seed: args.seed,
     };
     if !args.json {
         eprintln!(
