@@ -72,12 +72,13 @@ struct DaemonArgs {
     /// Declare a server lost after this many silent seconds while pages are wanted.
     #[arg(long, default_value_t = 10.0)]
     server_timeout_s: f64,
-    /// Pages read ahead after a fault that starts no sequential run (faults come in runs of 2-3
-    /// pages; a sequential reader's window grows from this to --read-ahead-max).
+    /// The first read-ahead window, pages, once a clone's faults follow a sequential or strided
+    /// pattern (a fault that follows none reads nothing ahead); with --read-ahead-max at most this,
+    /// a fixed window read ahead after every fault.
     #[arg(long, default_value_t = 4)]
     read_ahead: u16,
-    /// The read-ahead window a sequential reader grows to, pages (doubling on each fault that
-    /// catches up with it); at most --read-ahead keeps it fixed.
+    /// The read-ahead window a pattern grows to, pages (doubling each time the clone's next fault
+    /// shows it read pages that read-ahead brought); at most --read-ahead keeps it fixed.
     #[arg(long, default_value_t = 256)]
     read_ahead_max: u16,
     /// While a clone's fault waits for the network, poll for the answer instead of sleeping, for up

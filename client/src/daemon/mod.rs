@@ -70,9 +70,10 @@ pub struct DaemonConfig {
     pub stats_json: Option<PathBuf>,
     /// A server silent this long while pages are wanted is declared lost.
     pub server_timeout: Duration,
-    /// Pages read ahead after each faulting page.
+    /// The first read-ahead window once faults follow a pattern (a fixed window after every fault
+    /// when `read_ahead_max` is at most this).
     pub read_ahead: u16,
-    /// The window a sequential reader's read-ahead grows to (0 or at most `read_ahead`: fixed).
+    /// The window read-ahead that follows a pattern grows to (0 or at most `read_ahead`: fixed).
     pub read_ahead_max: u16,
     /// How long the network thread polls, instead of sleeping, while a clone's fault waits (zero:
     /// never).

@@ -48,10 +48,12 @@ pub struct ReceiverConfig {
     pub page_shift: u8,
     /// Pages in the image.
     pub page_count: u32,
-    /// Pages to read ahead after a faulting page.
+    /// Pages to read ahead after a faulting page: with a fixed window, after every fault; with a
+    /// growing one, the first window once a sequential or strided pattern holds (see `readahead.rs`).
     pub read_ahead: u16,
-    /// The largest read-ahead window a sequential reader grows to (see `readahead.rs`); at most
-    /// `read_ahead` (the default, 0) keeps the window fixed.
+    /// The largest read-ahead window a pattern grows to (see `readahead.rs`): above `read_ahead`,
+    /// read-ahead follows the access pattern; at most `read_ahead` (the default, 0) keeps a fixed
+    /// window after every fault.
     pub read_ahead_max: u16,
     /// A first estimate of the round-trip time to the server.
     pub rtt_hint: Duration,
