@@ -14,7 +14,8 @@
 //!   pages the stream had asked for (they were hits), or the stream went on faulting one stride at
 //!   a time for two faults more than it needed to start (a reader that overtakes the arrivals,
 //!   which a short run's last pages cannot be told from); any other fault only tops the window up
-//!   once less than half of it is left ahead;
+//!   once less than half of it is left ahead. Every fault of the stream asks again for the whole
+//!   window ahead of it, so a page of it whose request or answer was lost is asked for at once;
 //! * `trust` adapts to what read-ahead earned: a stream whose read-ahead was in use makes it fall
 //!   by one, to [`MIN_TRUST`]; a stream dropped (the longest unused of [`STREAMS`]) with its
 //!   read-ahead never shown in use most likely read ahead for nothing, and makes it rise by one,
@@ -178,7 +179,7 @@ impl ReadAhead {
         if proven {
             self.trust = self.trust.saturating_sub(1).max(MIN_TRUST);
         }
-        tracing::trace!(page, steps, run = s.run, trust, proven, ask = ahead.left, window = s.window, "read-ahead");
+        tracing::trace!(page, steps, run = s.run, trust, proven, asked = ahead.left, window = s.window, "read-ahead");
         ahead
     }
 
