@@ -147,6 +147,15 @@ pub struct Args {
     /// requested pages [default: all].
     #[arg(long, value_name = "all|none")]
     pub push: Option<String>,
+    /// A rate of the push's own, e.g. 100mbit: background completion (PROTOCOL.md section 10.1),
+    /// which fills every host's copy slowly, after every answer, so that clones outlive the
+    /// server [default: the push runs at the pacing rate].
+    #[arg(long, value_name = "RATE")]
+    pub push_rate: Option<String>,
+    /// The push waits until no request has come for this long, microseconds (the hosts are not
+    /// faulting) [default: 0, it does not wait].
+    #[arg(long, value_name = "US")]
+    pub push_quiet_us: Option<u64>,
     /// Start the push once this many hosts are live (e.g. the hosts of a fork plan), so none of
     /// them joins a push already under way [default: 1].
     #[arg(long, value_name = "N")]
@@ -204,6 +213,8 @@ struct FileConfig {
     zstd_level: Option<i32>,
     encrypt: Option<bool>,
     push: Option<String>,
+    push_rate: Option<String>,
+    push_quiet_us: Option<u64>,
     min_receivers: Option<u32>,
     flow_control: Option<String>,
     unicast_answers: Option<String>,
@@ -269,6 +280,10 @@ pub struct ServerConfig {
     pub encrypt: bool,
     /// Background push.
     pub push: Push,
+    /// The push's own rate, bytes per second ([`SenderConfig::push_rate_bytes_per_sec`]).
+    pub push_rate_bytes_per_sec: Option<u64>,
+    /// The push waits until no request has come for this long ([`SenderConfig::push_quiet`]).
+    pub push_quiet: Duration,
     /// The push starts once this many hosts are live.
     pub min_receivers: u32,
     /// Keep the push within the slowest live receiver's window (off only for measurements).
@@ -302,6 +317,8 @@ impl std::fmt::Debug for ServerConfig {
             .field("zstd_level", &self.zstd_level)
             .field("encrypt", &self.encrypt)
             .field("push", &self.push)
+            .field("push_rate_bytes_per_sec", &self.push_rate_bytes_per_sec)
+            .field("push_quiet", &self.push_quiet)
             .field("min_receivers", &self.min_receivers)
             .field("flow_control", &self.flow_control)
             .field("unicast_answers", &self.unicast_answers)
@@ -348,6 +365,8 @@ impl ServerConfig {
             zstd_level: Some(1),
             encrypt: false,
             push: Push::All,
+            push_rate_bytes_per_sec: None,
+            push_quiet: Duration::ZERO,
             min_receivers: 1,
             flow_control: true,
             unicast_answers: true,
@@ -403,6 +422,22 @@ impl ServerConfig {
     /// Sets what is pushed in the background ([`crate::ServeOptions::push`] can replace it with hints).
     pub fn with_push(mut self, push: Push) -> ServerConfig {
         self.push = push;
+        self
+    }
+
+    /// Gives the push a rate of its own, bytes per second (None: the pacing rate): background
+    /// completion.
+    pub fn with_push_rate(mut self, bytes_per_sec: Option<u64>) -> Result<ServerConfig, ConfigError> {
+        if bytes_per_sec == Some(0) {
+            return Err(invalid("--push-rate", "0", "must be positive"));
+        }
+        self.push_rate_bytes_per_sec = bytes_per_sec;
+        Ok(self)
+    }
+
+    /// Makes the push wait until no request has come for `quiet`.
+    pub fn with_push_quiet(mut self, quiet: Duration) -> ServerConfig {
+        self.push_quiet = quiet;
         self
     }
 
@@ -515,6 +550,16 @@ impl ServerConfig {
             Some("none") => Push::None,
             Some(other) => return Err(invalid("--push", other, "is not one of all, none")),
         };
+        c = c.with_push_rate(match args.push_rate.clone().or(file.push_rate) {
+            Some(r) => Some(parse_rate_of("--push-rate", &r)?),
+            None => None,
+        })?;
+        if let Some(us) = args.push_quiet_us.or(file.push_quiet_us) {
+            if us > 10_000_000 {
+                return Err(invalid("--push-quiet-us", &us.to_string(), "must be at most 10000000 (ten seconds)"));
+            }
+            c.push_quiet = Duration::from_micros(us);
+        }
         c.min_receivers = match args.min_receivers.or(file.min_receivers) {
             Some(0) => return Err(invalid("--min-receivers", "0", "must be at least 1")),
             n => n.unwrap_or(1),
@@ -547,6 +592,8 @@ impl ServerConfig {
             Push::All => PushPolicy::HintsThenAll(Vec::new()),
             Push::None => PushPolicy::None,
         });
+        sc.push_rate_bytes_per_sec = self.push_rate_bytes_per_sec;
+        sc.push_quiet = self.push_quiet;
         sc.flow_control = self.flow_control;
         sc.unicast_answers = self.unicast_answers;
         sc.min_receivers = self.min_receivers;
@@ -617,7 +664,12 @@ fn check_group(ip: Ipv4Addr, text: &str) -> Result<(), ConfigError> {
 
 /// Parses a rate such as `1gbit`, `800mbit`, `500kbit` or `1000000bit` into bytes per second.
 pub fn parse_rate(text: &str) -> Result<u64, ConfigError> {
-    let bad = || invalid("--rate", text, "is not a rate like 1gbit, 800mbit or 500kbit");
+    parse_rate_of("--rate", text)
+}
+
+/// [`parse_rate`] for the setting `flag` (errors name it).
+pub fn parse_rate_of(flag: &'static str, text: &str) -> Result<u64, ConfigError> {
+    let bad = || invalid(flag, text, "is not a rate like 1gbit, 800mbit or 500kbit");
     let t = text.trim().to_ascii_lowercase();
     let number = t.strip_suffix("bit").ok_or_else(bad)?;
     let (number, scale) = match number.as_bytes().last() {
@@ -629,7 +681,7 @@ pub fn parse_rate(text: &str) -> Result<u64, ConfigError> {
     let value: f64 = number.trim().parse().map_err(|_| bad())?;
     let bytes = value * scale / 8.0;
     if !(1.0..=1e13).contains(&bytes) {
-        return Err(invalid("--rate", text, "is out of range (1 byte/s to 80 tbit)"));
+        return Err(invalid(flag, text, "is out of range (1 byte/s to 80 tbit)"));
     }
     Ok(bytes as u64)
 }

@@ -34,7 +34,7 @@
 //! `{"ok":false,"error":"..."}` after which it waits for another VMM. After a successful handover the
 //! socket file is removed (one server serves one image), and the connection carries the session's
 //! events to the VMM as JSON lines, dropped rather than waited for if the VMM does not read them:
-//! `{"event":"joined","node":N}`, `{"event":"lost","node":N}`,
+//! `{"event":"joined","node":N}`, `{"event":"lost","node":N}`, `{"event":"complete","node":N}`,
 //! `{"event":"clone_report","node":N,"fork":F,"clone":C,"status":S,"result_len":L}`.
 
 use std::io::{ErrorKind, Read, Write};
@@ -228,6 +228,7 @@ impl EventWriter {
             let line = match ev {
                 SenderEvent::ReceiverJoined(n) => serde_json::json!({"event": "joined", "node": n.0}),
                 SenderEvent::ReceiverLost(n) => serde_json::json!({"event": "lost", "node": n.0}),
+                SenderEvent::ReceiverComplete(n) => serde_json::json!({"event": "complete", "node": n.0}),
                 SenderEvent::CloneReport { node, fork, clone, status, result } => serde_json::json!({
                     "event": "clone_report", "node": node.0, "fork": fork, "clone": clone, "status": status,
                     "result_len": result.len()

@@ -344,6 +344,9 @@ impl<S: PageSource> Machine for Server<'_, S> {
             match &ev {
                 SenderEvent::ReceiverJoined(node) => tracing::info!("receiver {} joined", node.0),
                 SenderEvent::ReceiverLost(node) => tracing::info!("receiver {} lost", node.0),
+                SenderEvent::ReceiverComplete(node) => {
+                    tracing::info!("receiver {} holds every page: it no longer needs this server", node.0);
+                }
                 SenderEvent::CloneReport { node, fork, clone, status, result } => tracing::info!(
                     "receiver {}: clone {fork}/{clone} exited with status {status} ({} result bytes)",
                     node.0,

@@ -121,6 +121,10 @@ pub struct RunArgs {
     /// pages at random places) or `sequential` (the data set's first pages in order).
     #[arg(long, default_value = "random")]
     pub trace_pattern: spindrift_client::touch::Pattern,
+    /// Trace guest: iterations of an empty loop after each touch (a job that computes between its
+    /// touches; about 1.3 µs each where guest instructions are emulated).
+    #[arg(long, default_value_t = 0)]
+    pub trace_spin: u64,
     /// Longest JOIN, seconds.
     #[arg(long, default_value_t = 120)]
     pub join_timeout_s: u64,
@@ -204,7 +208,7 @@ pub fn build_vm(args: &RunArgs) -> Result<(Vm, Vec<u64>), CliError> {
                         .map_err(|e| CliError::Usage(format!("--trace-pattern: {e}")))?
                 }
             };
-            let job = TraceJob { clones: args.clones, data_pages, seed: args.seed, trace };
+            let job = TraceJob { clones: args.clones, data_pages, seed: args.seed, trace, spin: args.trace_spin };
             job.install(&mut vm)?;
             expected = vec![job.expected_sum(); args.clones as usize];
         }

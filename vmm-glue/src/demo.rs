@@ -49,6 +49,12 @@ pub struct DemoConfig {
     pub guest: DemoGuest,
     /// Seed of the data set (and the trace guest's trace).
     pub seed: u64,
+    /// The memory server's background completion rate, bytes per second (None: the parent's
+    /// default; 0: off).
+    pub background_rate: Option<u64>,
+    /// Once every host holds the whole image (background completion), kill the memory server
+    /// (SIGKILL) while the clones run: they must finish with the right results without it.
+    pub kill_server_when_complete: bool,
 }
 
 /// The guest the demo's parent runs.
@@ -63,6 +69,8 @@ pub enum DemoGuest {
         pattern: spindrift_client::touch::Pattern,
         /// Pages each clone touches.
         pages: u64,
+        /// Iterations of an empty loop after each touch.
+        spin: u64,
     },
 }
 
@@ -71,13 +79,15 @@ impl DemoGuest {
     fn run_args(&self) -> Vec<String> {
         match self {
             DemoGuest::Parallel => vec!["--guest".into(), "parallel".into()],
-            DemoGuest::Trace { pattern, pages } => vec![
+            DemoGuest::Trace { pattern, pages, spin } => vec![
                 "--guest".into(),
                 "trace".into(),
                 "--trace-pattern".into(),
                 pattern.to_string(),
                 "--trace-pages".into(),
                 pages.to_string(),
+                "--trace-spin".into(),
+                spin.to_string(),
             ],
         }
     }
@@ -100,6 +110,8 @@ impl Default for DemoConfig {
             daemon_flags: Vec::new(),
             guest: DemoGuest::Parallel,
             seed: 1,
+            background_rate: None,
+            kill_server_when_complete: false,
         }
     }
 }
@@ -181,6 +193,15 @@ pub struct DemoReport {
     pub parent_exit: Option<i32>,
     /// Clones whose results the parent checked and found right.
     pub results_ok: Option<u64>,
+    /// Clones whose own result files hold status 0 and the result the parent expected (checked
+    /// here, so it holds even when the parent never got the reports).
+    pub clone_results_ok: u64,
+    /// Time from the fork until every host held the whole image (background completion), ms.
+    pub all_complete_ms: Option<f64>,
+    /// With `kill_server_when_complete`: when the memory server was killed, ms after the fork.
+    pub server_killed_ms: Option<f64>,
+    /// Clones that exited after the memory server was killed.
+    pub clones_done_after_kill: Option<usize>,
     /// How long the parent's vCPUs were paused for the fork, µs.
     pub fork_pause_us: Option<f64>,
     /// Descriptor size, bytes.
@@ -473,8 +494,21 @@ fn run_in_lab(
     if config.verify_image {
         cmd.arg("--verify-image");
     }
+    if let Some(rate) = config.background_rate {
+        cmd.args(["--background-rate", &rate.to_string()]);
+    }
     let mut parent = Guard::spawn("the parent VMM", cmd, &dir.join("parent.log"))?;
-    let status = parent.wait_timeout(config.timeout)?;
+    let deadline = started + config.timeout;
+    let killed_unix_us = if config.kill_server_when_complete {
+        Some(kill_server_when_complete(&mut parent, &daemons, deadline)?)
+    } else {
+        None
+    };
+    let status = parent.wait_timeout(deadline.saturating_duration_since(Instant::now()))?;
+    if killed_unix_us.is_some() {
+        // The parent's JOIN failed with its server; the clones run on: wait for all of them.
+        wait_for_clone_files(&daemons, config.clones as usize, deadline)?;
+    }
     for (_, _, d) in &mut daemons {
         d.terminate(Duration::from_secs(3));
     }
@@ -535,6 +569,25 @@ fn run_in_lab(
     let memory_bytes = config.mem_mib << 20;
     let images_match =
         config.verify_image.then(|| clone_figures.iter().filter(|c| c.image_matches == Some(true)).count());
+    let expected: Vec<String> = p
+        .and_then(|p| p.pointer("/expected_results_hex"))
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+        .unwrap_or_default();
+    let clone_results_ok = daemons
+        .iter()
+        .flat_map(|(_, hdir, _)| glob_clone_files(hdir))
+        .filter_map(|f| read_json(&f))
+        .filter(|c| {
+            let id = c.pointer("/clone_id").and_then(Value::as_u64).unwrap_or(0) as usize;
+            let got = c.pointer("/report/result_hex").and_then(Value::as_str);
+            c.pointer("/report/status").and_then(Value::as_u64) == Some(0)
+                && id >= 1
+                && got.is_some_and(|g| expected.get(id - 1).is_some_and(|e| g.starts_with(e.as_str())))
+        })
+        .count() as u64;
+    let since_fork = |unix_us: Option<f64>| Some((unix_us? - t_fork?) / 1000.0);
+    let server_killed_ms = since_fork(killed_unix_us.map(|t| t as f64));
     Ok(DemoReport {
         lab: lab.name().to_owned(),
         hosts: config.hosts,
@@ -543,6 +596,11 @@ fn run_in_lab(
         memory_bytes,
         parent_exit: status.code(),
         results_ok: p.and_then(|p| p.pointer("/results_ok")).and_then(Value::as_u64),
+        clone_results_ok,
+        all_complete_ms: since_fork(p.and_then(|p| num(p, "/all_complete_unix_us"))),
+        server_killed_ms,
+        clones_done_after_kill: server_killed_ms
+            .map(|k| clone_figures.iter().filter(|c| c.done_ms.is_some_and(|d| d > k)).count()),
         fork_pause_us: p.and_then(|p| num(p, "/fork_pause_us")),
         descriptor_bytes: p.and_then(|p| p.pointer("/descriptor_bytes")).and_then(Value::as_u64),
         clone_figures,
@@ -569,6 +627,77 @@ fn run_in_lab(
         wall_s: started.elapsed().as_secs_f64(),
         run_dir: config.keep.then(|| dir.display().to_string()),
     })
+}
+
+/// Waits until every host daemon's stats say that it holds every page of a session, then kills
+/// the parent's memory server child (SIGKILL). Returns when it was killed (Unix µs).
+fn kill_server_when_complete(
+    parent: &mut Guard,
+    daemons: &[(String, PathBuf, Guard)],
+    deadline: Instant,
+) -> Result<u64, DemoError> {
+    let complete = |hdir: &Path| {
+        read_json(&hdir.join("daemon.json")).is_some_and(|stats| {
+            stats.pointer("/sessions").and_then(Value::as_array).is_some_and(|sessions| {
+                sessions.iter().any(|s| {
+                    let pages = s.pointer("/pages").and_then(Value::as_u64).unwrap_or(0);
+                    pages > 0 && s.pointer("/pages_present").and_then(Value::as_u64) >= Some(pages)
+                })
+            })
+        })
+    };
+    let what = "every host holding the whole image (background completion)";
+    while !daemons.iter().all(|(_, hdir, _)| complete(hdir)) {
+        if Instant::now() >= deadline {
+            return Err(DemoError::Timeout(what.into(), Duration::ZERO));
+        }
+        if parent.child.as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+            return Err(DemoError::Config(format!("the parent exited before {what}")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = parent.child.as_ref().map(Child::id).unwrap_or(0);
+    let servers = child_pids(pid);
+    if servers.is_empty() {
+        return Err(DemoError::Config(format!("the parent (pid {pid}) has no memory server child to kill")));
+    }
+    for child in &servers {
+        // SAFETY: kill(2) on a child of our child, read from /proc a moment ago; its parent (our
+        // child, not yet reaped) has not reaped it either unless it exited, and then the pid
+        // cannot have been reused by now.
+        unsafe { libc::kill(*child, libc::SIGKILL) };
+    }
+    let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    tracing::info!("every host holds the whole image: killed the memory server (pid {servers:?})");
+    Ok(u64::try_from(at.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// The children of process `pid` (every thread's), from /proc.
+fn child_pids(pid: u32) -> Vec<i32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| text.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<i32>>())
+        .collect()
+}
+
+/// Waits until the hosts hold `count` clone result files (every clone exited).
+fn wait_for_clone_files(
+    daemons: &[(String, PathBuf, Guard)],
+    count: usize,
+    deadline: Instant,
+) -> Result<(), DemoError> {
+    while daemons.iter().map(|(_, hdir, _)| glob_clone_files(hdir).len()).sum::<usize>() < count {
+        if Instant::now() >= deadline {
+            return Err(DemoError::Timeout(
+                format!("{count} clones (after the memory server was killed)"),
+                Duration::ZERO,
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 fn glob_clone_files(dir: &Path) -> Vec<PathBuf> {
@@ -640,9 +769,20 @@ pub struct DemoArgs {
     /// Trace guest: pages each clone touches.
     #[arg(long, default_value_t = 4096)]
     pub trace_pages: u64,
+    /// Trace guest: iterations of an empty loop after each touch.
+    #[arg(long, default_value_t = 0)]
+    pub trace_spin: u64,
     /// Seed of the data set and of the trace.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// The memory server's background completion rate, bytes per second (default: the parent's,
+    /// 12500000; 0: off).
+    #[arg(long)]
+    pub background_rate: Option<u64>,
+    /// Once every host holds the whole image, kill the memory server while the clones run; pass
+    /// only if every clone still finishes with the right result.
+    #[arg(long)]
+    pub kill_server_when_complete: bool,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -674,9 +814,13 @@ pub fn demo_cmd(args: &DemoArgs) -> i32 {
         daemon_flags: args.daemon_flags.clone(),
         guest: match args.guest {
             DemoGuestKind::Parallel => DemoGuest::Parallel,
-            DemoGuestKind::Trace => DemoGuest::Trace { pattern: args.trace_pattern, pages: args.trace_pages },
+            DemoGuestKind::Trace => {
+                DemoGuest::Trace { pattern: args.trace_pattern, pages: args.trace_pages, spin: args.trace_spin }
+            }
         },
         seed: args.seed,
+        background_rate: args.background_rate,
+        kill_server_when_complete: args.kill_server_when_complete,
     };
     if !args.json {
         eprintln!(
@@ -694,9 +838,12 @@ pub fn demo_cmd(args: &DemoArgs) -> i32 {
             return 2;
         }
     };
-    let ok = report.parent_exit == Some(0)
-        && report.results_ok == Some(u64::from(report.clones))
-        && report.local_results_ok != Some(false);
+    let ok = if config.kill_server_when_complete {
+        // The parent's JOIN fails with its server: the clones' own result files are the check.
+        report.clone_results_ok == u64::from(report.clones) && report.server_killed_ms.is_some()
+    } else {
+        report.parent_exit == Some(0) && report.results_ok == Some(u64::from(report.clones))
+    } && report.local_results_ok != Some(false);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
     } else {
@@ -739,7 +886,17 @@ fn print_report(r: &DemoReport) {
         r.clones,
         opt(r.parent_exit)
     );
+    println!("results in the clones' files    {} of {} correct", r.clone_results_ok, r.clones);
     println!("fork pause of the parent        {} µs", opt(r.fork_pause_us.map(|v| v as u64)));
+    if let Some(ms) = r.all_complete_ms {
+        println!("every host holds the image      {ms:.1} ms after the fork (background completion)");
+    }
+    if let Some(ms) = r.server_killed_ms {
+        println!(
+            "memory server killed            {ms:.1} ms after the fork; {} clones exited after that",
+            opt(r.clones_done_after_kill)
+        );
+    }
     println!(
         "fork to every clone running     {}",
         all_running.map_or_else(|| "-".to_owned(), |v| format!("{v:.1} ms"))

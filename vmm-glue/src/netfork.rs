@@ -10,6 +10,12 @@
 //! The child stops when the parent closes its end of a control pipe (at [`NetForkHost::finish`], or
 //! when the parent dies), ends the session, and writes its final counters on the report pipe.
 //!
+//! With a background rate, the child also completes every host's copy of the image in the
+//! background (PROTOCOL.md section 10.1): it pushes every page at that rate, after every answer,
+//! once all the plan's hosts are live. A host holding every page says so in its Status; the child
+//! passes that on (a `complete` line with the time), and from then on that host's clones no longer
+//! need the child: they keep running if it dies.
+//!
 //! After `fork()` the child runs only its own thread (the vCPU threads and others are not copied);
 //! they were parked outside any lock when the VMM called [`CloneHost::fork`], and glibc's `fork`
 //! keeps the allocator usable, so the child can run the ordinary server code.
@@ -52,6 +58,8 @@ pub struct NetForkConfig {
     pub rate_bytes_per_sec: Option<u64>,
     /// The memory server's packet I/O backend.
     pub io: netio::IoKind,
+    /// Background completion: push every page at this rate, bytes per second (None: off).
+    pub background_rate: Option<u64>,
 }
 
 /// One line the child writes on the report pipe.
@@ -60,6 +68,8 @@ pub struct NetForkConfig {
 enum ChildLine {
     /// A clone's report.
     Report { node: u32, clone: u32, status: u32, result_hex: String },
+    /// A host holds every page (its first such Status), at this Unix time.
+    Complete { node: u32, unix_us: u64 },
     /// The server's final counters.
     Stats { stats: serde_json::Value },
     /// The server failed.
@@ -73,6 +83,10 @@ struct ForkChild {
     session: u64,
     pid: libc::pid_t,
     count: u32,
+    /// Hosts the plan names.
+    hosts: usize,
+    /// Hosts that hold every page, and when they said so (Unix µs).
+    complete: Vec<(u32, u64)>,
     reports: BufReader<File>,
     control: Option<File>,
     received: Vec<CloneReport>,
@@ -91,6 +105,12 @@ pub struct ForkFigures {
     pub clones: u32,
     /// Reports received.
     pub reports: usize,
+    /// Hosts the plan names.
+    pub hosts: usize,
+    /// Hosts that said they hold every page (background completion).
+    pub hosts_complete: usize,
+    /// When the last of the plan's hosts said so (Unix µs): from then on no clone needs the server.
+    pub all_complete_unix_us: Option<u64>,
     /// The server's final counters (its `SenderStats`).
     pub server: Option<serde_json::Value>,
     /// The server's error, if it failed.
@@ -150,6 +170,11 @@ impl NetForkHost {
                 session: child.session,
                 clones: child.count,
                 reports: child.received.len(),
+                hosts: child.hosts,
+                hosts_complete: child.complete.len(),
+                all_complete_unix_us: (child.complete.len() >= child.hosts)
+                    .then(|| child.complete.iter().map(|c| c.1).max())
+                    .flatten(),
                 server: child.stats.take(),
                 error: child.error.take(),
             });
@@ -192,7 +217,14 @@ impl CloneHost for NetForkHost {
             ServerConfig::new(self.config.iface, self.config.group, self.config.port, session, self.config.key)
                 .and_then(|c| c.with_rate(self.config.rate_bytes_per_sec))
                 .map_err(|e| HostError::Other(format!("memory server settings: {e}")))?
-                .with_push(spindrift_server::Push::None)
+                .with_push(match self.config.background_rate {
+                    Some(_) => spindrift_server::Push::All,
+                    None => spindrift_server::Push::None,
+                })
+                .with_push_rate(self.config.background_rate)
+                .map_err(|e| HostError::Other(format!("background rate: {e}")))?
+                .with_push_quiet(BACKGROUND_QUIET)
+                .with_min_receivers(u32::try_from(plan.entries.len()).unwrap_or(u32::MAX))
                 .with_io(self.config.io);
         let (report_r, report_w) = pipe()?;
         let (control_r, control_w) = pipe()?;
@@ -225,6 +257,8 @@ impl CloneHost for NetForkHost {
             session,
             pid,
             count,
+            hosts: plan.entries.len(),
+            complete: Vec::new(),
             reports: BufReader::new(report_r),
             control: Some(control_w),
             received: Vec::new(),
@@ -286,6 +320,11 @@ impl ForkChild {
                             });
                         }
                     }
+                    Ok(ChildLine::Complete { node, unix_us }) => {
+                        if !self.complete.iter().any(|c| c.0 == node) {
+                            self.complete.push((node, unix_us));
+                        }
+                    }
                     Ok(ChildLine::Stats { stats }) => self.stats = Some(stats),
                     Ok(ChildLine::Error { message }) => self.error = Some(message),
                     Err(e) => tracing::warn!("fork {}: unreadable line from the memory server: {e}", self.fork),
@@ -324,6 +363,11 @@ impl Drop for NetForkHost {
     }
 }
 
+fn unix_us() -> u64 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(t.as_micros()).unwrap_or(u64::MAX)
+}
+
 fn from_hex(text: &str) -> Vec<u8> {
     (0..text.len() / 2).filter_map(|i| u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()).collect()
 }
@@ -347,17 +391,19 @@ fn child_main(
     let Ok(mut out) = report.try_clone() else { return 3 };
     let mut events = report;
     let on_event = move |ev: &SenderEvent| {
-        if let SenderEvent::CloneReport { node, clone, status, result, .. } = ev {
-            let line = ChildLine::Report {
+        let line = match ev {
+            SenderEvent::CloneReport { node, clone, status, result, .. } => ChildLine::Report {
                 node: node.0,
                 clone: *clone,
                 status: *status,
                 result_hex: result.iter().map(|b| format!("{b:02x}")).collect(),
-            };
-            if let Ok(mut text) = serde_json::to_string(&line) {
-                text.push('\n');
-                let _ = events.write_all(text.as_bytes());
-            }
+            },
+            SenderEvent::ReceiverComplete(node) => ChildLine::Complete { node: node.0, unix_us: unix_us() },
+            _ => return,
+        };
+        if let Ok(mut text) = serde_json::to_string(&line) {
+            text.push('\n');
+            let _ = events.write_all(text.as_bytes());
         }
     };
     let options = ServeOptions { blobs, on_event: Some(Box::new(on_event)), ..ServeOptions::default() };
@@ -400,7 +446,19 @@ pub struct NetArgs {
     /// The memory server's packet I/O backend: udp, xdp (AF_XDP) or auto.
     #[arg(long, default_value_t = netio::IoKind::Udp)]
     pub io: netio::IoKind,
+    /// Background completion (PROTOCOL.md section 10.1): the memory server pushes every page to
+    /// every host at this rate, bytes per second, after every answer, so that clones outlive it;
+    /// 0 turns it off.
+    #[arg(long, default_value_t = DEFAULT_BACKGROUND_RATE)]
+    pub background_rate: u64,
 }
+
+/// The default `--background-rate`: 100 Mbit/s.
+pub const DEFAULT_BACKGROUND_RATE: u64 = 12_500_000;
+
+/// Background completion waits until no request has come for this long: it runs while the hosts
+/// are not faulting, so it takes nothing from clones that are starting or fetching.
+const BACKGROUND_QUIET: Duration = Duration::from_millis(20);
 
 impl NetArgs {
     /// True when any network option is given.
@@ -425,6 +483,7 @@ impl NetArgs {
             hosts: self.hosts.clone(),
             rate_bytes_per_sec: self.server_rate,
             io: self.io,
+            background_rate: (self.background_rate > 0).then_some(self.background_rate),
         })
     }
 }
@@ -483,6 +542,9 @@ pub fn run_net(args: &crate::cli::RunArgs) -> Result<i32, crate::cli::CliError> 
         "setup_ms": setup_ms,
         "run_ms": run_ms,
         "session": server.map(|s| s.session),
+        "hosts_complete": server.map(|s| s.hosts_complete),
+        "all_complete_unix_us": server.and_then(|s| s.all_complete_unix_us),
+        "expected_results_hex": expected.iter().map(|v| v.to_le_bytes().iter().map(|b| format!("{b:02x}")).collect::<String>()).collect::<Vec<_>>(),
         "server": server.and_then(|s| s.server.clone()),
         "server_error": server.and_then(|s| s.error.clone()),
         "host_errors": outcome.host_errors,

@@ -199,7 +199,7 @@ fn trace_guest_touches_exactly_its_trace_in_clones() {
     use vmm_glue::guest::{TraceJob, MARK_END, MARK_START};
     let data_pages = 2048;
     let trace = TraceJob::shuffled_trace(data_pages, 300, 4);
-    let job = TraceJob { clones: 2, data_pages, seed: 4, trace: trace.clone() };
+    let job = TraceJob { clones: 2, data_pages, seed: 4, trace: trace.clone(), spin: 0 };
     let expected = job.expected_sum();
     let (outcome, mut host) = common::bounded(Duration::from_secs(60), "trace job", move || {
         let mut vm = Vm::new(VmConfig { mem_bytes: 16 << 20, ..VmConfig::default() }).unwrap();

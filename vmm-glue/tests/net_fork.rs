@@ -51,7 +51,8 @@ fn clones_on_three_hosts_compute_the_right_results_with_lossy_links() {
     if !can_run_lab("clones_on_three_hosts_compute_the_right_results_with_lossy_links") {
         return;
     }
-    let r = demo(&["--hosts", "3", "--clones", "6", "--mem-mib", "32", "--loss", "0.02"]);
+    // Background completion off: it would fill the caches this test checks are lazy.
+    let r = demo(&["--hosts", "3", "--clones", "6", "--mem-mib", "32", "--loss", "0.02", "--background-rate", "0"]);
     assert_eq!(r["parent_exit"], 0, "{r:#}");
     assert_eq!(r["results_ok"], 6, "{r:#}");
     let clones = r["clone_figures"].as_array().unwrap();
@@ -101,4 +102,44 @@ fn every_clone_starts_from_the_parents_memory_at_the_fork_over_af_xdp() {
     assert!(r["io"].as_str().is_some_and(|io| io.starts_with("af_xdp")), "daemons' backend: {}", r["io"]);
     assert_eq!(r["results_ok"], 2, "{r:#}");
     assert_eq!(r["images_match"], 2, "{r:#}");
+}
+
+/// Background completion (PROTOCOL.md 10.1): the memory server fills both hosts' caches while their
+/// clones compute, the demo kills it (SIGKILL) once both hold every page, and the clones, which
+/// still have most of their touches ahead of them, finish with the right results without it. The
+/// parent's JOIN fails with its server (its exit is not 0): the clones' own result files are checked
+/// against the results the parent expected.
+#[test]
+fn clones_outlive_their_memory_server_once_their_hosts_hold_the_whole_image() {
+    if !can_run_lab("clones_outlive_their_memory_server_once_their_hosts_hold_the_whole_image") {
+        return;
+    }
+    // 64 touches of random pages, each followed by ~50 ms of computing (40,000 loop iterations):
+    // a run of about 4 s, long past the push of 16 MiB at 50 MB/s (0.4 s) and the kill after it.
+    let r = demo(&[
+        "--hosts",
+        "2",
+        "--clones",
+        "2",
+        "--mem-mib",
+        "16",
+        "--loss",
+        "0.02",
+        "--guest",
+        "trace",
+        "--trace-pattern",
+        "random",
+        "--trace-pages",
+        "64",
+        "--trace-spin",
+        "40000",
+        "--background-rate",
+        "50000000",
+        "--kill-server-when-complete",
+    ]);
+    assert!(r["server_killed_ms"].as_f64().is_some(), "the server was not killed: {r:#}");
+    assert_ne!(r["parent_exit"], 0, "the parent's JOIN should have lost its server: {r:#}");
+    assert_eq!(r["clone_results_ok"], 2, "{r:#}");
+    assert_eq!(r["clones_done_after_kill"], 2, "a clone finished before the kill, which then proved nothing: {r:#}");
+    assert_eq!(r["pages_fetched"], 2 * 16 * 256, "both hosts hold every page: {r:#}");
 }

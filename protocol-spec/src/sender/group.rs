@@ -23,6 +23,8 @@ pub(super) struct Member {
     /// Its last Status said it holds every page: the push cannot help it, so it does not hold the
     /// push back.
     pub complete: bool,
+    /// Some Status of it said so (it is told once, in [`Group::status`]).
+    pub ever_complete: bool,
     pub replay: ReplayWindow,
     /// Congestion feedback (PROTOCOL.md 11.1): smoothed round-trip time from Clock echoes, the
     /// loss event count and the receive rate of its last Status.
@@ -102,6 +104,7 @@ impl Group {
                 window: None,
                 reported_at: now,
                 complete: false,
+                ever_complete: false,
                 replay: ReplayWindow::default(),
                 srtt: None,
                 min_rtt: None,
@@ -128,13 +131,15 @@ impl Group {
     }
 
     /// Takes a Status from `node`: positions only move forward (a reordered older Status changes
-    /// nothing).
-    pub fn status(&mut self, node: NodeId, now: Time, received_through: u64, window: u32, complete: bool) {
-        let Some(m) = self.members.get_mut(&node) else { return };
+    /// nothing). True when it is the first to say that `node` holds every page.
+    pub fn status(&mut self, node: NodeId, now: Time, received_through: u64, window: u32, complete: bool) -> bool {
+        let Some(m) = self.members.get_mut(&node) else { return false };
         m.received_through = m.received_through.max(received_through);
         m.window = Some(window);
         m.reported_at = now;
+        let newly_complete = complete && !m.ever_complete;
         m.complete = complete;
+        m.ever_complete |= complete;
         if let Some(mut c) = self.limit.get() {
             match m.limit(now, &c.params) {
                 Some(l) if c.argmin.is_none() || l < c.limit => {
@@ -146,6 +151,7 @@ impl Group {
                 _ => {}
             }
         }
+        newly_complete
     }
 
     /// Takes the congestion feedback of a Status from `node` (PROTOCOL.md 11.1): `rtt_sample`, if
@@ -408,7 +414,7 @@ mod tests {
         let t = |ms: u64| Time::from_nanos(ms * 1_000_000);
         let status = |g: &mut Group, node: u32, at: u64, rt: u64, window: u32, complete: bool| {
             g.touch(NodeId(node), t(at), 0);
-            g.status(NodeId(node), t(at), rt, window, complete);
+            let _ = g.status(NodeId(node), t(at), rt, window, complete);
         };
         g.push_limit(t(0), P);
         for (node, rt) in [(1, 5000), (2, 3000), (3, 9000)] {

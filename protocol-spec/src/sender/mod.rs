@@ -118,6 +118,16 @@ pub struct SenderConfig {
     pub rtt_hint: Duration,
     /// What to push in the background.
     pub push: PushPolicy,
+    /// A rate of its own for the push, bytes per second, within the pacing rate (None: the push
+    /// goes as fast as pacing and flow control allow). Rate-limited, the push is *background
+    /// completion* (PROTOCOL.md section 10.1): it fills every host's copy of the image slowly,
+    /// after every answer, so hosts outlive the server; it is then not the hosts' fetch, so
+    /// prefetch is not left to it and read-ahead answers may leave the stream.
+    pub push_rate_bytes_per_sec: Option<u64>,
+    /// The push waits until no request has arrived for this long (zero: it does not wait): with
+    /// background completion, the push then runs only while the hosts are not faulting, so it
+    /// takes no CPU or link from clones that are starting or fetching their working set.
+    pub push_quiet: Duration,
     /// Bytes of sent stream kept for repair; older blocks cannot be repaired (they are re-sent on request).
     pub repair_history_bytes: usize,
     /// A receiver silent for this long is dropped from the group.
@@ -170,6 +180,8 @@ impl SenderConfig {
             pace_burst: DEFAULT_PACE_BURST,
             rtt_hint: Duration::from_micros(200),
             push: PushPolicy::None,
+            push_rate_bytes_per_sec: None,
+            push_quiet: Duration::ZERO,
             repair_history_bytes: 64 << 20,
             receiver_timeout: Duration::from_secs(5),
             flow_control: true,
@@ -213,6 +225,9 @@ pub enum SenderEvent {
     ReceiverJoined(crate::wire::NodeId),
     /// A receiver left or went silent past the timeout.
     ReceiverLost(crate::wire::NodeId),
+    /// A receiver's Status said, for the first time, that it holds every page of the image: its
+    /// clones no longer need this server.
+    ReceiverComplete(crate::wire::NodeId),
     /// A clone reported its result.
     CloneReport {
         /// The host that sent it.
@@ -281,6 +296,8 @@ pub struct SenderStats {
     pub pages_pushed: u64,
     /// Times the push had pages left but the window of the slowest live receiver held it back.
     pub push_window_stalls: u64,
+    /// Receivers that said they hold every page (each counted once).
+    pub receivers_complete: u64,
     /// Received datagrams dropped as malformed (bad length, magic, version, type, fields).
     pub rx_malformed: u64,
     /// Received datagrams dropped because authentication failed.
@@ -341,6 +358,10 @@ pub struct Sender<S: PageSource> {
     push_blocked: bool,
     /// `min_receivers` were live once: the push may run.
     push_started: bool,
+    /// With a push rate: the push sends nothing before this time.
+    push_pace_at: Time,
+    /// When the last request arrived (for `push_quiet`).
+    last_request_at: Option<Time>,
     /// The latest time given to any input.
     now: Time,
     current: Option<Encoding>,
@@ -480,6 +501,9 @@ impl<S: PageSource> Sender<S> {
         if config.rate_bytes_per_sec == Some(0) {
             return bad("rate_bytes_per_sec must be positive when set".into());
         }
+        if config.push_rate_bytes_per_sec == Some(0) {
+            return bad("push_rate_bytes_per_sec must be positive when set".into());
+        }
         let page_count = source.page_count();
         let page_size = 1usize << config.page_shift;
         if page_count == 0 {
@@ -515,6 +539,8 @@ impl<S: PageSource> Sender<S> {
             descriptor: 0,
             push_blocked: false,
             push_started: false,
+            push_pace_at: now,
+            last_request_at: None,
             now,
             current: None,
             requester: HashMap::new(),
@@ -653,7 +679,10 @@ impl<S: PageSource> Sender<S> {
                 self.stats.statuses += 1;
                 member.stream_start = s.stream_start;
                 let complete = s.pages_cached >= self.page_block.len() as u32;
-                self.group.status(node, now, s.received_through, s.window, complete);
+                if self.group.status(node, now, s.received_through, s.window, complete) {
+                    self.stats.receivers_complete += 1;
+                    self.events.push_back(SenderEvent::ReceiverComplete(node));
+                }
                 self.group.report_loss(node, s.loss_ppm);
                 if self.congestion.is_some() {
                     self.take_feedback(now, node, &s);
@@ -683,6 +712,8 @@ impl<S: PageSource> Sender<S> {
         self.stats.receivers_live = self.group.len() as u64;
         if !self.push_started && self.group.len() >= self.config.min_receivers.max(1) as usize {
             self.push_started = true;
+            // A quiet period counts from the push's start too: the hosts are about to fault.
+            self.last_request_at = Some(self.last_request_at.unwrap_or(now).max(now));
             tracing::debug!("{} receivers live: the push may start", self.group.len());
         }
     }
@@ -701,6 +732,7 @@ impl<S: PageSource> Sender<S> {
     }
 
     fn handle_request(&mut self, node: NodeId, stream_start: u64, runs: Items<'_, wire::PageRun>) {
+        self.last_request_at = Some(self.now);
         let page_count = self.page_block.len() as u64;
         let mut budget = MAX_PAGES_PER_REQUEST;
         for run in runs.iter() {
@@ -736,6 +768,7 @@ impl<S: PageSource> Sender<S> {
                     continue;
                 }
                 if run.priority == Priority::Prefetch
+                    && self.push_is_the_fetch()
                     && self.push_started
                     && !self.group.is_empty()
                     && self.queue.push_reaches_soon(page, PUSH_FOLD_HORIZON)
@@ -885,7 +918,27 @@ impl<S: PageSource> Sender<S> {
     }
 
     fn push_allowed(&self) -> bool {
-        self.queue.has_push() && self.next_seq < self.push_limit()
+        self.queue.has_push() && self.next_seq < self.push_limit() && self.now >= self.push_may_go_at()
+    }
+
+    /// The push's own rate and quiet period allow it from this time on.
+    fn push_may_go_at(&self) -> Time {
+        let quiet = self.last_request_at.map_or(Time::ZERO, |t| t + self.config.push_quiet);
+        self.push_pace_at.max(quiet)
+    }
+
+    /// Whether the push is what hosts fetch by (it runs at the session's pace), rather than
+    /// background completion at a rate of its own (PROTOCOL.md section 10.1).
+    fn push_is_the_fetch(&self) -> bool {
+        self.config.push_rate_bytes_per_sec.is_none() && self.queue.has_push()
+    }
+
+    /// When the push's own rate or quiet period holds back a push that could otherwise run: the
+    /// time it may.
+    fn push_rate_wait(&self) -> Option<Time> {
+        let held = self.push_started && self.queue.has_push() && self.next_seq < self.push_limit();
+        let at = self.push_may_go_at();
+        (held && self.now < at).then_some(at)
     }
 
     fn has_data(&self) -> bool {
@@ -1184,12 +1237,15 @@ impl<S: PageSource> Sender<S> {
         let room = self.config.max_datagram - HEADER_LEN - TAG_LEN - REPAIR_OVERHEAD;
         let mut body = std::mem::take(&mut self.body);
         let mut push = false;
+        // A fragment of a pushed page goes in this datagram (the push's own rate counts it).
+        let mut carries_push = false;
         let mut demand = false;
         let records_len = {
             let mut w = RecordWriter::new(&mut body[DATA_FIXED_LEN..room]);
             loop {
                 if let Some(enc) = &mut self.current {
                     demand |= !enc.push;
+                    carries_push |= enc.push;
                     if !enc.write_into(&mut w) {
                         break;
                     }
@@ -1231,6 +1287,7 @@ impl<S: PageSource> Sender<S> {
                     match self.queue.pop_push(|p| page_block[p as usize] != NO_BLOCK) {
                         Some(p) => {
                             push = true;
+                            carries_push = true;
                             pushed = true;
                             self.stats.pages_pushed += 1;
                             p
@@ -1281,6 +1338,12 @@ impl<S: PageSource> Sender<S> {
             records: &body[DATA_FIXED_LEN..DATA_FIXED_LEN + records_len],
         });
         let len = self.seal(msg, buf);
+        if let (true, Some(rate), Some(n)) = (carries_push, self.config.push_rate_bytes_per_sec, len) {
+            // The push's own token bucket, like the pacer's (`poll_transmit`).
+            let cost = Duration::from_nanos((n as u64).saturating_mul(1_000_000_000) / rate.max(1));
+            let floor = Time::ZERO + (now - Time::ZERO).saturating_sub(self.config.pace_burst);
+            self.push_pace_at = self.push_pace_at.max(floor) + cost;
+        }
         // Keep the body exactly as encoded (plaintext) for parity.
         let body_len = DATA_FIXED_LEN + records_len;
         let mut kept = vec![0u8; body_len];
@@ -1368,7 +1431,7 @@ impl<S: PageSource> Sender<S> {
                 // Whether they pay is not asked then: the page goes to the group once more anyway
                 // (the push, or the stream for a host that asks before the push reaches it), whoever
                 // else wants it.
-                let pushing = self.queue.has_push();
+                let pushing = self.push_is_the_fetch();
                 if pushing && priority != Priority::Fault {
                     break;
                 }
@@ -1474,6 +1537,7 @@ impl<S: PageSource> Sender<S> {
         {
             sends.push(self.pace_at);
         }
+        sends.extend(self.push_rate_wait());
         let mut t = sends.into_iter().min()?;
         if self.pace_rate().is_some() {
             // Paced: nothing goes out before the pacer allows it.

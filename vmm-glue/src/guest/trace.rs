@@ -7,7 +7,9 @@
 //! The parent `JOIN`s and exits 0 if all N reported, 255 otherwise.
 //!
 //! Parameters (u64 at `PARAMS +`): 0 trace address, 8 trace entries, 16 clones, 24 scratch address
-//! (8 bytes, hinted as discard), 32 join buffer, 40 join buffer bytes.
+//! (8 bytes, hinted as discard), 32 join buffer, 40 join buffer bytes, 48 spin: iterations of an
+//! empty loop after each touch (a job that computes between touches; each iteration is two
+//! instructions).
 
 use iced_x86::code_asm::*;
 
@@ -36,6 +38,8 @@ pub struct TraceJob {
     pub seed: u64,
     /// Data set pages to touch, in order.
     pub trace: Vec<u64>,
+    /// Iterations of an empty loop after each touch (0: none).
+    pub spin: u64,
 }
 
 impl TraceJob {
@@ -85,8 +89,15 @@ impl TraceJob {
         vm.load(crate::memory::GuestAddress(trace_addr), &list)
             .map_err(|source| GuestError::Load { program: PROGRAM, source: Box::new(source) })?;
         let code = assemble().map_err(asm_err(PROGRAM))?;
-        let params =
-            [trace_addr, self.trace.len() as u64, u64::from(self.clones), SCRATCH, JOIN_BUF, JOIN_BUF_END - JOIN_BUF];
+        let params = [
+            trace_addr,
+            self.trace.len() as u64,
+            u64::from(self.clones),
+            SCRATCH,
+            JOIN_BUF,
+            JOIN_BUF_END - JOIN_BUF,
+            self.spin,
+        ];
         install_code(vm, PROGRAM, &code, &params)
     }
 }
@@ -135,6 +146,8 @@ pub(crate) fn assemble() -> Result<Vec<u8>, IcedError> {
 
     // touch() -> rax = sum of the first qword of every traced page
     let mut touch_loop = p.a.create_label();
+    let mut spin = p.a.create_label();
+    let mut next = p.a.create_label();
     p.a.set_label(&mut touch)?;
     p.a.mov(rsi, qword_ptr(rbp))?;
     p.a.mov(rcx, qword_ptr(rbp + 8))?;
@@ -142,6 +155,13 @@ pub(crate) fn assemble() -> Result<Vec<u8>, IcedError> {
     p.a.set_label(&mut touch_loop)?;
     p.a.mov(rdx, qword_ptr(rsi))?;
     p.a.add(rax, qword_ptr(rdx))?;
+    p.a.mov(r8, qword_ptr(rbp + 48))?;
+    p.a.test(r8, r8)?;
+    p.a.jz(next)?;
+    p.a.set_label(&mut spin)?;
+    p.a.dec(r8)?;
+    p.a.jnz(spin)?;
+    p.a.set_label(&mut next)?;
     p.a.add(rsi, 8)?;
     p.a.dec(rcx)?;
     p.a.jnz(touch_loop)?;
